@@ -1,0 +1,95 @@
+"""Build the llamabox runtime stub for this platform with PyInstaller (onefile).
+
+    python build.py                 # -> dist/stubs/llamabox-runtime-<platform>
+    python build.py --dist DIR      # somewhere else
+
+The stub is model-independent: rebuild it only when the runtime changes. It carries Python,
+llama-cpp-python with every CPU variant library, the HTTP server and the chat page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llama_cpp
+import PyInstaller.__main__
+
+from runtime import __version__
+from runtime.hardware import CPU_VARIANT_PREFIX
+from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
+
+ROOT = Path(__file__).resolve().parent
+SEP = ";" if sys.platform == "win32" else ":"
+
+
+def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
+    """llama-cpp-python's own libraries, and the CPU variants pip put in <site-packages>/bin.
+
+    PyInstaller cannot see either: llama-cpp-python opens them with ctypes at run time.
+    """
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    variants_dir = Path(llama_cpp.__file__).parent.parent / "bin"
+    core = sorted(p for p in lib_dir.iterdir() if p.is_file())
+    variants = sorted(variants_dir.glob(f"{CPU_VARIANT_PREFIX}*"))
+    if not variants:
+        sys.exit(
+            f"build.py: no CPU variant libraries ({CPU_VARIANT_PREFIX}*) in {variants_dir}; "
+            "install llama-cpp-python with scripts/setup.sh (it builds every CPU variant)"
+        )
+    return core, variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dist", type=Path, default=ROOT / "dist" / "stubs", help="output directory")
+    args = parser.parse_args()
+
+    platform_name = current_platform()
+    core, variants = llama_cpp_libraries()
+    work = ROOT / "build" / "pyinstaller"
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        info = Path(tmp) / STUB_INFO_NAME
+        info.write_text(
+            json.dumps(
+                {
+                    "platform": platform_name,
+                    "runtime_version": __version__,
+                    "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+                    "cpu_variants": [p.name for p in variants],
+                },
+                indent=2,
+            )
+        )
+        options = [
+            str(ROOT / "runtime" / "__main__.py"),
+            "--onefile",
+            "--noconfirm",
+            "--log-level=WARN",
+            f"--name={stub_file_name(platform_name)}",
+            f"--distpath={args.dist}",
+            f"--workpath={work}",
+            f"--specpath={work}",
+            f"--paths={ROOT}",
+            "--collect-submodules=uvicorn",
+            f"--add-data={info}{SEP}.",
+            f"--add-data={ROOT / 'templates'}{SEP}templates",
+            *(f"--add-binary={p}{SEP}llama_cpp/lib" for p in core),
+            *(f"--add-binary={p}{SEP}ggml-cpu" for p in variants),
+            # Pulled in by optional imports of dependencies, never used by the runtime.
+            *(f"--exclude-module={m}" for m in ("tkinter", "IPython", "matplotlib", "PIL", "pytest")),
+        ]
+        started = time.monotonic()
+        PyInstaller.__main__.run(options)
+    stub = args.dist / stub_file_name(platform_name)
+    print(f"Built {stub} ({stub.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The llamabox bundle format: the one definition, used by the bundler to write and the runtime to read.
+
+A bundle is a runtime stub (a PyInstaller onefile executable) with a model appended:
+
+    offset 0            the stub, unchanged: bootloader + its archive (PKG) + whatever follows it
+    model_offset        the GGUF, byte for byte, at a multiple of ALIGNMENT (4096), so llama.cpp
+                        can memory-map the weights straight from the executable
+    manifest_offset     the manifest: UTF-8 JSON describing the model and the build
+    archive_offset      a second copy of the stub's PyInstaller archive, ending with its cookie
+    bundle_size - 72    the trailer: fixed size, little-endian, ends with TRAILER_MAGIC
+
+Why the archive copy: PyInstaller's bootloader finds its archive by scanning the file backwards
+from the end for the archive's cookie, and computes the archive's start from the cookie
+(cookie end minus archive length). Appending data after the stub would make every start read
+through the whole model. With a copy of the archive near the end, the scan stops after the
+72-byte trailer. If a download is cut short, the copy and the trailer are gone but the scan
+still finds the stub's original archive, so the runtime starts and can say what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from runtime.errors import BundleError, IncompleteBundleError
+
+FORMAT_VERSION = 1
+ALIGNMENT = 4096
+GGUF_MAGIC = b"GGUF"
+
+TRAILER_MAGIC = b"LLAMABOX"
+# format_version, flags, model_offset, model_size, manifest_offset, manifest_size,
+# archive_offset, archive_size, bundle_size, magic
+_TRAILER = struct.Struct("<IIQQQQQQQ8s")
+TRAILER_SIZE = _TRAILER.size
+
+# PyInstaller's archive cookie: magic, archive length, TOC offset, TOC length, Python version,
+# Python library name (bootloader/src/pyi_archive.h). Big-endian, 88 bytes.
+PYINSTALLER_COOKIE_MAGIC = b"MEI\014\013\012\013\016"
+_PYINSTALLER_COOKIE = struct.Struct("!8sIIII64s")
+# On Linux the archive sits in an ELF section followed by the section headers, a few KiB.
+_COOKIE_SEARCH_WINDOW = 1 << 20
+_STUB_TAIL_MAX = 64 << 10
+
+COPY_CHUNK = 8 << 20
+
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    file_name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a bundle says about itself; stored as JSON between the model and the archive copy."""
+
+    name: str
+    model: ModelEntry
+    metadata: dict[str, Any]
+    default_args: list[str]
+    platform: str
+    runtime_version: str
+    llamabox_version: str
+    built_at: str
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        try:
+            raw = json.loads(data.decode("utf-8"))
+            raw["model"] = ModelEntry(**raw["model"])
+            return cls(**raw)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"the bundle's manifest is damaged ({exc}); rebuild or download it again") from None
+
+
+@dataclass(frozen=True)
+class Trailer:
+    model_offset: int
+    model_size: int
+    manifest_offset: int
+    manifest_size: int
+    archive_offset: int
+    archive_size: int
+    bundle_size: int
+    format_version: int = FORMAT_VERSION
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return _TRAILER.pack(
+            self.format_version, self.flags, self.model_offset, self.model_size, self.manifest_offset,
+            self.manifest_size, self.archive_offset, self.archive_size, self.bundle_size, TRAILER_MAGIC,
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Trailer | None:
+        """The trailer in `data` (the last TRAILER_SIZE bytes of a file), or None if there is none."""
+        if len(data) != TRAILER_SIZE or not data.endswith(TRAILER_MAGIC):
+            return None
+        version, flags, *offsets, _magic = _TRAILER.unpack(data)
+        return cls(*offsets, format_version=version, flags=flags)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle whose trailer and manifest have been read and checked for consistency."""
+
+    path: Path
+    trailer: Trailer
+    manifest: Manifest
+
+    @property
+    def model_offset(self) -> int:
+        return self.trailer.model_offset
+
+    @property
+    def model_size(self) -> int:
+        return self.trailer.model_size
+
+
+def align_up(offset: int, alignment: int = ALIGNMENT) -> int:
+    return -(-offset // alignment) * alignment
+
+
+def find_pyinstaller_archive(f: BinaryIO, end: int) -> tuple[int, int] | None:
+    """(start, end) of the PyInstaller archive whose cookie lies last before `end`, or None."""
+    window_start = max(0, end - _COOKIE_SEARCH_WINDOW)
+    f.seek(window_start)
+    window = f.read(end - window_start)
+    at = window.rfind(PYINSTALLER_COOKIE_MAGIC)
+    while at != -1:
+        cookie = window[at : at + _PYINSTALLER_COOKIE.size]
+        if len(cookie) == _PYINSTALLER_COOKIE.size:
+            _magic, archive_len, _toc_off, _toc_len, _py, _lib = _PYINSTALLER_COOKIE.unpack(cookie)
+            cookie_end = window_start + at + _PYINSTALLER_COOKIE.size
+            if 0 < archive_len <= cookie_end:
+                return cookie_end - archive_len, cookie_end
+        at = window.rfind(PYINSTALLER_COOKIE_MAGIC, 0, at)
+    return None
+
+
+def read_trailer(f: BinaryIO) -> Trailer | None:
+    size = f.seek(0, 2)
+    if size < TRAILER_SIZE:
+        return None
+    f.seek(size - TRAILER_SIZE)
+    return Trailer.unpack(f.read(TRAILER_SIZE))
+
+
+def open_bundle(path: Path) -> Bundle:
+    """Read and cheaply check a bundle: trailer, sizes, manifest, GGUF magic. No hashing."""
+    try:
+        with open(path, "rb") as f:
+            actual_size = f.seek(0, 2)
+            trailer = read_trailer(f)
+            if trailer is None:
+                raise _explain_missing_trailer(path, f, actual_size)
+            if trailer.format_version > FORMAT_VERSION:
+                raise BundleError(
+                    f"{path.name} uses bundle format {trailer.format_version}, newer than this llamabox "
+                    f"understands ({FORMAT_VERSION}); update llamabox"
+                )
+            if trailer.bundle_size != actual_size:
+                raise BundleError(
+                    f"{path.name} is {actual_size:,} bytes but its trailer says {trailer.bundle_size:,}: "
+                    "the file was modified; download or build it again"
+                )
+            _check_layout(path, trailer)
+            f.seek(trailer.manifest_offset)
+            manifest = Manifest.from_json(f.read(trailer.manifest_size))
+            f.seek(trailer.model_offset)
+            if f.read(4) != GGUF_MAGIC:
+                raise BundleError(f"{path.name} has no GGUF model where its trailer says; build it again")
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror}") from None
+    return Bundle(path=path, trailer=trailer, manifest=manifest)
+
+
+def _check_layout(path: Path, t: Trailer) -> None:
+    regions = [
+        (t.model_offset, t.model_size),
+        (t.manifest_offset, t.manifest_size),
+        (t.archive_offset, t.archive_size),
+        (t.bundle_size - TRAILER_SIZE, TRAILER_SIZE),
+    ]
+    ends = [start + size for start, size in regions]
+    ordered = all(ends[i] <= regions[i + 1][0] for i in range(len(regions) - 1))
+    if t.model_offset % ALIGNMENT or not ordered:
+        raise BundleError(f"{path.name} has an inconsistent trailer; build it again")
+
+
+def _explain_missing_trailer(path: Path, f: BinaryIO, size: int) -> BundleError:
+    archive = find_pyinstaller_archive(f, size)
+    # A bare stub is mostly its archive, followed by at most a few KiB (ELF section headers). A bundle
+    # cut short inside its trailer also ends with an archive (the copy), but that copy is a small part
+    # of a file that also holds the stub and the model.
+    if archive is not None and (archive[1] - archive[0]) * 2 > size and size - archive[1] < _STUB_TAIL_MAX:
+        return BundleError(f"{path.name} is a runtime stub without a model; run it with -m MODEL.gguf")
+    return IncompleteBundleError(
+        f"{path.name} is incomplete ({size:,} bytes, its end is missing): the download or copy was cut "
+        "short; copy or download it again"
+    )
+
+
+def write_bundle(
+    out: BinaryIO,
+    stub: BinaryIO,
+    model: BinaryIO,
+    manifest: Manifest,
+    on_progress: ProgressCallback | None = None,
+) -> Manifest:
+    """Write stub + model + manifest + archive copy + trailer to `out`, hashing the model as it goes.
+
+    Returns the manifest with the model's SHA-256 filled in, as written.
+    """
+    stub_size = stub.seek(0, 2)
+    archive = find_pyinstaller_archive(stub, stub_size)
+    if archive is None:
+        raise BundleError("the stub has no PyInstaller archive")
+    stub.seek(0)
+    _copy(stub, out, stub_size)
+
+    model_offset = align_up(stub_size)
+    out.write(b"\0" * (model_offset - stub_size))
+    digest = hashlib.sha256()
+    model.seek(0)
+    copied = _copy(model, out, manifest.model.size, digest, on_progress)
+    if copied != manifest.model.size:
+        raise BundleError(f"the model changed while it was being copied ({copied:,} bytes read)")
+
+    manifest = dataclasses.replace(
+        manifest, model=dataclasses.replace(manifest.model, sha256=digest.hexdigest())
+    )
+    manifest_bytes = manifest.to_json()
+    manifest_offset = model_offset + manifest.model.size
+    out.write(manifest_bytes)
+
+    archive_offset = manifest_offset + len(manifest_bytes)
+    archive_size = archive[1] - archive[0]
+    stub.seek(archive[0])
+    _copy(stub, out, archive_size)
+
+    trailer = Trailer(
+        model_offset=model_offset,
+        model_size=manifest.model.size,
+        manifest_offset=manifest_offset,
+        manifest_size=len(manifest_bytes),
+        archive_offset=archive_offset,
+        archive_size=archive_size,
+        bundle_size=archive_offset + archive_size + TRAILER_SIZE,
+    )
+    out.write(trailer.pack())
+    return manifest
+
+
+def hash_model(bundle: Bundle, on_progress: ProgressCallback | None = None) -> str:
+    """SHA-256 of the embedded model, read back from the bundle."""
+    digest = hashlib.sha256()
+    with open(bundle.path, "rb") as f:
+        f.seek(bundle.model_offset)
+        _copy(f, None, bundle.model_size, digest, on_progress)
+    return digest.hexdigest()
+
+
+def _copy(
+    src: BinaryIO,
+    dst: BinaryIO | None,
+    size: int,
+    digest: Any = None,
+    on_progress: ProgressCallback | None = None,
+) -> int:
+    """Copy `size` bytes from src's position to dst (or nowhere), updating the digest; bytes copied."""
+    done = 0
+    while done < size:
+        chunk = src.read(min(COPY_CHUNK, size - done))
+        if not chunk:
+            break
+        if dst is not None:
+            dst.write(chunk)
+        if digest is not None:
+            digest.update(chunk)
+        done += len(chunk)
+        if on_progress is not None:
+            on_progress(len(chunk))
+    return done

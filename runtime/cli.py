@@ -1,0 +1,80 @@
+"""The executable's command line: baked-in defaults first, then the user's arguments.
+
+Heavy modules (llama.cpp, the server) are imported only once a mode needs them, so that
+`--help` is instant and the bundler can check `--args` without loading the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from runtime import __version__
+from runtime.errors import LlamaboxError
+from runtime.model_source import OwnBundle, own_bundle
+
+DEFAULT_PORT = 8080
+
+
+class _UserErrors(click.Command):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except LlamaboxError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.command(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-m", "--model", type=click.Path(path_type=Path), help="Run this GGUF (or .run bundle) instead of the embedded model.")
+@click.option("-p", "--prompt", help="Print a completion of PROMPT to stdout and exit (a chat turn if the model has a chat template).")
+@click.option("--info", is_flag=True, help="Print the bundle's manifest and the CPU features and kernels in use, then exit.")
+@click.option("--verify", is_flag=True, help="Check the embedded model's SHA-256 before starting.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on; if it is taken and not given here, the next free one.")
+@click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens (0: the model's own).")
+@click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads for generation [default: every core].")
+@click.option("--temp", "temperature", default=0.8, show_default=True, type=click.FloatRange(0), help="Default sampling temperature (0: greedy).")
+@click.option("-n", "--n-predict", default=-1, show_default=True, type=int, help="Default maximum tokens to generate (-1: until the context is full).")
+@click.option("--system-prompt", help="System message prepended to every chat that has none.")
+@click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's own log.")
+@click.version_option(__version__, prog_name="llamabox runtime")
+@click.pass_context
+def run(ctx: click.Context, **options: object) -> None:
+    """Run the model in this file: a chat in the browser and an OpenAI-compatible API on localhost.
+
+    \b
+    Examples:
+      ./model.run                          # serve on http://127.0.0.1:8080 and open the chat
+      ./model.run -p "Why is the sky blue?" --temp 0
+      ./model.run --nobrowser --port 9000  # API only
+      ./model.run --info                   # what is inside, which CPU kernels load
+      ./model.run -m other.gguf            # another model, same runtime
+    """
+    from runtime import modes
+
+    explicit_port = ctx.get_parameter_source("port") is not click.core.ParameterSource.DEFAULT
+    modes.dispatch(ctx.obj, explicit_port=explicit_port, **options)  # type: ignore[arg-type]
+
+
+def check_args(args: list[str]) -> str | None:
+    """Why `args` would not parse as runtime arguments, or None if they would."""
+    try:
+        with run.make_context("runtime", list(args), resilient_parsing=False) as ctx:
+            del ctx
+    except click.exceptions.Exit:
+        return "--help and --version cannot be baked in"
+    except click.ClickException as exc:
+        return exc.format_message()
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.monotonic()
+    own: OwnBundle = own_bundle()
+    args = [*own.default_args, *(sys.argv[1:] if argv is None else argv)]
+    prog = Path(sys.argv[0]).name if getattr(sys, "frozen", False) else "python -m runtime"
+    run.main(args=args, prog_name=prog, obj={"own": own, "started": started})

@@ -1,0 +1,84 @@
+"""Which model to run: the one inside this executable, or one named with -m."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime import bundle_format
+from runtime.bundle_format import Bundle
+from runtime.engine import ModelLocation
+from runtime.errors import BundleError, LlamaboxError, ModelFileError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    location: ModelLocation
+    name: str
+    bundle: Bundle | None
+
+
+@dataclass(frozen=True)
+class OwnBundle:
+    """This executable's own bundle, or why it has none."""
+
+    bundle: Bundle | None
+    problem: LlamaboxError | None
+
+    @property
+    def default_args(self) -> list[str]:
+        return self.bundle.manifest.default_args if self.bundle else []
+
+
+def own_bundle() -> OwnBundle:
+    """Open the executable this process runs from as a bundle (only when frozen by PyInstaller)."""
+    if not getattr(sys, "frozen", False):
+        return OwnBundle(None, LlamaboxError("no model given: run with -m MODEL.gguf (or a .run bundle)"))
+    try:
+        return OwnBundle(bundle_format.open_bundle(Path(sys.executable)), None)
+    except LlamaboxError as exc:
+        return OwnBundle(None, exc)
+
+
+def resolve(model: Path | None, own: OwnBundle) -> ModelSource:
+    """The model given with -m (a GGUF or another bundle), else this executable's own."""
+    if model is None:
+        if own.bundle is None:
+            assert own.problem is not None
+            raise own.problem
+        return _from_bundle(own.bundle)
+    try:
+        with open(model, "rb") as f:
+            magic = f.read(4)
+            trailer = bundle_format.read_trailer(f)
+    except FileNotFoundError:
+        raise ModelFileError(f"model file not found: {model}") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"{model} is a directory, not a model file") from None
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {model}: {exc.strerror}") from None
+    if trailer is not None:
+        return _from_bundle(bundle_format.open_bundle(model))
+    if magic != bundle_format.GGUF_MAGIC:
+        raise ModelFileError(f"{model} is neither a GGUF model nor a llamabox bundle")
+    return ModelSource(location=ModelLocation(path=model.resolve()), name=model.stem, bundle=None)
+
+
+def _from_bundle(bundle: Bundle) -> ModelSource:
+    return ModelSource(
+        location=ModelLocation(path=bundle.path.resolve(), offset=bundle.model_offset),
+        name=bundle.manifest.name,
+        bundle=bundle,
+    )
+
+
+def verify(bundle: Bundle) -> None:
+    """Full SHA-256 check of the embedded model (the start-up check only looks at sizes)."""
+    actual = bundle_format.hash_model(bundle)
+    if actual != bundle.manifest.model.sha256:
+        raise BundleError(
+            f"{bundle.path.name}: the embedded model is damaged (its SHA-256 does not match the manifest); "
+            "download or build it again"
+        )
+

@@ -1,0 +1,1 @@
+"""The HTTP server: one Starlette app, one module per API dialect."""

@@ -1,0 +1,35 @@
+"""The Starlette application: the chat page, /health and the API dialects."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from runtime.engine import Engine
+from runtime.server import openai
+from runtime.server.errors import HANDLERS
+from runtime.server.settings import ServerSettings
+
+
+def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
+    async def index(_request: Request) -> Response:
+        return FileResponse(settings.ui_dir / "index.html")
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            *openai.routes(),
+            Mount("/ui", StaticFiles(directory=settings.ui_dir), name="ui"),
+        ],
+        exception_handlers=HANDLERS,  # type: ignore[arg-type]
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    return app

@@ -1,0 +1,135 @@
+"""Shared fixtures: the real SmolLM2 model, the real runtime stub (built once per session), a bundle."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bundler.default_model import default_model_path
+from runtime.platform_tag import current_platform, stub_file_name
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE_DATE_EPOCH = "1767225600"  # 2026-01-01T00:00:00Z
+
+
+def llamabox(*args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the llamabox CLI as a user would, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-c", "from bundler.cli import main; main()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return default_model_path(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runtime stub, built from this checkout once per test session ($LLAMABOX_TEST_STUB reuses one)."""
+    if os.environ.get("LLAMABOX_TEST_STUB"):
+        return Path(os.environ["LLAMABOX_TEST_STUB"])
+    dist = tmp_path_factory.mktemp("stubs")
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "--dist", str(dist)], check=True, cwd=ROOT, timeout=1800)
+    return dist / stub_file_name(current_platform())
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory, smollm2: Path, stub: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "smollm2.run"
+    result = llamabox("build", smollm2, "-o", out, "--stub", stub, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    url: str
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def start_server(executable: Path, *args: str, timeout: float = 120) -> Server:
+    """Start an executable in server mode and wait until /health answers."""
+    process = subprocess.Popen(
+        [str(executable), "--nobrowser", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"chat:\s+(http://[\d.]+:(\d+)/)", line)
+        if match:
+            server = Server(process=process, url=match.group(1), port=int(match.group(2)))
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        process.kill()
+        raise AssertionError(f"server did not start: {process.stderr.read() if process.stderr else ''}")
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(server.url + "health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    stop_server(server)
+    raise AssertionError("server never became healthy")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(bundle: Path) -> Iterator[Server]:
+    running = start_server(bundle, "--temp", "0", "--port", "18080")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture
+def chattr_readonly() -> Iterator[callable]:
+    """Make a directory unwritable, even for root (chattr +i); undone after the test."""
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        if os.geteuid() == 0:
+            if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+                pytest.skip("cannot make a directory read-only for root here")
+        else:
+            path.chmod(0o555)
+        made.append(path)
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)])
+        else:
+            path.chmod(0o755)

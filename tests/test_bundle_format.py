@@ -1,0 +1,124 @@
+"""The bundle format on its own: layout, trailer, checks, reproducibility. Uses a fake stub."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import pytest
+
+from runtime import bundle_format
+from runtime.bundle_format import ALIGNMENT, TRAILER_SIZE, Manifest, ModelEntry
+from runtime.errors import BundleError, IncompleteBundleError
+
+MODEL = b"GGUF" + bytes(range(256)) * 40
+
+
+def fake_stub(archive_payload: bytes = b"PKG-CONTENTS" * 10, after: bytes = b"ELF-SECTION-HEADERS") -> bytes:
+    """A bootloader, a PyInstaller-like archive ending in its cookie, then ELF section headers."""
+    archive_len = len(archive_payload) + 88
+    cookie = struct.pack("!8sIIII64s", bundle_format.PYINSTALLER_COOKIE_MAGIC, archive_len, 0, 0, 311, b"libpython3.11.so")
+    return b"\x7fELF-bootloader" * 7 + archive_payload + cookie + after
+
+
+def manifest(size: int = len(MODEL)) -> Manifest:
+    return Manifest(
+        name="test",
+        model=ModelEntry(file_name="m.gguf", size=size, sha256=""),
+        metadata={"architecture": "llama"},
+        default_args=["--temp", "0"],
+        platform="linux-x86_64",
+        runtime_version="0.1.0",
+        llamabox_version="0.1.0",
+        built_at="2026-01-01T00:00:00Z",
+    )
+
+
+def write(tmp_path: Path, stub: bytes = fake_stub(), model: bytes = MODEL) -> Path:
+    out = tmp_path / "b.run"
+    with open(out, "wb") as f:
+        bundle_format.write_bundle(f, io.BytesIO(stub), io.BytesIO(model), manifest(len(model)))
+    return out
+
+
+def test_layout_model_aligned_and_archive_copied_last(tmp_path: Path) -> None:
+    stub = fake_stub()
+    path = write(tmp_path, stub)
+    data = path.read_bytes()
+    bundle = bundle_format.open_bundle(path)
+    t = bundle.trailer
+    assert data[: len(stub)] == stub
+    assert t.model_offset % ALIGNMENT == 0 and t.model_offset >= len(stub)
+    assert data[t.model_offset : t.model_offset + t.model_size] == MODEL
+    # The stub's archive (up to and including its cookie) is repeated right before the trailer,
+    # so a backward cookie scan from the end stops within TRAILER_SIZE bytes.
+    start, end = bundle_format.find_pyinstaller_archive(io.BytesIO(stub), len(stub))
+    assert data[t.archive_offset : t.archive_offset + t.archive_size] == stub[start:end]
+    assert t.archive_offset + t.archive_size == len(data) - TRAILER_SIZE
+    assert bundle_format.find_pyinstaller_archive(io.BytesIO(data), len(data)) == (t.archive_offset, len(data) - TRAILER_SIZE)
+
+
+def test_manifest_round_trip_and_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    bundle = bundle_format.open_bundle(write(tmp_path))
+    assert bundle.manifest.model.sha256 == hashlib.sha256(MODEL).hexdigest()
+    assert bundle.manifest.default_args == ["--temp", "0"]
+    assert bundle_format.hash_model(bundle) == bundle.manifest.model.sha256
+
+
+def test_same_inputs_give_identical_bytes(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert write(tmp_path / "a").read_bytes() == write(tmp_path / "b").read_bytes()
+
+
+@pytest.mark.parametrize("cut", [1, TRAILER_SIZE, 5000, len(MODEL) // 2])
+def test_truncated_bundle_is_reported_as_incomplete(tmp_path: Path, cut: int) -> None:
+    path = write(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+    with pytest.raises(IncompleteBundleError, match="incomplete.*cut short"):
+        bundle_format.open_bundle(path)
+
+
+def test_bare_stub_is_told_apart_from_a_broken_bundle(tmp_path: Path) -> None:
+    path = tmp_path / "stub"
+    path.write_bytes(fake_stub())
+    with pytest.raises(BundleError, match="stub without a model") as info:
+        bundle_format.open_bundle(path)
+    assert not isinstance(info.value, IncompleteBundleError)
+
+
+def test_flipped_model_byte_passes_open_but_fails_hash(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    bundle = bundle_format.open_bundle(path)
+    data = bytearray(path.read_bytes())
+    data[bundle.model_offset + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    reopened = bundle_format.open_bundle(path)  # the cheap start-up check does not hash
+    assert bundle_format.hash_model(reopened) != reopened.manifest.model.sha256
+
+
+def test_appended_bytes_are_detected(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    with open(path, "ab") as f:
+        f.write(b"junk")
+    with pytest.raises(BundleError):
+        bundle_format.open_bundle(path)
+
+
+def test_damaged_manifest(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    bundle = bundle_format.open_bundle(path)
+    data = bytearray(path.read_bytes())
+    data[bundle.trailer.manifest_offset] = ord("X")
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="manifest is damaged"):
+        bundle_format.open_bundle(path)
+
+
+def test_stub_without_archive_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no PyInstaller archive"):
+        bundle_format.write_bundle(io.BytesIO(), io.BytesIO(b"not a stub"), io.BytesIO(MODEL), manifest())
