@@ -26,6 +26,11 @@ from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_nam
 
 ROOT = Path(__file__).resolve().parent
 SEP = ";" if sys.platform == "win32" else ":"
+EXCLUDED_MODULES = (
+    "huggingface_hub", "hf_xet", "openai", "pydantic", "pydantic_core", "jiter", "yaml", "gguf", "httpx",
+    "PyInstaller", "setuptools", "pkg_resources", "tkinter", "IPython", "matplotlib", "PIL", "pytest",
+    "bundler", "llama_cpp.server", "llama_cpp.mtmd_cpp", "llama_cpp.llava_cpp",
+)
 
 
 def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
@@ -35,7 +40,13 @@ def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
     """
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     variants_dir = Path(llama_cpp.__file__).parent.parent / "bin"
-    core = sorted(p for p in lib_dir.iterdir() if p.is_file())
+    if sys.platform == "linux":
+        # pip copies each library three times (libx.so, libx.so.0, libx.so.0.25.3). llama-cpp-python opens
+        # libllama.so by name; it and the CPU variants need libggml*.so.0 by soname. libmtmd is for
+        # multimodal models, which the runtime does not serve.
+        core = [lib_dir / "libllama.so", *sorted(lib_dir.glob("libggml*.so.[0-9]"))]
+    else:
+        core = sorted(p for p in lib_dir.iterdir() if p.is_file())
     variants = sorted(variants_dir.glob(f"{CPU_VARIANT_PREFIX}*"))
     if not variants:
         sys.exit(
@@ -82,8 +93,8 @@ def main() -> None:
             f"--add-data={ROOT / 'templates'}{SEP}templates",
             *(f"--add-binary={p}{SEP}llama_cpp/lib" for p in core),
             *(f"--add-binary={p}{SEP}ggml-cpu" for p in variants),
-            # Pulled in by optional imports of dependencies, never used by the runtime.
-            *(f"--exclude-module={m}" for m in ("tkinter", "IPython", "matplotlib", "PIL", "pytest")),
+            # Found by PyInstaller in optional imports of llama-cpp-python and others; never used by the runtime.
+            *(f"--exclude-module={m}" for m in EXCLUDED_MODULES),
         ]
         started = time.monotonic()
         PyInstaller.__main__.run(options)

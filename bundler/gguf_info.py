@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ModelFileError
+from runtime.ggml_log import captured_log
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -30,9 +31,6 @@ _GGML_MAX_DIMS = 4
 
 class _InitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
-
-
-_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
 @dataclass(frozen=True)
@@ -74,15 +72,15 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     except OSError as exc:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror}") from None
 
-    if header[:4] != GGUF_MAGIC:
+    if header[:4] != GGUF_MAGIC or len(header) < 8:
         raise ModelFileError(f"{path.name} is not a GGUF model file (it does not start with 'GGUF')")
     (version,) = struct.unpack("<I", header[4:8])
     if version not in SUPPORTED_VERSIONS:
         raise ModelFileError(f"{path.name} is GGUF version {version}; llamabox reads versions 2 and 3")
 
     lib = _ggml_base()
-    messages: list[str] = []
-    ctx = _parse(lib, path, messages)
+    with captured_log(lib) as messages:
+        ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(no_alloc=True, ctx=None))
     if not ctx:
         detail = messages[-1].strip() if messages else "unreadable header"
         raise ModelFileError(f"{path.name} is not a valid GGUF file ({detail}); is it damaged or incomplete?")
@@ -96,20 +94,6 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         return _summarise(lib, ctx, version)
     finally:
         lib.gguf_free(ctx)
-
-
-def _parse(lib: ctypes.CDLL, path: Path, messages: list[str]) -> int:
-    """gguf_init_from_file with ggml's log routed into `messages` instead of stderr."""
-
-    def capture(_level: int, text: bytes, _user: int) -> None:
-        messages.append(text.decode("utf-8", "replace"))
-
-    callback = _LOG_CALLBACK(capture)
-    lib.ggml_log_set(callback, None)
-    try:
-        return lib.gguf_init_from_file(str(path).encode(), _InitParams(no_alloc=True, ctx=None))
-    finally:
-        lib.ggml_log_set(None, None)
 
 
 def _tensor_data_end(lib: ctypes.CDLL, ctx: int) -> int:
@@ -173,7 +157,6 @@ def _ggml_base() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_ggml_library_dir() / names.get(sys.platform, "libggml-base.so")))
     c_ctx, i64, size_t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
     signatures: dict[str, tuple[list[Any], Any]] = {
-        "ggml_log_set": ([_LOG_CALLBACK, ctypes.c_void_p], None),
         "gguf_init_from_file": ([ctypes.c_char_p, _InitParams], c_ctx),
         "gguf_free": ([c_ctx], None),
         "gguf_get_data_offset": ([c_ctx], size_t),

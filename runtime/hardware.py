@@ -21,6 +21,7 @@ from pathlib import Path
 import llama_cpp
 
 from runtime.errors import BackendError
+from runtime.ggml_log import captured_log
 
 _SHARED_SUFFIX = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
 _LIB_PREFIX = "" if sys.platform == "win32" else "lib"
@@ -120,8 +121,12 @@ def load_cpu_backend(directory: Path | None = None) -> CpuBackend:
     score, best = max(scored)
     if score <= 0:
         raise BackendError("none of the llama.cpp CPU libraries can run on this CPU")
-    if not _ggml().ggml_backend_load(str(best).encode()):
-        raise BackendError(f"llama.cpp could not load its CPU library {best.name}")
+    ggml = _ggml()
+    with captured_log(ggml) as log:
+        loaded = ggml.ggml_backend_load(str(best).encode())
+    if not loaded:
+        detail = log[-1].strip() if log else "no reason given"
+        raise BackendError(f"llama.cpp could not load its CPU library {best.name} ({detail})")
     return CpuBackend(variant=variant_name(best), path=best, score=score)
 
 

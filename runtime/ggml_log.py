@@ -1,0 +1,26 @@
+"""Capturing ggml's log (which otherwise goes straight to stderr) while calling into ggml."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterator
+
+LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+@contextlib.contextmanager
+def captured_log(lib: ctypes.CDLL) -> Iterator[list[str]]:
+    """Route ggml's log into the yielded list; `lib` is libggml-base or any library exporting ggml_log_set."""
+    lib.ggml_log_set.argtypes, lib.ggml_log_set.restype = [LOG_CALLBACK, ctypes.c_void_p], None
+    messages: list[str] = []
+
+    def capture(_level: int, text: bytes, _user: int) -> None:
+        messages.append(text.decode("utf-8", "replace"))
+
+    callback = LOG_CALLBACK(capture)
+    lib.ggml_log_set(callback, None)
+    try:
+        yield messages
+    finally:
+        lib.ggml_log_set(LOG_CALLBACK(), None)  # a NULL callback restores ggml's default
