@@ -72,8 +72,10 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     except OSError as exc:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror}") from None
 
-    if header[:4] != GGUF_MAGIC or len(header) < 8:
+    if header[:4] != GGUF_MAGIC:
         raise ModelFileError(f"{path.name} is not a GGUF model file (it does not start with 'GGUF')")
+    if len(header) < 8:
+        raise ModelFileError(f"{path.name} is truncated: it ends inside the GGUF header; download it again")
     (version,) = struct.unpack("<I", header[4:8])
     if version not in SUPPORTED_VERSIONS:
         raise ModelFileError(f"{path.name} is GGUF version {version}; llamabox reads versions 2 and 3")

@@ -46,7 +46,7 @@ def test_truncated_gguf(tmp_path: Path, keep: int) -> None:
     path = write_tiny_gguf(tmp_path / "t.gguf")
     data = path.read_bytes()
     path.write_bytes(data[:keep])
-    with pytest.raises(ModelFileError, match="truncated|not a valid GGUF|not a GGUF"):
+    with pytest.raises(ModelFileError, match="truncated|not a valid GGUF"):
         read_gguf_info(path)
 
 
