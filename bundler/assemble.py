@@ -36,7 +36,7 @@ def build_bundle(
     default_args = _split_args(args)
     model_size = model.stat().st_size
     manifest = Manifest(
-        name=name or info.name or model.stem,
+        name=name or model.stem,
         model=ModelEntry(file_name=model.name, size=model_size, sha256=""),
         metadata=info.as_metadata(),
         default_args=default_args,

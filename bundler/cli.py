@@ -48,7 +48,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The executable to write.")
-@click.option("--name", help="Display name of the model (default: the GGUF's general.name).")
+@click.option("--name", help="Model name shown in the chat and the API (default: the GGUF file name without .gguf).")
 @click.option(
     "--stub",
     type=click.Path(path_type=Path),

@@ -47,6 +47,7 @@ _PYINSTALLER_COOKIE = struct.Struct("!8sIIII64s")
 # On Linux the archive sits in an ELF section followed by the section headers, a few KiB.
 _COOKIE_SEARCH_WINDOW = 1 << 20
 _STUB_TAIL_MAX = 64 << 10
+_STUB_SEARCH_LIMIT = 512 << 20
 
 COPY_CHUNK = 8 << 20
 
@@ -143,14 +144,47 @@ def find_pyinstaller_archive(f: BinaryIO, end: int) -> tuple[int, int] | None:
     window = f.read(end - window_start)
     at = window.rfind(PYINSTALLER_COOKIE_MAGIC)
     while at != -1:
-        cookie = window[at : at + _PYINSTALLER_COOKIE.size]
-        if len(cookie) == _PYINSTALLER_COOKIE.size:
-            _magic, archive_len, _toc_off, _toc_len, _py, _lib = _PYINSTALLER_COOKIE.unpack(cookie)
-            cookie_end = window_start + at + _PYINSTALLER_COOKIE.size
-            if 0 < archive_len <= cookie_end:
-                return cookie_end - archive_len, cookie_end
+        found = _archive_from_cookie(window, at, window_start)
+        if found:
+            return found
         at = window.rfind(PYINSTALLER_COOKIE_MAGIC, 0, at)
     return None
+
+
+def _first_pyinstaller_archive(f: BinaryIO, limit: int) -> tuple[int, int] | None:
+    """(start, end) of the first PyInstaller archive in the file's first `limit` bytes, or None."""
+    f.seek(0)
+    base, carry = 0, b""
+    while base < limit:
+        block = f.read(COPY_CHUNK)
+        if not block:
+            return None
+        data = carry + block
+        at = data.find(PYINSTALLER_COOKIE_MAGIC)
+        while at != -1:
+            found = _archive_from_cookie(data, at, base - len(carry))
+            if found:
+                return found
+            at = data.find(PYINSTALLER_COOKIE_MAGIC, at + 1)
+        carry = data[-_PYINSTALLER_COOKIE.size :]
+        base += len(block)
+    return None
+
+
+def _archive_from_cookie(data: bytes, at: int, data_offset: int) -> tuple[int, int] | None:
+    """The archive ending with the cookie at data[at:], if those bytes are a real cookie.
+
+    The magic also occurs in the bootloader's code; a real cookie has its table of contents
+    directly before it.
+    """
+    cookie = data[at : at + _PYINSTALLER_COOKIE.size]
+    if len(cookie) < _PYINSTALLER_COOKIE.size:
+        return None
+    _magic, archive_len, toc_offset, toc_len, _py, _lib = _PYINSTALLER_COOKIE.unpack(cookie)
+    cookie_end = data_offset + at + _PYINSTALLER_COOKIE.size
+    if not 0 < archive_len <= cookie_end or toc_offset + toc_len != archive_len - _PYINSTALLER_COOKIE.size:
+        return None
+    return cookie_end - archive_len, cookie_end
 
 
 def read_trailer(f: BinaryIO) -> Trailer | None:
@@ -204,11 +238,15 @@ def _check_layout(path: Path, t: Trailer) -> None:
 
 
 def _explain_missing_trailer(path: Path, f: BinaryIO, size: int) -> BundleError:
-    archive = find_pyinstaller_archive(f, size)
-    # A bare stub is mostly its archive, followed by at most a few KiB (ELF section headers). A bundle
-    # cut short inside its trailer also ends with an archive (the copy), but that copy is a small part
-    # of a file that also holds the stub and the model.
-    if archive is not None and (archive[1] - archive[0]) * 2 > size and size - archive[1] < _STUB_TAIL_MAX:
+    """Why a file without a trailer is not a usable bundle. Only on this error path is the file scanned."""
+    f.seek(0)
+    if f.read(4) == GGUF_MAGIC:
+        return BundleError(f"{path.name} is a GGUF model, not a llamabox bundle; bundle it with `llamabox build`")
+    archive = _first_pyinstaller_archive(f, min(size, _STUB_SEARCH_LIMIT))
+    if archive is None:
+        return BundleError(f"{path.name} is not a llamabox bundle")
+    if size - archive[1] < _STUB_TAIL_MAX:
+        # The stub's archive is followed only by ELF section headers: a stub without a model.
         return BundleError(f"{path.name} is a runtime stub without a model; run it with -m MODEL.gguf")
     return IncompleteBundleError(
         f"{path.name} is incomplete ({size:,} bytes, its end is missing): the download or copy was cut "

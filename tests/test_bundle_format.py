@@ -12,14 +12,19 @@ from runtime import bundle_format
 from runtime.bundle_format import ALIGNMENT, TRAILER_SIZE, Manifest, ModelEntry
 from runtime.errors import BundleError, IncompleteBundleError
 
-MODEL = b"GGUF" + bytes(range(256)) * 40
+MODEL = b"GGUF" + bytes(range(256)) * 400  # larger than the few KiB a bare stub may carry after its archive
 
 
 def fake_stub(archive_payload: bytes = b"PKG-CONTENTS" * 10, after: bytes = b"ELF-SECTION-HEADERS") -> bytes:
     """A bootloader, a PyInstaller-like archive ending in its cookie, then ELF section headers."""
     archive_len = len(archive_payload) + 88
-    cookie = struct.pack("!8sIIII64s", bundle_format.PYINSTALLER_COOKIE_MAGIC, archive_len, 0, 0, 311, b"libpython3.11.so")
-    return b"\x7fELF-bootloader" * 7 + archive_payload + cookie + after
+    toc_len = 20  # the table of contents ends the payload, right before the cookie
+    cookie = struct.pack(
+        "!8sIIII64s", bundle_format.PYINSTALLER_COOKIE_MAGIC, archive_len, len(archive_payload) - toc_len, toc_len, 311, b"libpython3.11.so"
+    )
+    # The bootloader's code holds the magic too, without a cookie around it.
+    bootloader = b"\x7fELF-bootloader" + bundle_format.PYINSTALLER_COOKIE_MAGIC + b"code" * 30
+    return bootloader + archive_payload + cookie + after
 
 
 def manifest(size: int = len(MODEL)) -> Manifest:
@@ -74,7 +79,7 @@ def test_same_inputs_give_identical_bytes(tmp_path: Path) -> None:
     assert write(tmp_path / "a").read_bytes() == write(tmp_path / "b").read_bytes()
 
 
-@pytest.mark.parametrize("cut", [1, TRAILER_SIZE, 5000, len(MODEL) // 2])
+@pytest.mark.parametrize("cut", [1, TRAILER_SIZE, 5000, len(MODEL) // 4])
 def test_truncated_bundle_is_reported_as_incomplete(tmp_path: Path, cut: int) -> None:
     path = write(tmp_path)
     data = path.read_bytes()
@@ -117,6 +122,17 @@ def test_damaged_manifest(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="manifest is damaged"):
         bundle_format.open_bundle(path)
+
+
+def test_gguf_and_other_files_are_not_bundles(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(MODEL)
+    with pytest.raises(BundleError, match="is a GGUF model, not a llamabox bundle"):
+        bundle_format.open_bundle(gguf)
+    other = tmp_path / "notes.txt"
+    other.write_bytes(b"hello" * 10000)
+    with pytest.raises(BundleError, match="is not a llamabox bundle"):
+        bundle_format.open_bundle(other)
 
 
 def test_stub_without_archive_is_refused(tmp_path: Path) -> None:
