@@ -1,0 +1,225 @@
+"""The built executable, run as a user runs it, with the real SmolLM2 model inside."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from runtime import bundle_format
+from tests.conftest import Server, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+CATS = [{"role": "user", "content": "Write one sentence about cats."}]
+
+
+def run(executable: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], pattern: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    assert pattern.lower() in result.stderr.lower(), result.stderr
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "v1", api_key="not-needed")
+
+
+def test_prompt_mode_is_greedy_and_repeatable(bundle: Path) -> None:
+    first = run(bundle, "-p", "Write one sentence about cats.", "--temp", "0", "-n", "24")
+    second = run(bundle, "-p", "Write one sentence about cats.", "--temp", "0", "-n", "24")
+    assert first.returncode == 0, first.stderr
+    assert "cat" in first.stdout.lower()
+    assert first.stdout == second.stdout
+
+
+def test_info(bundle: Path) -> None:
+    result = run(bundle, "--info")
+    assert result.returncode == 0, result.stderr
+    assert '"file_name": "SmolLM2-135M-Instruct.Q4_1.gguf"' in result.stdout
+    assert "CPU features:" in result.stdout
+    line = next(l for l in result.stdout.splitlines() if l.startswith("CPU kernels loaded:"))
+    assert "libggml-cpu-" in line and "score" in line
+
+
+def test_other_model_with_same_runtime(bundle: Path, smollm2: Path) -> None:
+    from_bundle = run(bundle, "-p", "Write one sentence about cats.", "--temp", "0", "-n", "16")
+    from_gguf = run(bundle, "-m", str(smollm2), "-p", "Write one sentence about cats.", "--temp", "0", "-n", "16")
+    assert from_gguf.returncode == 0, from_gguf.stderr
+    assert from_gguf.stdout == from_bundle.stdout
+
+
+def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
+    assert httpx.get(server.url + "health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]
+
+
+def test_chat_page_is_served(server: Server) -> None:
+    page = httpx.get(server.url)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/chat/completions" in page.text
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="any", messages=CATS, max_tokens=24, temperature=0)
+    text = reply.choices[0].message.content
+    assert "cat" in text.lower()
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 10 and 0 < reply.usage.completion_tokens <= 24
+    again = client.chat.completions.create(model="any", messages=CATS, max_tokens=24, temperature=0)
+    assert again.choices[0].message.content == text
+
+
+def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model="any", messages=CATS, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(
+        model="any", messages=CATS, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert len([p for p in pieces if p]) > 3  # really streamed, not one blob
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_text_completion_streaming_and_not(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="any", prompt="The three primary colors are", max_tokens=16, temperature=0)
+    text = whole.choices[0].text
+    assert text.strip()
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="any", prompt="The three primary colors are", max_tokens=16, temperature=0, stream=True
+    ))
+    assert streamed == text
+
+
+def test_system_prompt_and_stop(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="any", messages=[{"role": "system", "content": "Answer with one word."}, *CATS], max_tokens=24, temperature=0, stop=["."]
+    )
+    assert "." not in reply.choices[0].message.content
+
+
+def test_api_errors_are_openai_shaped(server: Server, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="any", messages=[], max_tokens=4)
+    assert "messages" in str(info.value)
+    response = httpx.post(server.url + "v1/completions", content=b"{not json")
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    long_prompt = "word " * 5000
+    response = httpx.post(server.url + "v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
+    assert response.status_code == 400 and "--ctx-size" in response.json()["error"]["message"]
+
+
+def test_weights_are_mapped_from_the_executable(server: Server, bundle: Path) -> None:
+    """llama.cpp maps the model from the bundle itself: no extracted or cached copy exists."""
+    pids = [server.pid, *_children(server.pid)]
+    mapped = [line for pid in pids for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+              if line.endswith(str(bundle.resolve()))]
+    assert mapped, "the bundle is not memory-mapped by the serving process"
+    opened = bundle_format.open_bundle(bundle)
+    model_start, model_end = opened.model_offset, opened.model_offset + opened.model_size
+    # (file offset, length) of each mapping; llama.cpp unmaps the GGUF header, keeping the tensor data.
+    regions = [(int(line.split()[2], 16), _length(line.split()[0])) for line in mapped]
+    weights = [length for offset, length in regions if model_start <= offset < model_end]
+    assert weights and max(weights) > 0.9 * opened.model_size
+    open_files = [str(p.resolve()) for pid in pids for p in Path(f"/proc/{pid}/fd").iterdir() if p.exists()]
+    assert not [f for f in open_files if f.endswith(".gguf")]
+
+
+def _length(address_range: str) -> int:
+    start, end = address_range.split("-")
+    return int(end, 16) - int(start, 16)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_children(int(child))]
+    return found
+
+
+def test_port_in_use_falls_back_unless_explicit(bundle: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # Explicit --port: refused with a clear message.
+        result = run(bundle, "--nobrowser", "--port", str(port))
+        assert_user_error(result, f"cannot listen on 127.0.0.1:{port}")
+    # The default port (8080): if it is taken, the next free one is used and announced.
+    with socket.socket() as blocker:
+        try:
+            blocker.bind(("127.0.0.1", 8080))
+            blocker.listen()
+        except OSError:
+            pass  # something else holds 8080 already, which serves the test as well
+        server = start_server(bundle)
+        try:
+            assert server.port != 8080
+            assert httpx.get(server.url + "health").status_code == 200
+        finally:
+            stop_server(server)
+
+
+def test_truncated_download_is_refused(bundle: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "partial.run"
+    with open(bundle, "rb") as src:
+        partial.write_bytes(src.read(bundle.stat().st_size * 2 // 3))
+    partial.chmod(0o755)
+    result = run(partial, "--nobrowser")
+    assert_user_error(result, "incomplete")
+    assert "download" in result.stderr
+
+
+def test_flipped_weight_byte_caught_by_verify_flag(bundle: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.run"
+    shutil.copy(bundle, damaged)
+    offset = bundle_format.open_bundle(damaged).model_offset + 40_000_000
+    with open(damaged, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+    assert_user_error(run(damaged, "--verify", "-p", "hi", "-n", "1"), "damaged")
+    ok = run(bundle, "--verify", "-p", "hi", "-n", "1")
+    assert ok.returncode == 0 and "SHA-256 OK" in ok.stderr
+
+
+def test_bad_model_argument(bundle: Path, tmp_path: Path) -> None:
+    assert_user_error(run(bundle, "-m", str(tmp_path / "missing.gguf"), "-p", "hi"), "not found")
+    text = tmp_path / "x.gguf"
+    text.write_text("hello")
+    assert_user_error(run(bundle, "-m", str(text), "-p", "hi"), "neither a GGUF model nor a llamabox bundle")
+
+
+def test_model_without_chat_template(bundle: Path, smollm2: Path, tmp_path: Path) -> None:
+    """Renaming the template key hides it: completions work, chat falls back to ChatML."""
+    plain = tmp_path / "no-template.gguf"
+    data = bytearray(smollm2.read_bytes())
+    at = data.index(b"tokenizer.chat_template")
+    data[at : at + 23] = b"tokenizer.chat_templatX"
+    plain.write_bytes(bytes(data))
+    server = start_server(bundle, "-m", str(plain), "--temp", "0")
+    try:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="x")
+        assert client.completions.create(model="m", prompt="Once upon a time", max_tokens=8).choices[0].text.strip()
+        chat = client.chat.completions.create(model="m", messages=CATS, max_tokens=24)
+        assert "cat" in chat.choices[0].message.content.lower()
+    finally:
+        stop_server(server)
