@@ -21,7 +21,7 @@ import llama_cpp
 import PyInstaller.__main__
 
 from runtime import __version__
-from runtime.hardware import CPU_VARIANT_PREFIX
+from runtime.backends import CPU_VARIANT_GLOB, GPU_BACKENDS, backend_dir, module_file_name
 from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
 
 ROOT = Path(__file__).resolve().parent
@@ -34,26 +34,26 @@ EXCLUDED_MODULES = (
 
 
 def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
-    """llama-cpp-python's own libraries, and the CPU variants pip put in <site-packages>/bin.
+    """llama-cpp-python's own libraries, and the backend modules (CPU variants, GPUs) pip put in bin/.
 
-    PyInstaller cannot see either: llama-cpp-python opens them with ctypes at run time.
+    PyInstaller cannot see either: llama-cpp-python and the runtime open them with ctypes.
     """
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    variants_dir = Path(llama_cpp.__file__).parent.parent / "bin"
     if sys.platform == "linux":
         # pip copies each library three times (libx.so, libx.so.0, libx.so.0.25.3). llama-cpp-python opens
-        # libllama.so by name; it and the CPU variants need libggml*.so.0 by soname. libmtmd is for
+        # libllama.so by name; it and the backends need libggml*.so.0 by soname. libmtmd is for
         # multimodal models, which the runtime does not serve.
         core = [lib_dir / "libllama.so", *sorted(lib_dir.glob("libggml*.so.[0-9]"))]
     else:
         core = sorted(p for p in lib_dir.iterdir() if p.is_file())
-    variants = sorted(variants_dir.glob(f"{CPU_VARIANT_PREFIX}*"))
+    variants = sorted(backend_dir().glob(CPU_VARIANT_GLOB))
     if not variants:
         sys.exit(
-            f"build.py: no CPU variant libraries ({CPU_VARIANT_PREFIX}*) in {variants_dir}; "
+            f"build.py: no CPU variant libraries ({CPU_VARIANT_GLOB}) in {backend_dir()}; "
             "install llama-cpp-python with scripts/setup.sh (it builds every CPU variant)"
         )
-    return core, variants
+    gpus = [backend_dir() / module_file_name(name) for name in GPU_BACKENDS if (backend_dir() / module_file_name(name)).exists()]
+    return core, variants + gpus
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     platform_name = current_platform()
-    core, variants = llama_cpp_libraries()
+    core, backend_modules = llama_cpp_libraries()
     work = ROOT / "build" / "pyinstaller"
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +73,7 @@ def main() -> None:
                     "platform": platform_name,
                     "runtime_version": __version__,
                     "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
-                    "cpu_variants": [p.name for p in variants],
+                    "cpu_variants": [p.name for p in backend_modules if "-cpu-" in p.name],
                 },
                 indent=2,
             )
@@ -92,7 +92,7 @@ def main() -> None:
             f"--add-data={info}{SEP}.",
             f"--add-data={ROOT / 'templates'}{SEP}templates",
             *(f"--add-binary={p}{SEP}llama_cpp/lib" for p in core),
-            *(f"--add-binary={p}{SEP}ggml-cpu" for p in variants),
+            *(f"--add-binary={p}{SEP}ggml-backends" for p in backend_modules),
             # Found by PyInstaller in optional imports of llama-cpp-python and others; never used by the runtime.
             *(f"--exclude-module={m}" for m in EXCLUDED_MODULES),
         ]

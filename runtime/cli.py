@@ -39,6 +39,13 @@ class _UserErrors(click.Command):
 @click.option("--temp", "temperature", default=0.8, show_default=True, type=click.FloatRange(0), help="Default sampling temperature (0: greedy).")
 @click.option("-n", "--n-predict", default=-1, show_default=True, type=int, help="Default maximum tokens to generate (-1: until the context is full).")
 @click.option("--system-prompt", help="System message prepended to every chat that has none.")
+@click.option(
+    "--cpu-variant",
+    envvar="LLAMABOX_CPU_VARIANT",
+    help="Force one set of CPU kernels, e.g. x64 (portable) or haswell [default: the best this CPU runs; env LLAMABOX_CPU_VARIANT].",
+)
+@click.option("--gpu", type=click.Choice(["auto", "off"]), default="auto", show_default=True, help="Use a GPU if the runtime has a backend for it.")
+@click.option("--gpu-layers", type=click.IntRange(0), help="Layers to offload to the GPU [default: all].")
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's own log.")
 @click.version_option(__version__, prog_name="llamabox runtime")

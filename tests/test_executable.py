@@ -223,3 +223,33 @@ def test_model_without_chat_template(bundle: Path, smollm2: Path, tmp_path: Path
         assert "cat" in chat.choices[0].message.content.lower()
     finally:
         stop_server(server)
+
+
+def test_props_report_the_hardware(server: Server) -> None:
+    props = httpx.get(server.url + "props").json()
+    hw = props["hardware"]
+    assert hw["cpu"]["name"] and isinstance(hw["cpu"]["features"], list)
+    assert hw["cpu_variant"] == hw["cpu_variants_runnable"][-1]  # the best-scoring one
+    assert hw["gpu"] is None and hw["gpu_layers"] == 0 and "CPU" in hw["offload"]
+    assert props["n_ctx"] == 4096 and props["chat_template"]
+
+
+def test_cpu_variant_choice_from_the_executable(bundle: Path) -> None:
+    forced = run(bundle, "--info", "--cpu-variant", "x64")
+    assert forced.returncode == 0 and "CPU kernels loaded: x64" in forced.stdout
+    from_env = subprocess.run([str(bundle), "--info"], capture_output=True, text=True, env={"LLAMABOX_CPU_VARIANT": "sse42"})
+    assert from_env.returncode == 0 and "CPU kernels loaded: sse42" in from_env.stdout
+    assert_user_error(run(bundle, "--info", "--cpu-variant", "pentium"), "unknown CPU variant 'pentium'; choose one of: ")
+    answer = run(bundle, "--cpu-variant", "x64", "-p", "Write one sentence about cats.", "--temp", "0", "-n", "12")
+    best = run(bundle, "-p", "Write one sentence about cats.", "--temp", "0", "-n", "12")
+    assert answer.stdout == best.stdout
+
+
+def test_gpu_off_and_banner(bundle: Path) -> None:
+    server = start_server(bundle, "--gpu", "off", "--port", "18181")
+    try:
+        assert "GPU off" in httpx.get(server.url + "props").json()["hardware"]["offload"]
+    finally:
+        stop_server(server)
+    banner = server.process.stderr.read()
+    assert "CPU kernels loaded:" in banner and "GPU: GPU off (--gpu off)" in banner

@@ -21,10 +21,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def props(_request: Request) -> Response:
+        """Like llama-server's /props, plus what hardware the runtime detected and uses."""
+        return JSONResponse(
+            {
+                "model_alias": settings.model_id,
+                "n_ctx": settings.n_ctx,
+                "chat_template": engine.chat_template or "",
+                "default_generation_settings": {"temperature": settings.temperature, "n_predict": settings.n_predict or -1},
+                "hardware": settings.hardware,
+            }
+        )
+
     app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/props", props, methods=["GET"]),
             *openai.routes(),
             Mount("/ui", StaticFiles(directory=settings.ui_dir), name="ui"),
         ],

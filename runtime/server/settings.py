@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -14,3 +15,5 @@ class ServerSettings:
     temperature: float
     n_predict: int | None
     ui_dir: Path
+    hardware: dict[str, Any]
+    n_ctx: int

@@ -1,0 +1,81 @@
+"""One runtime on emulated older CPUs: each loads the best kernels it can run, all answer the same.
+
+qemu-user runs one process on an emulated CPU and does not follow exec. The bundled executable is
+a PyInstaller onefile program whose bootloader starts itself again as a child, so these tests run
+the runtime from source instead: the same Python, the same llama-cpp-python build and the same CPU
+variant libraries that build.py packs into the stub (it collects exactly these files), so what
+runs here is what ships. The x86-64 baseline (qemu64: no SSSE3, no SSE4) proves that nothing but
+the variant libraries needs more than the baseline; it is why NumPy is held below 2.4.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 emulation"),
+    pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (scripts/setup.sh installs it as root)"),
+]
+
+PROMPT = ["-p", "Write one sentence about cats.", "--temp", "0", "-n", "12"]
+# (qemu CPU model, the variant llama.cpp's scoring must pick there)
+EMULATED = [("qemu64", "x64"), ("Nehalem", "sse42"), ("SandyBridge", "sandybridge"), ("Haswell", "haswell")]
+
+
+def runtime(cpu: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "runtime", *args]
+    if cpu is not None:
+        command = ["qemu-x86_64", "-cpu", cpu, *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def loaded_variant(info: str) -> tuple[str, list[str]]:
+    match = re.search(r"CPU kernels loaded: (\S+) .*runnable here: ([^)]*)\)", info)
+    assert match, info
+    return match.group(1), match.group(2).split(", ")
+
+
+@pytest.fixture(scope="module")
+def native_answer(smollm2: Path) -> str:
+    return runtime(None, "-m", str(smollm2), *PROMPT).stdout
+
+
+def test_native_loads_the_best_variant(smollm2: Path) -> None:
+    variant, runnable_by_score = loaded_variant(runtime(None, "-m", str(smollm2), "--info").stdout)
+    assert variant == runnable_by_score[-1]
+
+
+@pytest.mark.parametrize(("cpu", "expected"), EMULATED)
+def test_emulated_cpu(smollm2: Path, native_answer: str, cpu: str, expected: str) -> None:
+    info = runtime(cpu, "-m", str(smollm2), "--info").stdout
+    variant, _ = loaded_variant(info)
+    assert variant == expected
+    if cpu in ("qemu64", "Nehalem"):
+        assert "AVX" not in info.split("CPU features:")[1].splitlines()[0]
+    assert runtime(cpu, "-m", str(smollm2), *PROMPT).stdout == native_answer
+
+
+def test_server_modules_load_on_the_baseline() -> None:
+    """-p does not import the HTTP stack; its native modules (ssl, asyncio, ...) must start too."""
+    code = "import runtime.serve, runtime.server.app, ssl, sqlite3, hashlib; print(hashlib.sha256(b'').hexdigest()[:8])"
+    result = subprocess.run(["qemu-x86_64", "-cpu", "qemu64", sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "e3b0c442", result.stderr[-2000:]
+
+
+def test_variant_the_cpu_cannot_run_is_refused(smollm2: Path) -> None:
+    result = subprocess.run(
+        ["qemu-x86_64", "-cpu", "Nehalem", sys.executable, "-m", "runtime", "-m", str(smollm2), "--info", "--cpu-variant", "haswell"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot run the 'haswell' kernels" in result.stderr and "x64, sse42" in result.stderr
