@@ -23,6 +23,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from runtime.errors import LlamaboxError, ModelFileError
+from runtime.model_source import ModelLocation
 
 # Used for chat when a model has no template of its own: plain ChatML, which most base and
 # instruct models without a template handle sensibly.
@@ -39,14 +40,6 @@ class PromptTooLongError(LlamaboxError):
 
 class ChatTemplateError(LlamaboxError):
     """The model's chat template rejected the messages."""
-
-
-@dataclass(frozen=True)
-class ModelLocation:
-    """Where the GGUF bytes are: a whole file (offset 0) or a region inside a bundle."""
-
-    path: Path
-    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +63,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -205,6 +199,7 @@ class Engine:
             "frequency_penalty": s.frequency_penalty,
             "seed": s.seed,
             "stop": [*prompt.stop, *s.stop],
+            "logit_bias": s.logit_bias or None,
         }
 
     def close(self) -> None:

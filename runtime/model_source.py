@@ -8,8 +8,15 @@ from pathlib import Path
 
 from runtime import bundle_format
 from runtime.bundle_format import Bundle
-from runtime.engine import ModelLocation
 from runtime.errors import BundleError, LlamaboxError, ModelFileError
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where the GGUF bytes are: a whole file (offset 0) or a region inside a bundle."""
+
+    path: Path
+    offset: int = 0
 
 
 @dataclass(frozen=True)

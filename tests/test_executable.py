@@ -253,3 +253,11 @@ def test_gpu_off_and_banner(bundle: Path) -> None:
         stop_server(server)
     banner = server.process.stderr.read()
     assert "CPU kernels loaded:" in banner and "GPU: GPU off (--gpu off)" in banner
+
+
+def test_logit_bias_suppresses_end_of_text(client: openai.OpenAI) -> None:
+    """Banning the end-of-text token makes generation run to max_tokens (what the benchmark relies on)."""
+    eos = 2  # <|im_end|> in SmolLM2's vocabulary
+    reply = client.chat.completions.create(model="any", messages=CATS, max_tokens=60, temperature=0, logit_bias={str(eos): -100})
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 60

@@ -175,6 +175,7 @@ def _sampling(body: dict[str, Any], settings: ServerSettings) -> Sampling:
             repeat_penalty=float(body.get("repeat_penalty", 1.0)),
             seed=int(body["seed"]) if body.get("seed") is not None else None,
             stop=[str(s) for s in stop],
+            logit_bias={int(token): float(bias) for token, bias in (body.get("logit_bias") or {}).items()},
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise ApiError(400, f"invalid sampling parameter: {exc}") from None

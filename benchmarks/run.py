@@ -1,0 +1,350 @@
+"""llamabox against native llama-server (same llama.cpp source, same GGUF, same machine).
+
+    python benchmarks/run.py                    # SmolLM2, 3 alternating A/B runs
+    python benchmarks/run.py --model X.gguf --runs 5
+
+Measures, for both servers over their HTTP APIs: time from exec to the first successful /health
+(first and repeated start), decode and prompt-processing tokens per second, peak resident memory
+of the serving process tree, aggregate tokens per second with 4 concurrent streaming clients; for
+llamabox alone: stub size, bundle overhead, `llamabox build` against `cp`, and every CPU variant
+this machine can run. Prints the table and writes BENCHMARKS.md and benchmarks/ratios.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.native import CMAKE_FLAGS, llama_server  # noqa: E402
+from bundler.default_model import default_model_path  # noqa: E402
+from bundler.stubs import default_stub_path  # noqa: E402
+from runtime import __version__  # noqa: E402
+from runtime.cpu_features import cpu_info  # noqa: E402
+
+DECODE_TOKENS = 256
+PP_TOKENS = 1000
+CONCURRENT_CLIENTS = 4
+CONCURRENT_TOKENS = 128
+CTX = 4096
+
+
+@dataclass
+class Target:
+    """A server to measure: how to start it, given a port and extra arguments."""
+
+    name: str
+    command: Callable[[int, list[str]], list[str]]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, metric: str, value: float) -> None:
+        self.samples.setdefault(metric, []).append(value)
+
+
+class Running:
+    def __init__(self, command: list[str]) -> None:
+        self.port = int(command[command.index("--port") + 1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        started = time.monotonic()
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.005)
+        self.ready_after = time.monotonic() - started
+
+    def peak_rss_mb(self) -> float:
+        """Sum of the peak resident memory (VmHWM) of the process and its descendants."""
+        total = 0
+        for pid in [self.process.pid, *_descendants(self.process.pid)]:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_completion(url: str, prompt: str, max_tokens: int, eos: int) -> tuple[int, float, float]:
+    """(chunks, seconds from request to first chunk, seconds from first to last chunk)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "logit_bias": {str(eos): -100}}
+    chunks, first, last, sent = 0, 0.0, 0.0, time.monotonic()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            text = json.loads(line[6:])["choices"][0]["text"]
+            if text:
+                now = time.monotonic()
+                chunks += 1
+                first = first or now
+                last = now
+    return chunks, first - sent, last - first
+
+
+def decode_rate(url: str, eos: int) -> float:
+    chunks, _, span = stream_completion(url, f"Once upon a time, in the year {random.randint(1000, 9999)},", DECODE_TOKENS, eos)
+    return (chunks - 1) / span
+
+
+def prompt_rate(url: str, filler: str) -> float:
+    # A fresh prefix each time, so that neither server can reuse a cached prompt.
+    prompt = f"Note {random.random()}: " + filler
+    started = time.monotonic()
+    response = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1, "temperature": 0}, timeout=300)
+    elapsed = time.monotonic() - started
+    return response.json()["usage"]["prompt_tokens"] / elapsed
+
+
+def concurrent_rate(url: str, eos: int) -> float:
+    counts: list[int] = []
+
+    def client(i: int) -> None:
+        counts.append(stream_completion(url, f"Story number {i}: once upon a time", CONCURRENT_TOKENS, eos)[0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CONCURRENT_CLIENTS)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.monotonic() - started)
+
+
+def filler_text(url: str) -> str:
+    """About PP_TOKENS tokens of text, measured with the server's own tokenizer."""
+    words = "the quick brown fox jumps over the lazy dog while a llama reads a book about maps".split()
+    text = " ".join(words[i % len(words)] for i in range(PP_TOKENS))
+    tokens = httpx.post(url + "/v1/completions", json={"prompt": text, "max_tokens": 1}, timeout=300).json()["usage"]["prompt_tokens"]
+    return " ".join(text.split()[: int(PP_TOKENS * PP_TOKENS / tokens)])
+
+
+def eos_token(model: Path) -> int:
+    import gguf
+
+    reader = gguf.GGUFReader(str(model))
+    return int(reader.fields["tokenizer.ggml.eos_token_id"].contents())
+
+
+def measure_ab(targets: list[Target], runs: int, eos: int) -> None:
+    filler = ""
+    for run in range(runs):
+        for target in targets if run % 2 == 0 else reversed(targets):
+            server = Running(target.command(free_port(), []))
+            try:
+                target.add("start_first" if run == 0 else "start_repeat", server.ready_after)
+                filler = filler or filler_text(server.url)
+                target.add("decode", decode_rate(server.url, eos))
+                target.add("prompt", prompt_rate(server.url, filler))
+                target.add("rss", server.peak_rss_mb())
+            finally:
+                server.stop()
+            print(f"  run {run + 1}/{runs} {target.name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in target.samples.items()), file=sys.stderr)
+    for target in targets:
+        server = Running(target.command(free_port(), ["parallel"]))
+        try:
+            target.add("concurrent", concurrent_rate(server.url, eos))
+        finally:
+            server.stop()
+
+
+def measure_variants(bundle: Path, eos: int, runnable: list[str]) -> dict[str, tuple[float, float]]:
+    table = {}
+    filler = ""
+    for variant in [*runnable, "auto"]:
+        extra = [] if variant == "auto" else ["--cpu-variant", variant]
+        server = Running([str(bundle), "--nobrowser", "--port", str(free_port()), "-c", str(CTX), *extra])
+        try:
+            filler = filler or filler_text(server.url)
+            decode = max(decode_rate(server.url, eos) for _ in range(2))
+            prompt = max(prompt_rate(server.url, filler) for _ in range(2))
+            if variant == "auto":
+                variant = "auto (" + httpx.get(server.url + "/props").json()["hardware"]["cpu_variant"] + ")"
+        finally:
+            server.stop()
+        table[variant] = (decode, prompt)
+        print(f"  variant {variant}: decode {decode:.1f} tok/s, prompt {prompt:.1f} tok/s", file=sys.stderr)
+    return table
+
+
+def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
+    def timed(command: list[str]) -> float:
+        started = time.monotonic()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return time.monotonic() - started
+
+    llamabox = [sys.executable, "-c", "from bundler.cli import main; main()"]
+    builds, copies = [], []
+    for i in range(3):
+        copies.append(timed(["cp", str(model), str(workdir / f"copy{i}.gguf")]))
+        builds.append(timed([*llamabox, "build", str(model), "-o", str(workdir / f"b{i}.run"), "--stub", str(stub)]))
+    bundle = workdir / "b0.run"
+    return {
+        "stub_mb": stub.stat().st_size / 1e6,
+        "overhead_mb": (bundle.stat().st_size - model.stat().st_size) / 1e6,
+        "build_s": statistics.median(builds),
+        "cp_s": statistics.median(copies),
+    }
+
+
+def summary(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+METRICS = [
+    ("start_first", "first start to /health (s)", False),
+    ("start_repeat", "repeated start to /health (s)", False),
+    ("decode", f"decode tok/s ({DECODE_TOKENS} tokens)", True),
+    ("prompt", f"prompt processing tok/s (~{PP_TOKENS} tokens)", True),
+    ("rss", "peak RSS of the process tree (MB)", False),
+    ("concurrent", f"aggregate tok/s, {CONCURRENT_CLIENTS} streaming clients", True),
+]
+
+
+def report(ours: Target, native: Target, variants: dict[str, tuple[float, float]], costs: dict[str, float], meta: dict[str, str]) -> tuple[str, dict[str, float]]:
+    ratios = {}
+    lines = ["| metric | llamabox | native llama-server | ratio (ours / native) |", "|---|---|---|---|"]
+    for key, label, _higher_is_better in METRICS:
+        a, b = ours.samples[key], native.samples[key]
+        ratios[key] = statistics.median(a) / statistics.median(b)
+        lines.append(f"| {label} | {summary(a)} | {summary(b)} | {ratios[key]:.2f}× |")
+    lines += [
+        "",
+        "| llamabox only | value |",
+        "|---|---|",
+        f"| runtime stub size | {costs['stub_mb']:.1f} MB |",
+        f"| bundle size minus GGUF size | {costs['overhead_mb']:.1f} MB |",
+        f"| `llamabox build` (median of 3) | {costs['build_s']:.2f} s |",
+        f"| `cp` of the same GGUF (median of 3) | {costs['cp_s']:.2f} s |",
+        "",
+        "| CPU variant (llamabox) | decode tok/s | prompt tok/s |",
+        "|---|---|---|",
+        *[f"| {name} | {d:.1f} | {p:.1f} |" for name, (d, p) in variants.items()],
+    ]
+    header = [f"- {k}: {v}" for k, v in meta.items()]
+    return "\n".join(header + [""] + lines), ratios
+
+
+def chart(ratios: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for key, label, _ in METRICS]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh(labels, [ratios[key] for key, _, _ in METRICS], color="#2563eb")
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("llamabox / native llama-server (time and memory: lower is better; tok/s: higher is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="GGUF to measure (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--runs", type=int, default=3, help="alternating A/B runs (default 3)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+
+    model = (args.model or default_model_path()).resolve()
+    stub = default_stub_path()
+    if not stub.exists():
+        subprocess.run([sys.executable, str(ROOT / "build.py")], check=True)
+    native_binary = llama_server()
+    eos = eos_token(model)
+    threads = ["--threads", str(args.threads)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        print("Build costs...", file=sys.stderr)
+        costs = build_costs(model, stub, workdir)
+        bundle = workdir / "b0.run"
+        ours = Target("llamabox", lambda port, extra: [str(bundle), "--nobrowser", "--port", str(port), "-c", str(CTX), *threads])
+        native = Target(
+            "llama-server",
+            lambda port, extra: [str(native_binary), "-m", str(model), "--port", str(port), "-c", str(CTX), *threads,
+                                 "-np", str(CONCURRENT_CLIENTS if extra else 1), "--no-webui"],
+        )
+        print("A/B runs...", file=sys.stderr)
+        measure_ab([ours, native], args.runs, eos)
+        print("CPU variants...", file=sys.stderr)
+        info = subprocess.run([str(bundle), "--info"], capture_output=True, text=True, check=True).stdout
+        runnable = info.split("runnable here: ")[1].split(")")[0].split(", ")
+        variants = measure_variants(bundle, eos, runnable)
+
+    cpu = cpu_info()
+    meta = {
+        "machine": f"{cpu.name}, {os.cpu_count()} logical CPUs, {_memory_gb():.0f} GiB RAM, {platform.platform()}",
+        "CPU features": " ".join(cpu.features),
+        "versions": f"llamabox {__version__}, llama-cpp-python {_version('llama-cpp-python')}, Python {platform.python_version()}, "
+        f"PyInstaller {_version('pyinstaller')}",
+        "model": f"{model.name} ({model.stat().st_size / 1e6:.1f} MB)",
+        "llamabox command": f"`<bundle> --nobrowser --port P -c {CTX} --threads {args.threads}` (stub from build.py, bundle from `llamabox build`)",
+        "native command": f"`llama-server -m {model.name} --port P -c {CTX} --threads {args.threads} -np 1 --no-webui` (`-np {CONCURRENT_CLIENTS}` for the concurrent row), built with `cmake {' '.join(CMAKE_FLAGS)}` from the llama.cpp vendored in llama-cpp-python {_version('llama-cpp-python')}",
+        "method": f"{args.runs} alternating A/B runs; median (min–max); greedy sampling, EOS suppressed so every decode run produces {DECODE_TOKENS} tokens; decode rate from the first to the last streamed token; prompt rate = prompt tokens / request time with a fresh prompt each time",
+        "reproduce": "`python benchmarks/run.py" + (f" --model {args.model}" if args.model else "") + f" --runs {args.runs}`",
+    }
+    text, ratios = report(ours, native, variants, costs, meta)
+    print(text)
+    png = args.output.parent / "benchmarks" / "ratios.png"
+    chart(ratios, png)
+    args.output.write_text(f"# Benchmarks\n\n{text}\n\n![ratios](benchmarks/ratios.png)\n")
+    print(f"\nWrote {args.output} and {png}", file=sys.stderr)
+
+
+def _memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(dist)
+
+
+if __name__ == "__main__":
+    main()
