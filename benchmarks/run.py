@@ -45,6 +45,8 @@ PP_TOKENS = 1000
 CONCURRENT_CLIENTS = 4
 CONCURRENT_TOKENS = 128
 CTX = 4096
+VARIANT_DECODE_TOKENS = 128
+VARIANT_PP_TOKENS = 300  # words; the slowest variants process ~25 tokens/s
 
 
 @dataclass
@@ -187,23 +189,44 @@ def measure_ab(targets: list[Target], runs: int, eos: int) -> None:
             server.stop()
 
 
-def measure_variants(bundle: Path, eos: int, runnable: list[str]) -> dict[str, tuple[float, float]]:
-    table = {}
-    filler = ""
-    for variant in [*runnable, "auto"]:
-        extra = [] if variant == "auto" else ["--cpu-variant", variant]
-        server = Running([str(bundle), "--nobrowser", "--port", str(free_port()), "-c", str(CTX), *extra])
-        try:
-            filler = filler or filler_text(server.url)
-            decode = max(decode_rate(server.url, eos) for _ in range(2))
-            prompt = max(prompt_rate(server.url, filler) for _ in range(2))
-            if variant == "auto":
-                variant = "auto (" + httpx.get(server.url + "/props").json()["hardware"]["cpu_variant"] + ")"
-        finally:
+def measure_variants(bundle: Path, eos: int, runnable: list[str], rounds: int) -> dict[str, tuple[float, float]]:
+    """Decode and prompt tok/s per CPU variant: every variant's server runs at once (idle ones cost
+    no CPU) and the rounds go round-robin, so that slow phases of a shared machine hit all rows alike."""
+    names = [*runnable, "auto"]
+    servers = {}
+    try:
+        for name in names:
+            extra = [] if name == "auto" else ["--cpu-variant", name]
+            servers[name] = Running([str(bundle), "--nobrowser", "--port", str(free_port()), "-c", str(CTX), *extra])
+        filler = " ".join(filler_text(servers["auto"].url).split()[: VARIANT_PP_TOKENS])
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+        for round_ in range(rounds):
+            for name in names:
+                url = servers[name].url
+                chunks, _, span = stream_completion(url, f"Once upon a time, in the year {random.randint(1000, 9999)},", VARIANT_DECODE_TOKENS, eos)
+                samples[name].append(((chunks - 1) / span, prompt_rate(url, filler)))
+                print(f"  round {round_ + 1}/{rounds} variant {name}: decode {samples[name][-1][0]:.1f}, prompt {samples[name][-1][1]:.1f}", file=sys.stderr)
+        auto = httpx.get(servers["auto"].url + "/props").json()["hardware"]["cpu_variant"]
+    finally:
+        for server in servers.values():
             server.stop()
-        table[variant] = (decode, prompt)
-        print(f"  variant {variant}: decode {decode:.1f} tok/s, prompt {prompt:.1f} tok/s", file=sys.stderr)
-    return table
+    return {
+        (f"auto ({auto})" if name == "auto" else name): (
+            statistics.median(d for d, _ in samples[name]),
+            statistics.median(p for _, p in samples[name]),
+        )
+        for name in names
+    }
+
+
+def start_times(command: list[str], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        port = free_port()
+        server = Running([*command, "--port", str(port)])
+        times.append(server.ready_after)
+        server.stop()
+    return times
 
 
 def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
@@ -218,11 +241,20 @@ def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
         copies.append(timed(["cp", str(model), str(workdir / f"copy{i}.gguf")]))
         builds.append(timed([*llamabox, "build", str(model), "-o", str(workdir / f"b{i}.run"), "--stub", str(stub)]))
     bundle = workdir / "b0.run"
+    # The same runtime with its libraries stored uncompressed (build.py --uncompressed).
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "--uncompressed", "--dist", str(workdir / "u")], check=True, stdout=subprocess.DEVNULL)
+    fast_stub = next((workdir / "u").iterdir())
+    fast = workdir / "fast.run"
+    subprocess.run([*llamabox, "build", str(model), "-o", str(fast), "--stub", str(fast_stub)], check=True, stdout=subprocess.DEVNULL)
     return {
         "stub_mb": stub.stat().st_size / 1e6,
         "overhead_mb": (bundle.stat().st_size - model.stat().st_size) / 1e6,
         "build_s": statistics.median(builds),
         "cp_s": statistics.median(copies),
+        "fast_stub_mb": fast_stub.stat().st_size / 1e6,
+        "fast_overhead_mb": (fast.stat().st_size - model.stat().st_size) / 1e6,
+        "fast_start": start_times([str(fast), "--nobrowser"], 5),
+        "start": start_times([str(bundle), "--nobrowser"], 5),
     }
 
 
@@ -257,6 +289,9 @@ def report(ours: Target, native: Target, variants: dict[str, tuple[float, float]
         f"| bundle size minus GGUF size | {costs['overhead_mb']:.1f} MB |",
         f"| `llamabox build` (median of 3) | {costs['build_s']:.2f} s |",
         f"| `cp` of the same GGUF (median of 3) | {costs['cp_s']:.2f} s |",
+        f"| repeated start to /health, default stub (5 runs) | {summary(costs['start'])} s |",
+        f"| repeated start to /health, `build.py --uncompressed` stub (5 runs) | {summary(costs['fast_start'])} s |",
+        f"| `--uncompressed` stub size / bundle minus GGUF | {costs['fast_stub_mb']:.1f} MB / {costs['fast_overhead_mb']:.1f} MB |",
         "",
         "| CPU variant (llamabox) | decode tok/s | prompt tok/s |",
         "|---|---|---|",
@@ -314,7 +349,7 @@ def main() -> None:
         print("CPU variants...", file=sys.stderr)
         info = subprocess.run([str(bundle), "--info"], capture_output=True, text=True, check=True).stdout
         runnable = info.split("runnable here: ")[1].split(")")[0].split(", ")
-        variants = measure_variants(bundle, eos, runnable)
+        variants = measure_variants(bundle, eos, runnable, rounds=3)
 
     cpu = cpu_info()
     meta = {
