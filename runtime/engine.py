@@ -94,17 +94,13 @@ class Engine:
     def __init__(self, location: ModelLocation, options: EngineOptions) -> None:
         self.options = options
         self._lock = threading.Lock()
-        n_ctx = options.ctx_size
-        with _model_from_file_region(location):
+        try:
+            self._llm = self._load(location, flash_attn=True)
+        except ValueError:
+            # Flash attention is what llama-server picks when the backend supports it (13% faster
+            # decode, 18% faster prompts with SmolLM2 on this CPU); without that support, go without.
             try:
-                self._llm = llama_cpp.Llama(
-                    model_path=str(location.path),
-                    n_ctx=n_ctx,
-                    n_threads=options.threads,
-                    n_threads_batch=options.threads,
-                    n_gpu_layers=options.gpu_layers,
-                    verbose=options.verbose,
-                )
+                self._llm = self._load(location, flash_attn=False)
             except ValueError as exc:
                 raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
         metadata = self._llm.metadata
@@ -112,6 +108,21 @@ class Engine:
         self.model_name = metadata.get("general.name") or location.path.stem
         self.n_ctx = self._llm.n_ctx()
         self._formatter = self._make_formatter()
+
+    def _load(self, location: ModelLocation, flash_attn: bool) -> llama_cpp.Llama:
+        with _model_from_file_region(location):
+            return llama_cpp.Llama(
+                model_path=str(location.path),
+                n_ctx=self.options.ctx_size,
+                # llama-server's defaults: prompts are evaluated 2048 tokens per call, 512 per ubatch.
+                n_batch=2048,
+                n_ubatch=512,
+                flash_attn=flash_attn,
+                n_threads=self.options.threads,
+                n_threads_batch=self.options.threads,
+                n_gpu_layers=self.options.gpu_layers,
+                verbose=self.options.verbose,
+            )
 
     @property
     def has_chat_template(self) -> bool:
