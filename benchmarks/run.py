@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import socket
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ PP_TOKENS = 1000
 CONCURRENT_CLIENTS = 4
 CONCURRENT_TOKENS = 128
 CTX = 4096
+FINDINGS_MARKER = "<!-- findings: kept when benchmarks/run.py rewrites this file -->"
 VARIANT_DECODE_TOKENS = 128
 VARIANT_PP_TOKENS = 300  # words; the slowest variants process ~25 tokens/s
 
@@ -311,7 +311,8 @@ def chart(ratios: dict[str, float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.barh(labels, [ratios[key] for key, _, _ in METRICS], color="#2563eb")
     ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xlabel("llamabox / native llama-server (time and memory: lower is better; tok/s: higher is better)")
+    ax.set_title("llamabox / native llama-server")
+    ax.set_xlabel("ratio (seconds and MB: lower is better; tok/s: higher is better)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -367,7 +368,10 @@ def main() -> None:
     print(text)
     png = args.output.parent / "benchmarks" / "ratios.png"
     chart(ratios, png)
-    args.output.write_text(f"# Benchmarks\n\n{text}\n\n![ratios](benchmarks/ratios.png)\n")
+    # Hand-written findings below the marker survive a re-run.
+    previous = args.output.read_text() if args.output.exists() else ""
+    findings = previous[previous.index(FINDINGS_MARKER):] if FINDINGS_MARKER in previous else FINDINGS_MARKER + "\n"
+    args.output.write_text(f"# Benchmarks\n\n{text}\n\n![ratios](benchmarks/ratios.png)\n\n{findings}")
     print(f"\nWrote {args.output} and {png}", file=sys.stderr)
 
 

@@ -14,7 +14,6 @@ import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import llama_cpp

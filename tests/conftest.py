@@ -34,6 +34,21 @@ def llamabox(*args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def damaged_copy(bundle: Path, directory: Path, weight_offset: int) -> Path:
+    """A copy of `bundle` with one bit of the embedded weights flipped, `weight_offset` bytes in."""
+    from runtime import bundle_format
+
+    damaged = directory / "damaged.run"
+    shutil.copy(bundle, damaged)
+    offset = bundle_format.open_bundle(damaged).model_offset + weight_offset
+    with open(damaged, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    return damaged
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     return default_model_path(quiet=True)

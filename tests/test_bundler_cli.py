@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from runtime import bundle_format
-from tests.conftest import SOURCE_DATE_EPOCH, llamabox
+from tests.conftest import SOURCE_DATE_EPOCH, damaged_copy, llamabox
 from tests.tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.slow
@@ -71,14 +70,7 @@ def test_inspect(bundle: Path) -> None:
 def test_verify_ok_and_flipped_byte(bundle: Path, tmp_path: Path) -> None:
     result = llamabox("verify", bundle)
     assert result.returncode == 0 and result.stdout.startswith("OK"), result
-    damaged = tmp_path / "damaged.run"
-    shutil.copy(bundle, damaged)
-    offset = bundle_format.open_bundle(damaged).model_offset + 50_000_000
-    with open(damaged, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
+    damaged = damaged_copy(bundle, tmp_path, 50_000_000)
     assert_user_error(llamabox("verify", damaged), "embedded model is damaged")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ import openai
 import pytest
 
 from runtime import bundle_format
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, damaged_copy, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -188,14 +187,7 @@ def test_truncated_download_is_refused(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_flipped_weight_byte_caught_by_verify_flag(bundle: Path, tmp_path: Path) -> None:
-    damaged = tmp_path / "damaged.run"
-    shutil.copy(bundle, damaged)
-    offset = bundle_format.open_bundle(damaged).model_offset + 40_000_000
-    with open(damaged, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x10]))
+    damaged = damaged_copy(bundle, tmp_path, 40_000_000)
     assert_user_error(run(damaged, "--verify", "-p", "hi", "-n", "1"), "damaged")
     ok = run(bundle, "--verify", "-p", "hi", "-n", "1")
     assert ok.returncode == 0 and "SHA-256 OK" in ok.stderr
