@@ -25,7 +25,7 @@ import json
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -75,7 +75,6 @@ class Manifest:
     llamabox_version: str
     built_at: str
     format_version: int = FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode("utf-8") + b"\n"

@@ -212,9 +212,6 @@ class Engine:
             "logit_bias": s.logit_bias or None,
         }
 
-    def close(self) -> None:
-        self._llm.close()
-
 
 # --- loading the weights in place ----------------------------------------------------------------
 # llama_cpp.Llama only loads from a path, and a GGUF inside a bundle does not start at offset 0.
