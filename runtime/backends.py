@@ -16,7 +16,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import llama_cpp
@@ -28,7 +29,6 @@ from runtime.ggml_log import captured_log
 _MODULE_PATTERN = "ggml-{}.dll" if sys.platform == "win32" else "libggml-{}.so"
 CPU_VARIANT_GLOB = _MODULE_PATTERN.format("cpu-*")
 GPU_BACKENDS = ("metal", "cuda", "vulkan", "hip", "sycl")
-VARIANT_ENV = "LLAMABOX_CPU_VARIANT"
 
 _DEVICE_GPU, _DEVICE_IGPU = 1, 2
 
@@ -64,7 +64,6 @@ class Offload:
     device: GpuDevice | None
     layers: int
     note: str
-    warnings: tuple[str, ...] = field(default=())
 
 
 def backend_dir() -> Path:
@@ -190,6 +189,7 @@ def _load(path: Path, warnings: list[str]) -> bool:
     return bool(loaded)
 
 
+@cache
 def _ggml() -> ctypes.CDLL:
     """libggml as libllama links it: the one whose backend registry the model loader reads."""
     lib_dir = Path(llama_cpp.__file__).parent / "lib"

@@ -314,7 +314,7 @@ def hash_model(bundle: Bundle, on_progress: ProgressCallback | None = None) -> s
     return digest.hexdigest()
 
 
-def _is_os_file(f: BinaryIO) -> bool:
+def _can_copy_in_kernel(f: BinaryIO) -> bool:
     try:
         f.fileno()
     except (OSError, AttributeError):  # io.UnsupportedOperation is an OSError
@@ -346,7 +346,7 @@ def _copy(
     on_progress: ProgressCallback | None = None,
 ) -> int:
     """Copy `size` bytes from src's position to dst (or nowhere), updating the digest; bytes copied."""
-    if dst is not None and digest is None and on_progress is None and _is_os_file(src) and _is_os_file(dst):
+    if dst is not None and digest is None and on_progress is None and _can_copy_in_kernel(src) and _can_copy_in_kernel(dst):
         return _copy_in_kernel(src, dst, size)
     done = 0
     while done < size:

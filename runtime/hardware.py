@@ -19,10 +19,6 @@ class Hardware:
     cpu_backend: backends.CpuBackend
     offload: backends.Offload
 
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return self.cpu_backend.warnings + self.offload.warnings
-
     def as_dict(self) -> dict[str, Any]:
         device = self.offload.device
         return {

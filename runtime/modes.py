@@ -43,7 +43,7 @@ def dispatch(
         model_source.verify(source.bundle)
         click.echo(f"llamabox: {source.bundle.path.name}: model SHA-256 OK", err=True)
     machine = hardware.set_up(cpu_variant, gpu, gpu_layers)
-    for warning in machine.warnings:
+    for warning in machine.cpu_backend.warnings:
         click.echo(f"llamabox: warning: {warning}", err=True)
     if info:
         print_info(source, machine)
@@ -79,7 +79,6 @@ def dispatch(
         n_predict=sampling.max_tokens,
         ui_dir=ui_dir(),
         hardware=machine.as_dict(),
-        n_ctx=engine.n_ctx,
     )
     serve(engine, settings, sock, open_browser=not nobrowser)
 

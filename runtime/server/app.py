@@ -26,7 +26,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
         return JSONResponse(
             {
                 "model_alias": settings.model_id,
-                "n_ctx": settings.n_ctx,
+                "n_ctx": engine.n_ctx,
                 "chat_template": engine.chat_template or "",
                 "default_generation_settings": {"temperature": settings.temperature, "n_predict": settings.n_predict or -1},
                 "hardware": settings.hardware,

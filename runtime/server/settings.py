@@ -16,4 +16,3 @@ class ServerSettings:
     n_predict: int | None
     ui_dir: Path
     hardware: dict[str, Any]
-    n_ctx: int
