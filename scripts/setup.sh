@@ -29,7 +29,7 @@ wheel_dir="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-all-variants
 "$BIN/python" -m pip install --quiet --upgrade pip wheel
 
 if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with every CPU variant (about 7 minutes, once)..."
+    echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with every CPU variant (about 8 minutes on 2 cores, once)..."
     rm -rf "$wheel_dir.partial" && mkdir -p "$wheel_dir.partial"
     CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$cores "$BIN/python" -m pip wheel \
         --no-cache-dir --no-deps --no-binary llama-cpp-python \
