@@ -20,7 +20,9 @@ import llama_cpp
 import PyInstaller.__main__
 
 from runtime import __version__
-from runtime.backends import CPU_VARIANT_GLOB, GPU_BACKENDS, backend_dir, module_file_name
+from runtime.backends import CPU_VARIANT_GLOB, GPU_BACKENDS, module_file_name
+from runtime.kernel_proof import model as proof_model
+from runtime.packaged import BACKENDS_DIR_NAME, PROOF_MODEL_NAME, TEMPLATES_DIR_NAME, backend_dir
 from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
 
 ROOT = Path(__file__).resolve().parent
@@ -107,14 +109,18 @@ def main() -> None:
             indent=2,
         )
     )
+    # The kernel self-test's model (runtime/kernel_proof/model.py), so that the stub needs no GGUF writer.
+    proof = work / PROOF_MODEL_NAME
+    proof.unlink(missing_ok=True)
+    proof_model.ensure(proof)
     compress = not args.uncompressed
     spec = work / "llamabox-runtime.spec"
     spec.write_text(
         SPEC.format(
             entry=str(ROOT / "runtime" / "__main__.py"),
             root=str(ROOT),
-            binaries=[(str(p), "llama_cpp/lib") for p in core] + [(str(p), "ggml-backends") for p in backend_modules],
-            datas=[(str(info), "."), (str(ROOT / "templates"), "templates")],
+            binaries=[(str(p), "llama_cpp/lib") for p in core] + [(str(p), BACKENDS_DIR_NAME) for p in backend_modules],
+            datas=[(str(info), "."), (str(ROOT / TEMPLATES_DIR_NAME), TEMPLATES_DIR_NAME), (str(proof), ".")],
             # Found by PyInstaller in optional imports of llama-cpp-python and others; never used by the runtime.
             excludes=list(EXCLUDED_MODULES),
             name=stub_file_name(platform_name),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from runtime import packaged
 from runtime.errors import BackendError
 from runtime.ggml_log import captured_log
 
@@ -46,6 +47,7 @@ class CpuBackend:
     path: Path
     score: int
     runnable: tuple[str, ...]
+    proof: str  # the kernel self-test's verdict, e.g. "haswell: proven on this CPU"
     warnings: tuple[str, ...] = ()
 
 
@@ -66,13 +68,6 @@ class Offload:
     note: str
 
 
-def backend_dir() -> Path:
-    """Where the backend libraries are: unpacked beside the stub's files, or pip's <site-packages>/bin."""
-    if getattr(sys, "frozen", False):
-        return Path(sys._MEIPASS) / "ggml-backends"  # type: ignore[attr-defined]
-    return Path(llama_cpp.__file__).parent.parent / "bin"
-
-
 def module_file_name(backend: str) -> str:
     """File name of a backend module, e.g. 'cuda' -> libggml-cuda.so."""
     return _MODULE_PATTERN.format(backend)
@@ -83,20 +78,15 @@ def variant_name(path: Path) -> str:
     return path.name.removeprefix(prefix).removesuffix(suffix)
 
 
-def choose_variant(scores: list[VariantScore], forced: str | None) -> VariantScore:
-    """The variant to load: `forced` if it exists and can run here, else the best-scoring one."""
-    runnable = [s for s in scores if s.score > 0]
-    if forced is not None:
-        by_name = {s.name: s for s in scores}
-        if forced not in by_name:
-            raise BackendError(f"unknown CPU variant {forced!r}; choose one of: {', '.join(s.name for s in scores)}")
-        if by_name[forced].score <= 0:
-            names = ", ".join(s.name for s in sorted(runnable, key=lambda s: s.score))
-            raise BackendError(f"this CPU cannot run the {forced!r} kernels (it lacks instructions they use); choose one of: {names}")
-        return by_name[forced]
-    if not runnable:
-        raise BackendError("none of the llama.cpp CPU libraries can run on this CPU")
-    return max(runnable, key=lambda s: s.score)
+def forced_variant(scores: list[VariantScore], forced: str) -> VariantScore:
+    """The variant named with --cpu-variant, if it exists and this CPU can run it."""
+    by_name = {s.name: s for s in scores}
+    if forced not in by_name:
+        raise BackendError(f"unknown CPU variant {forced!r}; choose one of: {', '.join(s.name for s in scores)}")
+    if by_name[forced].score <= 0:
+        names = ", ".join(s.name for s in reversed(ranked(scores)))
+        raise BackendError(f"this CPU cannot run the {forced!r} kernels (it lacks instructions they use); choose one of: {names}")
+    return by_name[forced]
 
 
 def choose_offload(devices: list[GpuDevice], mode: str, layers: int | None) -> Offload:
@@ -112,9 +102,12 @@ def choose_offload(devices: list[GpuDevice], mode: str, layers: int | None) -> O
     return Offload(device=device, layers=count, note=f"{device.backend} on {device.description}, {'all' if count < 0 else count} layers")
 
 
-def load_cpu_backend(forced: str | None = None, directory: Path | None = None, expected: list[str] | None = None) -> CpuBackend:
-    """Register the chosen CPU variant with ggml. `expected`: the variants the stub was built with."""
-    directory = directory or backend_dir()
+def variant_scores(directory: Path | None = None, expected: list[str] | None = None) -> tuple[list[VariantScore], list[str]]:
+    """llama.cpp's score of every CPU variant in `directory`, and warnings about missing or unreadable ones.
+
+    `expected`: the variants the stub was built with.
+    """
+    directory = directory or packaged.backend_dir()
     paths = sorted(directory.glob(CPU_VARIANT_GLOB))
     warnings = []
     missing = sorted(set(expected or []) - {variant_name(p) for p in paths})
@@ -122,21 +115,39 @@ def load_cpu_backend(forced: str | None = None, directory: Path | None = None, e
         warnings.append(f"this runtime lacks the CPU kernels {', '.join(missing)} (damaged download?); using the best of the rest")
     if not paths:
         raise BackendError(f"no llama.cpp CPU libraries in {directory}; the runtime is damaged, download it again")
-    scores = [VariantScore(variant_name(p), p, _score(p, warnings)) for p in paths]
-    chosen = choose_variant(scores, forced)
-    runnable = tuple(s.name for s in sorted(scores, key=lambda s: s.score) if s.score > 0)
+    return [VariantScore(variant_name(p), p, _score(p, warnings)) for p in paths], warnings
+
+
+def ranked(scores: list[VariantScore]) -> list[VariantScore]:
+    """The variants this CPU can run, best first (the portable one last)."""
+    runnable = sorted((s for s in scores if s.score > 0), key=lambda s: s.score, reverse=True)
+    if not runnable:
+        raise BackendError("none of the llama.cpp CPU libraries can run on this CPU")
+    return runnable
+
+
+def load_cpu_backend(chosen: VariantScore, scores: list[VariantScore], warnings: list[str], proof: str, forced: bool) -> CpuBackend:
+    """Register `chosen` with ggml; if it will not load (and was not forced), the portable variant."""
+    runnable = tuple(s.name for s in reversed(ranked(scores)))
     if not _load(chosen.path, warnings):
         portable = min((s for s in scores if s.score > 0 and s is not chosen), key=lambda s: s.score, default=None)
-        if portable is None or forced is not None or not _load(portable.path, warnings):
+        if portable is None or forced or not _load(portable.path, warnings):
             raise BackendError(f"llama.cpp could not load its CPU library {chosen.path.name}; " + "; ".join(warnings))
         warnings.append(f"falling back to the portable {portable.name} kernels")
         chosen = portable
-    return CpuBackend(chosen.name, chosen.path, chosen.score, runnable, tuple(warnings))
+    return CpuBackend(chosen.name, chosen.path, chosen.score, runnable, proof, tuple(warnings))
+
+
+def register_cpu_variant(path: Path) -> None:
+    """Register one CPU variant library with ggml (in the self-test's child process)."""
+    warnings: list[str] = []
+    if not _load(path, warnings):
+        raise BackendError(warnings[0])
 
 
 def load_gpu_backends(directory: Path | None = None) -> list[GpuDevice]:
     """Register every GPU backend library present and list the GPUs they find."""
-    directory = directory or backend_dir()
+    directory = directory or packaged.backend_dir()
     for name in GPU_BACKENDS:
         path = directory / module_file_name(name)
         if path.exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from runtime import __version__
+from runtime import __version__, packaged
 from runtime.errors import LlamaboxError
 from runtime.model_source import OwnBundle, own_bundle
 
@@ -83,5 +83,5 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     own: OwnBundle = own_bundle()
     args = [*own.default_args, *(sys.argv[1:] if argv is None else argv)]
-    prog = Path(sys.argv[0]).name if getattr(sys, "frozen", False) else "python -m runtime"
+    prog = Path(sys.argv[0]).name if packaged.is_frozen() else "python -m runtime"
     run.main(args=args, prog_name=prog, obj={"own": own, "started": started})

@@ -48,6 +48,12 @@ ARM_SYSCTL_FEATURES = {
 class CpuInfo:
     name: str
     features: tuple[str, ...]
+    model_id: str = ""  # x86-64: CPUID leaf 1's family/model/stepping word, which tells steppings apart
+
+    @property
+    def signature(self) -> str:
+        """What tells this CPU apart from others for the kernel self-test's cache: model and microcode."""
+        return f"{self.name} [{self.model_id}] {' '.join(self.features)} microcode {_microcode()}"
 
 
 def decode_x86(cpuid: Cpuid) -> CpuInfo:
@@ -64,7 +70,7 @@ def decode_x86(cpuid: Cpuid) -> CpuInfo:
     if cpuid(0x80000000, 0)[0] >= 0x80000004:
         words = [word for leaf in (0x80000002, 0x80000003, 0x80000004) for word in cpuid(leaf, 0)]
         name = b"".join(w.to_bytes(4, "little") for w in words).split(b"\0")[0].decode("ascii", "replace").strip()
-    return CpuInfo(name=name or "unknown x86-64 CPU", features=tuple(features))
+    return CpuInfo(name=name or "unknown x86-64 CPU", features=tuple(features), model_id=f"{cpuid(1, 0)[0]:#x}")
 
 
 def parse_proc_cpuinfo(text: str) -> CpuInfo:
@@ -99,6 +105,20 @@ def cpu_info() -> CpuInfo:
     elif Path("/proc/cpuinfo").exists():
         return parse_proc_cpuinfo(Path("/proc/cpuinfo").read_text())
     return CpuInfo(name=platform.processor() or machine, features=())
+
+
+def _microcode() -> str:
+    """The CPU's microcode revision, where Linux tells it (the first CPU's "microcode" line)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("microcode"):
+                    return line.partition(":")[2].strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _sysctl(keys: list[str]) -> dict[str, str]:

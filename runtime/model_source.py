@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import bundle_format
+from runtime import bundle_format, packaged
 from runtime.bundle_format import Bundle
 from runtime.errors import BundleError, LlamaboxError, ModelFileError
 
@@ -40,7 +40,7 @@ class OwnBundle:
 
 def own_bundle() -> OwnBundle:
     """Open the executable this process runs from as a bundle (only when frozen by PyInstaller)."""
-    if not getattr(sys, "frozen", False):
+    if not packaged.is_frozen():
         return OwnBundle(None, LlamaboxError("no model given: run with -m MODEL.gguf (or a .run bundle)"))
     try:
         return OwnBundle(bundle_format.open_bundle(Path(sys.executable)), None)

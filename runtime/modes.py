@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from runtime import backends, hardware, model_source
+from runtime import backends, hardware, model_source, packaged, supervisor
 from runtime.engine import Engine, EngineOptions, Sampling
 from runtime.model_source import ModelSource, OwnBundle
 
@@ -42,12 +42,14 @@ def dispatch(
     if verify and source.bundle is not None:
         model_source.verify(source.bundle)
         click.echo(f"llamabox: {source.bundle.path.name}: model SHA-256 OK", err=True)
-    machine = hardware.set_up(cpu_variant, gpu, gpu_layers)
+    machine = hardware.set_up(cpu_variant, gpu, gpu_layers, say=lambda line: click.echo(f"llamabox: {line}", err=True))
     for warning in machine.cpu_backend.warnings:
         click.echo(f"llamabox: warning: {warning}", err=True)
     if info:
         print_info(source, machine)
         return
+
+    supervisor.supervise(machine.cpu_backend.variant)
 
     engine = Engine(
         source.location,
@@ -77,7 +79,7 @@ def dispatch(
         fingerprint=_fingerprint(source),
         temperature=temperature,
         n_predict=sampling.max_tokens,
-        ui_dir=ui_dir(),
+        ui_dir=packaged.ui_dir(),
         hardware=machine.as_dict(),
     )
     serve(engine, settings, sock, open_browser=not nobrowser)
@@ -99,13 +101,6 @@ def print_info(source: ModelSource, machine: hardware.Hardware) -> None:
         click.echo(f"Model: {source.location.path}")
     for line in machine.lines():
         click.echo(line)
-
-
-def ui_dir() -> Path:
-    """The chat page's files: unpacked beside the stub's modules, or templates/ in a checkout."""
-    if getattr(sys, "frozen", False):
-        return Path(sys._MEIPASS) / "templates"  # type: ignore[attr-defined]
-    return Path(__file__).resolve().parent.parent / "templates"
 
 
 def _manifest_dict(source: ModelSource) -> dict[str, Any]:

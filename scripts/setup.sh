@@ -21,20 +21,34 @@ hash_of() { if command -v sha256sum >/dev/null; then sha256sum; else shasum -a 2
 cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
 
 # pip's own wheel cache ignores CMAKE_ARGS, so a wheel built with other flags could be reused
-# silently: keep our own wheel directory, named after the version and a hash of the flags.
-flags_id=$(printf '%s' "$CMAKE_ARGS" | hash_of | cut -c1-12)
+# silently: keep our own wheel directory, named after the version and a hash of the flags and of
+# our patches to the vendored llama.cpp (scripts/patches/, each with a header saying what it fixes).
+patches=(scripts/patches/*.patch)
+flags_id=$( { printf '%s' "$CMAKE_ARGS"; cat "${patches[@]}"; } | hash_of | cut -c1-12)
 wheel_dir="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-all-variants-$flags_id"
 
 [ -x "$BIN/python" ] || [ -x "$BIN/python.exe" ] || "$PYTHON" -m venv .venv
 "$BIN/python" -m pip install --quiet --upgrade pip wheel
 
 if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    command -v patch >/dev/null || { echo "setup.sh: needs the 'patch' program (apt-get install patch)" >&2; exit 1; }
     echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with every CPU variant (about 8 minutes on 2 cores, once)..."
-    rm -rf "$wheel_dir.partial" && mkdir -p "$wheel_dir.partial"
+    work="$CACHE/build-$flags_id"
+    rm -rf "$work" "$wheel_dir.partial" && mkdir -p "$work" "$wheel_dir.partial"
+    "$BIN/python" -m pip download --quiet --no-deps --no-binary :all: \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
+    tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+    src=$(echo "$work"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION")
+    for p in "${patches[@]}"; do
+        if ! patch -d "$src" -p1 --forward --batch --quiet < "$p"; then
+            echo "setup.sh: $p no longer applies to llama-cpp-python $LLAMA_CPP_PYTHON_VERSION." >&2
+            echo "Check whether upstream fixed what its header describes; then drop or refresh the patch." >&2
+            exit 1
+        fi
+    done
     CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$cores "$BIN/python" -m pip wheel \
-        --no-cache-dir --no-deps --no-binary llama-cpp-python \
-        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$wheel_dir.partial"
-    rm -rf "$wheel_dir" && mv "$wheel_dir.partial" "$wheel_dir"
+        --no-cache-dir --no-deps "$src" -w "$wheel_dir.partial"
+    rm -rf "$wheel_dir" "$work" && mv "$wheel_dir.partial" "$wheel_dir"
 fi
 "$BIN/python" -m pip install --quiet "$wheel_dir"/llama_cpp_python-*.whl
 "$BIN/python" -m pip install --quiet -e ".[test]"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import backends
-from runtime.backends import GpuDevice, VariantScore, choose_offload, choose_variant
+from runtime import backends, packaged
+from runtime.backends import GpuDevice, VariantScore, choose_offload, forced_variant, ranked
 from runtime.cpu_features import X86_FEATURE_BITS, cpu_info, decode_x86, parse_proc_cpuinfo, parse_sysctl
 from runtime.errors import BackendError
 
@@ -90,22 +90,22 @@ SCORES = [VariantScore("x64", Path("x64.so"), 1), VariantScore("sse42", Path("ss
           VariantScore("sandybridge", Path("sb.so"), 21), VariantScore("haswell", Path("hw.so"), 0)]
 
 
-def test_best_variant_by_llama_cpp_score() -> None:
-    assert choose_variant(SCORES, None).name == "sandybridge"
+def test_variants_ranked_by_llama_cpp_score_without_the_unrunnable() -> None:
+    assert [s.name for s in ranked(SCORES)] == ["sandybridge", "sse42", "x64"]
 
 
 def test_forced_variant() -> None:
-    assert choose_variant(SCORES, "x64").name == "x64"
+    assert forced_variant(SCORES, "x64").name == "x64"
 
 
 def test_unknown_variant_lists_the_valid_ones() -> None:
     with pytest.raises(BackendError, match="unknown CPU variant 'avx9'; choose one of: x64, sse42, sandybridge, haswell"):
-        choose_variant(SCORES, "avx9")
+        forced_variant(SCORES, "avx9")
 
 
 def test_variant_the_cpu_cannot_run_is_refused() -> None:
     with pytest.raises(BackendError, match="cannot run the 'haswell' kernels.*x64, sse42, sandybridge"):
-        choose_variant(SCORES, "haswell")
+        forced_variant(SCORES, "haswell")
 
 
 GPU = GpuDevice(backend="Metal", name="MTL0", description="Apple M2", memory_bytes=16 << 30)
@@ -131,7 +131,7 @@ def test_choose_offload(devices, mode, layers, expected_layers, on_gpu, note) ->
 @pytest.fixture
 def variant_copies(tmp_path: Path) -> Path:
     """A private copy of this machine's CPU variant libraries, to damage."""
-    for lib in backends.backend_dir().glob(backends.CPU_VARIANT_GLOB):
+    for lib in packaged.backend_dir().glob(backends.CPU_VARIANT_GLOB):
         shutil.copy(lib, tmp_path / lib.name)
     return tmp_path
 
@@ -144,19 +144,19 @@ def test_missing_variant_library_warns_and_uses_the_rest(variant_copies: Path) -
     everything = sorted(backends.variant_name(p) for p in variant_copies.glob(backends.CPU_VARIANT_GLOB))
     best = _best_here(variant_copies)
     (variant_copies / backends.module_file_name(f"cpu-{best}")).unlink()
-    loaded = backends.load_cpu_backend(directory=variant_copies, expected=everything)
-    assert loaded.variant != best
-    assert any(best in w and "lacks the CPU kernels" in w for w in loaded.warnings)
+    scores, warnings = backends.variant_scores(variant_copies, expected=everything)
+    assert backends.ranked(scores)[0].name != best
+    assert any(best in w and "lacks the CPU kernels" in w for w in warnings)
 
 
 def test_damaged_variant_library_is_skipped_with_a_warning(variant_copies: Path) -> None:
     best = _best_here(variant_copies)
     (variant_copies / backends.module_file_name(f"cpu-{best}")).write_bytes(b"\x7fELF garbage")
-    loaded = backends.load_cpu_backend(directory=variant_copies)
-    assert loaded.variant != best
-    assert any("cannot open" in w for w in loaded.warnings)
+    scores, warnings = backends.variant_scores(variant_copies)
+    assert backends.ranked(scores)[0].name != best
+    assert any("cannot open" in w for w in warnings)
 
 
 def test_no_variant_libraries(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="no llama.cpp CPU libraries"):
-        backends.load_cpu_backend(directory=tmp_path)
+        backends.variant_scores(tmp_path)

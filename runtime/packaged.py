@@ -1,0 +1,72 @@
+"""What the packaged runtime is: frozen by PyInstaller or run from a checkout, and where its files are.
+
+A stub built by build.py unpacks its files into one directory (PyInstaller's `sys._MEIPASS`): the
+backend libraries in ggml-backends/, the chat page in templates/, the kernel self-test's model and
+the stub's description file. From a checkout, the same things come from the source tree, pip's
+install of llama-cpp-python and the user's cache. Every other module asks here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from runtime.platform_tag import STUB_INFO_NAME
+
+# Files build.py puts at the top of the stub's unpacked directory.
+BACKENDS_DIR_NAME = "ggml-backends"
+TEMPLATES_DIR_NAME = "templates"
+PROOF_MODEL_NAME = "kernel-proof.gguf"
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def is_frozen() -> bool:
+    return bool(getattr(sys, "frozen", False))
+
+
+def _unpacked() -> Path:
+    return Path(sys._MEIPASS)  # type: ignore[attr-defined]
+
+
+def backend_dir() -> Path:
+    """Where the backend libraries are: unpacked beside the stub's files, or pip's <site-packages>/bin."""
+    if is_frozen():
+        return _unpacked() / BACKENDS_DIR_NAME
+    import llama_cpp  # not at the top: `--help` and the bundler's argument check must not load llama.cpp
+
+    return Path(llama_cpp.__file__).parent.parent / "bin"
+
+
+def ui_dir() -> Path:
+    """The chat page's files."""
+    return (_unpacked() if is_frozen() else _CHECKOUT) / TEMPLATES_DIR_NAME
+
+
+def stub_info() -> dict[str, object] | None:
+    """The description build.py wrote into this stub; None when running from a checkout."""
+    if not is_frozen():
+        return None
+    return json.loads((_unpacked() / STUB_INFO_NAME).read_text())
+
+
+def proof_model() -> Path:
+    """The kernel self-test's model: built into the stub, or written into the cache from a checkout."""
+    if is_frozen():
+        return _unpacked() / PROOF_MODEL_NAME
+    from runtime.kernel_proof import model
+
+    return model.ensure(cache_dir() / PROOF_MODEL_NAME)
+
+
+def cache_dir() -> Path:
+    """This user's cache directory for llamabox (never for weights: those stay in the bundle)."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "llamabox"

@@ -1,0 +1,158 @@
+"""The CPU kernels' self-test, its cache and fall-back, and the crash message, with the real llama.cpp build.
+
+The faults are made with the runtime's test hook (LLAMABOX_TEST_SELFTEST_FAULT), which makes the
+self-test's child process of one variant die with a signal or report wrong logits; everything
+else (forking, loading the variant, the comparison, the cache, the messages) is the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runtime import backends, kernel_proof
+from runtime.kernel_proof import cache
+
+CHECKING = re.compile(r"checking the (\S+) CPU kernels")
+
+
+def runtime(*args: str, cache_home: Path, fault: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "LLAMABOX_TEST_SELFTEST_FAULT": fault}
+    env.pop("LLAMABOX_CPU_VARIANT", None)
+    result = subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def info_field(stdout: str, label: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith(label)).removeprefix(label).strip()
+
+
+@pytest.fixture(scope="module")
+def ranked_here() -> list[str]:
+    """This CPU's runnable variants, best first."""
+    scores, _ = backends.variant_scores()
+    names = [s.name for s in backends.ranked(scores)]
+    if len(names) < 3:
+        pytest.skip(f"this CPU runs only {names}; the fall-back tests need three variants")
+    return names
+
+
+def test_best_variant_is_proven_once_then_cached(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
+    first = runtime("-m", str(smollm2), "--info", cache_home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert CHECKING.findall(first.stderr) == [ranked_here[0]]
+    assert info_field(first.stdout, "CPU kernels self-test:") == f"{ranked_here[0]}: proven on this CPU"
+    assert info_field(first.stdout, "CPU kernels loaded:").startswith(ranked_here[0] + " ")
+
+    second = runtime("-m", str(smollm2), "--info", cache_home=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert not CHECKING.findall(second.stderr)  # no self-test ran
+    assert info_field(second.stdout, "CPU kernels self-test:") == f"{ranked_here[0]}: proven on this CPU"
+
+
+def test_variant_that_dies_falls_back_to_the_next_by_score(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
+    best, second_best = ranked_here[:2]
+    first = runtime("-m", str(smollm2), "--info", cache_home=tmp_path, fault=f"{best}=SIGILL")
+    assert first.returncode == 0, first.stderr
+    assert CHECKING.findall(first.stderr) == [best, second_best]
+    expected = f"{best} died with SIGILL in the self-test; using {second_best}"
+    assert [line for line in first.stderr.splitlines() if "self-test" in line] == [f"llamabox: warning: {expected}"]
+    assert info_field(first.stdout, "CPU kernels self-test:") == expected
+    assert info_field(first.stdout, "CPU kernels loaded:").startswith(second_best + " ")
+
+    # The verdict is cached: the next start runs no self-test (the fault hook is gone, the verdict stays).
+    second = runtime("-m", str(smollm2), "--info", cache_home=tmp_path)
+    assert not CHECKING.findall(second.stderr)
+    assert info_field(second.stdout, "CPU kernels self-test:") == expected
+
+
+def test_wrong_results_and_crashes_walk_down_the_score_order(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
+    best, second_best, third = ranked_here[:3]
+    result = runtime("-m", str(smollm2), "--info", cache_home=tmp_path, fault=f"{best}=wrong,{second_best}=SIGSEGV")
+    assert result.returncode == 0, result.stderr
+    note = info_field(result.stdout, "CPU kernels self-test:")
+    assert re.fullmatch(
+        rf"{best} gave wrong results \(\S+ logits off by \d+%\); {second_best} died with SIGSEGV in the self-test; using {third}", note
+    ), note
+    assert info_field(result.stdout, "CPU kernels loaded:").startswith(third + " ")
+
+
+def test_answers_the_same_after_a_fall_back(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
+    prompt = ["-m", str(smollm2), "-p", "Write one sentence about cats.", "--temp", "0", "-n", "12"]
+    normal = runtime(*prompt, cache_home=tmp_path / "a")
+    fallen_back = runtime(*prompt, cache_home=tmp_path / "b", fault=f"{ranked_here[0]}=SIGILL")
+    assert normal.returncode == 0 and fallen_back.returncode == 0, fallen_back.stderr
+    assert "cat" in normal.stdout.lower() and fallen_back.stdout == normal.stdout
+
+
+def test_forced_variant_skips_the_self_test(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
+    result = runtime("-m", str(smollm2), "--info", "--cpu-variant", ranked_here[1], cache_home=tmp_path, fault=f"{ranked_here[1]}=SIGILL")
+    assert result.returncode == 0, result.stderr
+    assert not CHECKING.findall(result.stderr)
+    assert info_field(result.stdout, "CPU kernels self-test:") == f"{ranked_here[1]}: forced with --cpu-variant, not proven"
+
+
+def test_portable_kernels_failing_is_a_one_line_error(smollm2: Path, tmp_path: Path) -> None:
+    scores, _ = backends.variant_scores()
+    portable = backends.ranked(scores)[-1].name
+    result = runtime("-m", str(smollm2), "--info", cache_home=tmp_path, fault=f"{portable}=SIGILL")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: even the portable {portable} CPU kernels died with SIGILL in their self-test; the runtime cannot run on "
+        f"this machine (report it with the output of --info --cpu-variant {portable})"
+    )
+
+
+def test_damaged_cache_counts_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "kernel-proofs.json"
+    path.write_text("{not json")
+    verdicts = cache.VerdictCache(path)
+    assert verdicts.get("k") is None
+    verdicts.put("k", cache.PROVEN)
+    assert cache.VerdictCache(path).get("k") == cache.PROVEN
+
+
+def test_relative_error() -> None:
+    assert kernel_proof._relative_error([1.0, -2.0], [1.0, -2.0]) == 0
+    assert kernel_proof._relative_error([1.0, -2.0], [1.0, -1.0]) == pytest.approx(0.5)
+    assert kernel_proof._relative_error([1.0, -2.0], [1.0]) == float("inf")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGILL") or sys.platform != "linux", reason="reads /proc to find the model's process")
+@pytest.mark.parametrize("crash", ["SIGILL", "SIGSEGV"])
+def test_crash_of_the_serving_process_is_one_line(smollm2: Path, tmp_path: Path, crash: str) -> None:
+    port = 18200 + (crash == "SIGSEGV")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtime", "-m", str(smollm2), "--nobrowser", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 1, children  # the model runs in one child; this process watches it
+        variant = httpx.get(f"http://127.0.0.1:{port}/props").json()["hardware"]["cpu_variant"]
+        os.kill(int(children[0]), signal.Signals[crash])
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.Signals[crash]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("llamabox: the model's process died of ") and f"({crash}) in the {variant} CPU kernels" in last
+    assert "--cpu-variant x64" in last
