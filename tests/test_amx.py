@@ -73,8 +73,8 @@ def _top_token(model: Path) -> int:
 
 def _top_token_with(variant: str, model: Path) -> int:
     outcome = child.run_variant(variant, packaged.backend_dir() / f"libggml-cpu-{variant}.so", lambda: {"top": [_top_token(model)]}, 300)
-    assert outcome.logits is not None, f"{variant}: {outcome.failure}"
-    return int(outcome.logits["top"][0])
+    assert outcome.result is not None, f"{variant}: {outcome.failure}"
+    return int(outcome.result["top"][0])
 
 
 @needs_amx

@@ -82,9 +82,9 @@ class _Proof:
     def test(self, candidate: VariantScore) -> str:
         reference = self._reference_logits()
         outcome = child.run_variant(candidate.name, candidate.path, partial(workload.run, self._models, self.threads), TIMEOUT_S)
-        if outcome.logits is None:
+        if outcome.result is None:
             return str(outcome.failure)
-        worst_type, error = max(((name, _relative_error(reference[name], outcome.logits[name])) for name in reference), key=lambda e: e[1])
+        worst_type, error = max(((name, _relative_error(reference[name], outcome.result[name])) for name in reference), key=lambda e: e[1])
         if error > TOLERANCE:
             return f"gave wrong results ({worst_type} logits off by {error:.0%})"
         return cache.PROVEN
@@ -100,12 +100,12 @@ class _Proof:
                 return workload.run(self._models, self.threads)
 
             outcome = child.run_variant(self.portable.name, self.portable.path, quantize_and_run, TIMEOUT_S)
-            if outcome.logits is None:
+            if outcome.result is None:
                 raise BackendError(
                     f"even the portable {self.portable.name} CPU kernels {outcome.failure} in their self-test; "
                     "the runtime cannot run on this machine (report it with the output of --info --cpu-variant x64)"
                 )
-            self._reference = outcome.logits
+            self._reference = outcome.result
         return self._reference
 
     def close(self) -> None:

@@ -27,9 +27,9 @@ FAULT_ENV = "LLAMABOX_TEST_SELFTEST_FAULT"
 
 @dataclass(frozen=True)
 class Outcome:
-    """The child's logits per weight type, or how it failed ("died with SIGILL", "hung", ...)."""
+    """What the child's work returned (the self-test: logits per weight type), or how it failed ("died with SIGILL", ...)."""
 
-    logits: dict[str, list[float]] | None
+    result: dict[str, list[float]] | None
     failure: str | None = None
 
 
@@ -64,7 +64,7 @@ def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[f
         answer = {"error": f"exited with status {os.waitstatus_to_exitcode(status)}"}
     if "error" in answer:
         return Outcome(None, f"failed ({answer['error']})")
-    return Outcome(answer["logits"])
+    return Outcome(answer["result"])
 
 
 def _child(variant: str, library: Path, work: Callable[[], dict[str, list[float]]], out: int) -> None:
@@ -83,7 +83,7 @@ def _child(variant: str, library: Path, work: Callable[[], dict[str, list[float]
         logits = work()
         if fault == "wrong":
             logits = {name: [-x for x in values] for name, values in logits.items()}
-        report = {"logits": logits}
+        report = {"result": logits}
         status = 0
     except BaseException as exc:  # whatever happens, the parent gets a report and this process ends here
         report = {"error": str(exc) or type(exc).__name__}
