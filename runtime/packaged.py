@@ -62,7 +62,13 @@ def proof_model() -> Path:
 
 
 def cache_dir() -> Path:
-    """This user's cache directory for llamabox (never for weights: those stay in the bundle)."""
+    """This user's cache directory for llamabox: $LLAMABOX_CACHE, else the platform's user cache.
+
+    The bundler keeps the default model there; the runtime keeps only small things (the kernel
+    self-test's verdicts), never weights: those stay mapped from the bundle.
+    """
+    if os.environ.get("LLAMABOX_CACHE"):
+        return Path(os.environ["LLAMABOX_CACHE"])
     if sys.platform == "win32":
         base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     elif sys.platform == "darwin":

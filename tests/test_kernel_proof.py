@@ -27,6 +27,7 @@ CHECKING = re.compile(r"checking the (\S+) CPU kernels")
 def runtime(*args: str, cache_home: Path, fault: str = "") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "LLAMABOX_TEST_SELFTEST_FAULT": fault}
     env.pop("LLAMABOX_CPU_VARIANT", None)
+    env.pop("LLAMABOX_CACHE", None)  # it would take precedence over XDG_CACHE_HOME
     result = subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env, timeout=300)
     assert "Traceback" not in result.stderr, result.stderr
     return result
@@ -132,6 +133,7 @@ def test_relative_error() -> None:
 def test_crash_of_the_serving_process_is_one_line(smollm2: Path, tmp_path: Path, crash: str) -> None:
     port = 18200 + (crash == "SIGSEGV")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("LLAMABOX_CACHE", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "runtime", "-m", str(smollm2), "--nobrowser", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
