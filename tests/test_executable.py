@@ -221,7 +221,10 @@ def test_props_report_the_hardware(server: Server) -> None:
     props = httpx.get(server.url + "props").json()
     hw = props["hardware"]
     assert hw["cpu"]["name"] and isinstance(hw["cpu"]["features"], list)
-    assert hw["cpu_variant"] == hw["cpu_variants_runnable"][-1]  # the best-scoring one
+    assert hw["cpu_variant"] == hw["cpu_variants_runnable"][-1]  # the best-scoring one, which passed its self-test
+    portable = hw["cpu_variant"] == hw["cpu_variants_runnable"][0]  # only on a CPU older than SSE4.2
+    proof = "the portable kernels, the self-test's reference" if portable else "proven on this CPU"
+    assert hw["cpu_variant_proof"] == f"{hw['cpu_variant']}: {proof}"
     assert hw["gpu"] is None and hw["gpu_layers"] == 0 and "CPU" in hw["offload"]
     assert props["n_ctx"] == 4096 and props["chat_template"]
 
@@ -229,6 +232,7 @@ def test_props_report_the_hardware(server: Server) -> None:
 def test_cpu_variant_choice_from_the_executable(bundle: Path) -> None:
     forced = run(bundle, "--info", "--cpu-variant", "x64")
     assert forced.returncode == 0 and "CPU kernels loaded: x64" in forced.stdout
+    assert "CPU kernels self-test: x64: forced with --cpu-variant, not proven" in forced.stdout
     from_env = subprocess.run([str(bundle), "--info"], capture_output=True, text=True, env={"LLAMABOX_CPU_VARIANT": "sse42"})
     assert from_env.returncode == 0 and "CPU kernels loaded: sse42" in from_env.stdout
     assert_user_error(run(bundle, "--info", "--cpu-variant", "pentium"), "unknown CPU variant 'pentium'; choose one of: ")
@@ -253,3 +257,22 @@ def test_logit_bias_suppresses_end_of_text(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model="any", messages=CATS, max_tokens=60, temperature=0, logit_bias={str(eos): -100})
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 60
+
+
+def test_crash_in_the_kernels_is_one_line_not_a_bare_signal(bundle: Path) -> None:
+    """The bootloader starts the runtime, which runs the model in a child: killing that child with
+    SIGILL (as a bad kernel would) ends the executable with one line naming the kernels and the way out."""
+    running = start_server(bundle, "--port", "18090")
+    try:
+        variant = httpx.get(running.url + "props").json()["hardware"]["cpu_variant"]
+        model_process = _children(running.pid)[-1]
+        subprocess.run(["kill", "-ILL", str(model_process)], check=True)
+        _, stderr = running.process.communicate(timeout=60)
+    finally:
+        stop_server(running)
+    assert running.process.returncode == 132  # 128 + SIGILL, as a shell reports it, without the bare message
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"llamabox: the model's process died of an illegal instruction (SIGILL) in the {variant} CPU kernels; "
+        "start again with --cpu-variant x64 (portable) or another variant listed by --info"
+    )
