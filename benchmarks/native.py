@@ -16,8 +16,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from runtime import packaged
+
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("LLAMABOX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamabox")
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",
@@ -46,7 +47,7 @@ def native_tool(name: str) -> Path:
     version = importlib.metadata.version("llama-cpp-python")
     patches = sorted((ROOT / "scripts" / "patches").glob("*.patch"))
     patch_id = hashlib.sha256(b"".join(p.read_bytes() for p in patches)).hexdigest()[:12]
-    root = CACHE / "native" / f"llama-cpp-python-{version}-{patch_id}"
+    root = packaged.cache_dir() / "native" / f"llama-cpp-python-{version}-{patch_id}"
     binary = root / "build" / "bin" / name
     if binary.exists():
         return binary

@@ -40,9 +40,11 @@ class Hardware:
         ]
 
 
-def set_up(cpu_variant: str | None, gpu: str, gpu_layers: int | None, say: Callable[[str], None]) -> Hardware:
-    """Detect the CPU, choose its kernels (forced, or the best that passes the self-test) and load them;
-    then, unless --gpu off, the GPU backends. `say` tells the user about a first-time self-test."""
+def choose_cpu_kernels(cpu_variant: str | None, say: Callable[[str], None]) -> tuple[CpuInfo, backends.CpuBackend]:
+    """Detect the CPU, choose its kernels (forced, or the best that passes the self-test) and load them.
+
+    `say` tells the user about a first-time self-test.
+    """
     cpu = cpu_info()
     scores, warnings = backends.variant_scores(expected=_variants_in_stub())
     if cpu_variant is not None:
@@ -53,9 +55,15 @@ def set_up(cpu_variant: str | None, gpu: str, gpu_layers: int | None, say: Calla
         chosen, proof = verdict.variant, verdict.note
         if verdict.warning:
             warnings.append(verdict.warning)
-    cpu_backend = backends.load_cpu_backend(chosen, scores, warnings, proof, forced=cpu_variant is not None)
-    # GPU backends come after the self-test: its child processes are forks, and a GPU runtime
-    # initialised before a fork is unusable in the child.
+    return cpu, backends.load_cpu_backend(chosen, scores, warnings, proof, forced=cpu_variant is not None)
+
+
+def add_gpu(cpu: CpuInfo, cpu_backend: backends.CpuBackend, gpu: str, gpu_layers: int | None) -> Hardware:
+    """Load the GPU backends (unless --gpu off) and decide the offload.
+
+    Only in the process that runs the model, after every fork (the self-test's, the supervisor's):
+    a GPU runtime initialised before a fork is unusable in the child.
+    """
     devices = backends.load_gpu_backends() if gpu != "off" else []
     return Hardware(cpu=cpu, cpu_backend=cpu_backend, offload=backends.choose_offload(devices, gpu, gpu_layers))
 

@@ -42,14 +42,15 @@ def dispatch(
     if verify and source.bundle is not None:
         model_source.verify(source.bundle)
         click.echo(f"llamabox: {source.bundle.path.name}: model SHA-256 OK", err=True)
-    machine = hardware.set_up(cpu_variant, gpu, gpu_layers, say=lambda line: click.echo(f"llamabox: {line}", err=True))
-    for warning in machine.cpu_backend.warnings:
+    cpu, cpu_backend = hardware.choose_cpu_kernels(cpu_variant, say=lambda line: click.echo(f"llamabox: {line}", err=True))
+    for warning in cpu_backend.warnings:
         click.echo(f"llamabox: warning: {warning}", err=True)
+    if not info:
+        supervisor.supervise(cpu_backend.variant)
+    machine = hardware.add_gpu(cpu, cpu_backend, gpu, gpu_layers)
     if info:
         print_info(source, machine)
         return
-
-    supervisor.supervise(machine.cpu_backend.variant)
 
     engine = Engine(
         source.location,

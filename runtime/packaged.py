@@ -52,13 +52,17 @@ def stub_info() -> dict[str, object] | None:
     return json.loads((_unpacked() / STUB_INFO_NAME).read_text())
 
 
-def proof_model() -> Path:
-    """The kernel self-test's model: built into the stub, or written into the cache from a checkout."""
+def proof_model(fallback: Path) -> Path:
+    """The kernel self-test's model: built into the stub, or written into the cache from a checkout
+    (into `fallback` where the cache cannot be written)."""
     if is_frozen():
         return _unpacked() / PROOF_MODEL_NAME
     from runtime.kernel_proof import model
 
-    return model.ensure(cache_dir() / PROOF_MODEL_NAME)
+    try:
+        return model.ensure(cache_dir() / PROOF_MODEL_NAME)
+    except OSError:
+        return model.ensure(fallback / PROOF_MODEL_NAME)
 
 
 def cache_dir() -> Path:

@@ -54,4 +54,8 @@ def serve(engine: Engine, settings: ServerSettings, sock: socket.socket, open_br
     if open_browser and has_display():
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
     config = uvicorn.Config(create_app(engine, settings), log_level="warning", access_log=False, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl+C, then raises it again
+        pass
+    click.echo("llamabox: stopped", err=True)

@@ -3,9 +3,9 @@
 If llama.cpp's kernels hit an instruction this CPU refuses (SIGILL) or a bad memory access
 (SIGSEGV, SIGBUS), the process dies before any Python code can run, and the shell prints one word
 ("Illegal instruction"). So the model runs in a fork of this process; this one only waits for it,
-passes signals on (Ctrl+C, kill), and when the child dies of such a signal, says which CPU
-kernels were in use and how to pick others. The fork happens after the CPU kernels are chosen and
-before any GPU backend or model is loaded; both processes share every page until one writes.
+passes termination signals on, and when the child dies of such a signal, says which CPU kernels
+were in use and how to pick others. The fork happens after the CPU kernels are chosen and before
+any GPU backend or the model is loaded; both processes share every page until one writes.
 """
 
 from __future__ import annotations
@@ -17,9 +17,17 @@ import sys
 
 import click
 
-_CRASHES = {signal.SIGILL: "an illegal instruction", signal.SIGSEGV: "a bad memory access", signal.SIGBUS: "a bad memory access",
-            signal.SIGFPE: "an arithmetic fault"}
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_CRASHES = {
+    signal.SIGILL: "an illegal instruction",
+    signal.SIGSEGV: "a bad memory access",
+    signal.SIGBUS: "a bad memory access",
+    signal.SIGFPE: "an arithmetic fault",
+}
+# A terminal sends Ctrl+C (SIGINT) and Ctrl+\\ (SIGQUIT) to the whole process group, the child
+# included, so this process ignores them rather than deliver them twice (uvicorn reads a second
+# SIGINT as "stop at once"). SIGTERM and SIGHUP usually reach this process alone: passed on.
+_IGNORED = (signal.SIGINT, signal.SIGQUIT)
+_FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -29,30 +37,39 @@ def supervise(variant: str) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    watched = (*_IGNORED, *_FORWARDED)
+    # Held back until the handlers are in place, so that no signal finds this process half-way.
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _die_with_parent()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
+        _die_with(parent)
         return
-    for sig in _FORWARDED:
-        signal.signal(sig, lambda number, _frame: os.kill(pid, number))
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED}
+    previous.update({sig: signal.signal(sig, lambda number, _frame: os.kill(pid, number)) for sig in _FORWARDED})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
     _, status = os.waitpid(pid, 0)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
+        name = signal.Signals(number).name
         if number in _CRASHES:
             click.echo(
-                f"llamabox: the model's process died of {_CRASHES[number]} ({signal.Signals(number).name}) in the "
-                f"{variant} CPU kernels; start again with --cpu-variant x64 (portable) or another variant listed by --info",
+                f"llamabox: the model's process died of {_CRASHES[number]} ({name}) in the {variant} CPU kernels; "
+                "start again with --cpu-variant x64 (portable) or another variant listed by --info",
                 err=True,
             )
-            os._exit(128 + number)
-        # Killed by anything else (SIGTERM, SIGKILL): end the same way, so whoever sent it sees that.
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
+        elif number == signal.SIGKILL:
+            click.echo("llamabox: the model's process was killed (SIGKILL); if nobody killed it, the machine ran out of memory", err=True)
+        os._exit(128 + number)
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def _die_with_parent() -> None:
-    """On Linux, end the child with SIGTERM if this watcher is killed outright (kill -9)."""
+def _die_with(parent: int) -> None:
+    """On Linux, have the kernel end this child with SIGTERM if the watcher is killed outright (kill -9)."""
     if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the watcher died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)

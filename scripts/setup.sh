@@ -35,7 +35,7 @@ if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with every CPU variant (about 8 minutes on 2 cores, once)..."
     work="$CACHE/build-$flags_id"
     rm -rf "$work" "$wheel_dir.partial" && mkdir -p "$work" "$wheel_dir.partial"
-    "$BIN/python" -m pip download --quiet --no-deps --no-binary :all: \
+    "$BIN/python" -m pip download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
     tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
     src=$(echo "$work"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION")

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from runtime import backends, kernel_proof
@@ -37,31 +34,32 @@ def info_field(stdout: str, label: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith(label)).removeprefix(label).strip()
 
 
-@pytest.fixture(scope="module")
-def ranked_here() -> list[str]:
-    """This CPU's runnable variants, best first."""
+def ranked_here(at_least: int) -> list[str]:
+    """This CPU's runnable variants, best first; the test is skipped if it runs fewer than `at_least`."""
     scores, _ = backends.variant_scores()
     names = [s.name for s in backends.ranked(scores)]
-    if len(names) < 3:
-        pytest.skip(f"this CPU runs only {names}; the fall-back tests need three variants")
+    if len(names) < at_least:
+        pytest.skip(f"this CPU runs only {names}; the test needs {at_least} variants")
     return names
 
 
-def test_best_variant_is_proven_once_then_cached(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
+def test_best_variant_is_proven_once_then_cached(smollm2: Path, tmp_path: Path) -> None:
+    ranked = ranked_here(2)
     first = runtime("-m", str(smollm2), "--info", cache_home=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert CHECKING.findall(first.stderr) == [ranked_here[0]]
-    assert info_field(first.stdout, "CPU kernels self-test:") == f"{ranked_here[0]}: proven on this CPU"
-    assert info_field(first.stdout, "CPU kernels loaded:").startswith(ranked_here[0] + " ")
+    assert CHECKING.findall(first.stderr) == [ranked[0]]
+    assert info_field(first.stdout, "CPU kernels self-test:") == f"{ranked[0]}: proven on this CPU"
+    assert info_field(first.stdout, "CPU kernels loaded:").startswith(ranked[0] + " ")
 
     second = runtime("-m", str(smollm2), "--info", cache_home=tmp_path)
     assert second.returncode == 0, second.stderr
     assert not CHECKING.findall(second.stderr)  # no self-test ran
-    assert info_field(second.stdout, "CPU kernels self-test:") == f"{ranked_here[0]}: proven on this CPU"
+    assert info_field(second.stdout, "CPU kernels self-test:") == f"{ranked[0]}: proven on this CPU"
 
 
-def test_variant_that_dies_falls_back_to_the_next_by_score(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
-    best, second_best = ranked_here[:2]
+def test_variant_that_dies_falls_back_to_the_next_by_score(smollm2: Path, tmp_path: Path) -> None:
+    ranked = ranked_here(2)
+    best, second_best = ranked[:2]
     first = runtime("-m", str(smollm2), "--info", cache_home=tmp_path, fault=f"{best}=SIGILL")
     assert first.returncode == 0, first.stderr
     assert CHECKING.findall(first.stderr) == [best, second_best]
@@ -76,8 +74,9 @@ def test_variant_that_dies_falls_back_to_the_next_by_score(smollm2: Path, ranked
     assert info_field(second.stdout, "CPU kernels self-test:") == expected
 
 
-def test_wrong_results_and_crashes_walk_down_the_score_order(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
-    best, second_best, third = ranked_here[:3]
+def test_wrong_results_and_crashes_walk_down_the_score_order(smollm2: Path, tmp_path: Path) -> None:
+    ranked = ranked_here(3)
+    best, second_best, third = ranked[:3]
     result = runtime("-m", str(smollm2), "--info", cache_home=tmp_path, fault=f"{best}=wrong,{second_best}=SIGSEGV")
     assert result.returncode == 0, result.stderr
     note = info_field(result.stdout, "CPU kernels self-test:")
@@ -87,24 +86,36 @@ def test_wrong_results_and_crashes_walk_down_the_score_order(smollm2: Path, rank
     assert info_field(result.stdout, "CPU kernels loaded:").startswith(third + " ")
 
 
-def test_answers_the_same_after_a_fall_back(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
+def test_answers_the_same_after_a_fall_back(smollm2: Path, tmp_path: Path) -> None:
+    ranked = ranked_here(2)
     prompt = ["-m", str(smollm2), "-p", "Write one sentence about cats.", "--temp", "0", "-n", "12"]
     normal = runtime(*prompt, cache_home=tmp_path / "a")
-    fallen_back = runtime(*prompt, cache_home=tmp_path / "b", fault=f"{ranked_here[0]}=SIGILL")
+    fallen_back = runtime(*prompt, cache_home=tmp_path / "b", fault=f"{ranked[0]}=SIGILL")
     assert normal.returncode == 0 and fallen_back.returncode == 0, fallen_back.stderr
     assert "cat" in normal.stdout.lower() and fallen_back.stdout == normal.stdout
 
 
-def test_forced_variant_skips_the_self_test(smollm2: Path, ranked_here: list[str], tmp_path: Path) -> None:
-    result = runtime("-m", str(smollm2), "--info", "--cpu-variant", ranked_here[1], cache_home=tmp_path, fault=f"{ranked_here[1]}=SIGILL")
+def test_a_kill_from_outside_is_not_cached(smollm2: Path, tmp_path: Path) -> None:
+    ranked = ranked_here(2)
+    """A self-test killed from outside (SIGKILL: out of memory, a user) says nothing about the kernels."""
+    first = runtime("-m", str(smollm2), "--info", cache_home=tmp_path, fault=f"{ranked[0]}=SIGKILL")
+    assert f"{ranked[0]} died with SIGKILL in the self-test; using {ranked[1]}" in first.stdout
+    second = runtime("-m", str(smollm2), "--info", cache_home=tmp_path)
+    assert CHECKING.findall(second.stderr) == [ranked[0]]  # proven again, this time for good
+    assert info_field(second.stdout, "CPU kernels self-test:") == f"{ranked[0]}: proven on this CPU"
+
+
+def test_forced_variant_skips_the_self_test(smollm2: Path, tmp_path: Path) -> None:
+    ranked = ranked_here(2)
+    result = runtime("-m", str(smollm2), "--info", "--cpu-variant", ranked[1], cache_home=tmp_path, fault=f"{ranked[1]}=SIGILL")
     assert result.returncode == 0, result.stderr
     assert not CHECKING.findall(result.stderr)
-    assert info_field(result.stdout, "CPU kernels self-test:") == f"{ranked_here[1]}: forced with --cpu-variant, not proven"
+    assert info_field(result.stdout, "CPU kernels self-test:") == f"{ranked[1]}: forced with --cpu-variant, not proven"
 
 
 def test_portable_kernels_failing_is_a_one_line_error(smollm2: Path, tmp_path: Path) -> None:
-    scores, _ = backends.variant_scores()
-    portable = backends.ranked(scores)[-1].name
+    ranked = ranked_here(2)
+    portable = ranked[-1]
     result = runtime("-m", str(smollm2), "--info", cache_home=tmp_path, fault=f"{portable}=SIGILL")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
@@ -126,35 +137,5 @@ def test_relative_error() -> None:
     assert kernel_proof._relative_error([1.0, -2.0], [1.0, -2.0]) == 0
     assert kernel_proof._relative_error([1.0, -2.0], [1.0, -1.0]) == pytest.approx(0.5)
     assert kernel_proof._relative_error([1.0, -2.0], [1.0]) == float("inf")
-
-
-@pytest.mark.skipif(not hasattr(signal, "SIGILL") or sys.platform != "linux", reason="reads /proc to find the model's process")
-@pytest.mark.parametrize("crash", ["SIGILL", "SIGSEGV"])
-def test_crash_of_the_serving_process_is_one_line(smollm2: Path, tmp_path: Path, crash: str) -> None:
-    port = 18200 + (crash == "SIGSEGV")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    env.pop("LLAMABOX_CACHE", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "-m", str(smollm2), "--nobrowser", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert len(children) == 1, children  # the model runs in one child; this process watches it
-        variant = httpx.get(f"http://127.0.0.1:{port}/props").json()["hardware"]["cpu_variant"]
-        os.kill(int(children[0]), signal.Signals[crash])
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.Signals[crash]
-    assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("llamabox: the model's process died of ") and f"({crash}) in the {variant} CPU kernels" in last
-    assert "--cpu-variant x64" in last
+    # Broken kernels often give NaN: it must not pass as "no difference".
+    assert not kernel_proof._relative_error([1.0, -2.0], [float("nan"), -2.0]) <= kernel_proof.TOLERANCE

@@ -11,6 +11,7 @@ down to the portable one. Verdicts are cached per CPU signature and runtime buil
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from collections.abc import Callable
@@ -53,7 +54,8 @@ def choose(ranked: list[VariantScore], cpu_signature: str, threads: int, say: Ca
             if verdict is None:
                 say(f"checking the {candidate.name} CPU kernels on this CPU (once per CPU and runtime build)...")
                 verdict = proof.test(candidate)
-                verdicts.put(key, verdict)
+                if _lasting(verdict):
+                    verdicts.put(key, verdict)
             if verdict == cache.PROVEN:
                 note = f"{candidate.name}: proven on this CPU"
                 return _verdict(candidate, note, passed_over)
@@ -61,6 +63,12 @@ def choose(ranked: list[VariantScore], cpu_signature: str, threads: int, say: Ca
     finally:
         proof.close()
     return _verdict(portable, f"{portable.name}: the portable kernels, the self-test's reference", passed_over)
+
+
+def _lasting(verdict: str) -> bool:
+    """Whether a verdict says something about the kernels on this CPU, rather than about this moment
+    (a hang on a swapping machine, a kill from outside): only those are cached."""
+    return verdict == cache.PROVEN or verdict.startswith(("gave wrong results", *(f"died with {s}" for s in child.CRASH_SIGNALS)))
 
 
 def _verdict(chosen: VariantScore, note: str, passed_over: list[str]) -> Verdict:
@@ -85,14 +93,14 @@ class _Proof:
         if outcome.result is None:
             return str(outcome.failure)
         worst_type, error = max(((name, _relative_error(reference[name], outcome.result[name])) for name in reference), key=lambda e: e[1])
-        if error > TOLERANCE:
+        if not error <= TOLERANCE:  # NaN, as broken kernels often give, fails too
             return f"gave wrong results ({worst_type} logits off by {error:.0%})"
         return cache.PROVEN
 
     def _reference_logits(self) -> dict[str, list[float]]:
         if self._reference is None:
             self._directory = tempfile.TemporaryDirectory(prefix="llamabox-proof-")
-            base = packaged.proof_model()
+            base = packaged.proof_model(fallback=Path(self._directory.name))
             self._models = workload.model_paths(base, Path(self._directory.name))
 
             def quantize_and_run() -> dict[str, list[float]]:
@@ -114,7 +122,10 @@ class _Proof:
 
 
 def _relative_error(reference: list[float], candidate: list[float]) -> float:
-    scale = max(max(abs(x) for x in reference), 1e-6)
+    """Largest difference relative to the reference's largest magnitude; NaN if either holds a NaN or infinity."""
     if len(candidate) != len(reference):
         return float("inf")
+    if not all(math.isfinite(x) for x in (*reference, *candidate)):
+        return float("nan")
+    scale = max(max(abs(x) for x in reference), 1e-6)
     return max(abs(a - b) for a, b in zip(reference, candidate, strict=True)) / scale

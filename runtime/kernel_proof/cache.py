@@ -42,6 +42,7 @@ class VerdictCache:
 
     def put(self, key: str, verdict: str) -> None:
         self._verdicts[key] = verdict
+        partial = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".partial")
@@ -49,4 +50,5 @@ class VerdictCache:
                 json.dump(self._verdicts, f, indent=1, sort_keys=True)
             os.replace(partial, self.path)
         except OSError:
-            pass
+            if partial is not None:
+                Path(partial).unlink(missing_ok=True)

@@ -23,6 +23,8 @@ from runtime import backends
 # Test hook: LLAMABOX_TEST_SELFTEST_FAULT="zen4=SIGILL" makes the self-test of the zen4 kernels die
 # with that signal after loading them; "zen4=wrong" makes it report wrong logits.
 FAULT_ENV = "LLAMABOX_TEST_SELFTEST_FAULT"
+# Deaths that say the kernels cannot run here (as opposed to SIGKILL or SIGTERM from outside).
+CRASH_SIGNALS = ("SIGILL", "SIGSEGV", "SIGBUS", "SIGFPE")
 
 
 @dataclass(frozen=True)
@@ -42,18 +44,24 @@ def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[f
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        return Outcome(None, f"could not be started ({exc.strerror})")
     if pid == 0:  # the child: never returns
         os.close(read_end)
         _child(variant, library, work, write_end)
     os.close(write_end)
+    finished = False
     try:
         report, finished = _read_all(read_end, timeout)
     finally:
+        if not finished:
+            os.kill(pid, signal.SIGKILL)
         os.close(read_end)
-    if not finished:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
     if not finished:
         return Outcome(None, f"hung for {timeout:.0f} s")
     if os.WIFSIGNALED(status):
@@ -70,27 +78,30 @@ def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[f
 def _child(variant: str, library: Path, work: Callable[[], dict[str, list[float]]], out: int) -> None:
     status = 1
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        backends.register_cpu_variant(library)
-        fault = _fault_for(variant)
-        if fault is not None and fault != "wrong":
-            signal.signal(signal.Signals[fault], signal.SIG_DFL)
-            os.kill(os.getpid(), signal.Signals[fault])
-        logits = work()
-        if fault == "wrong":
-            logits = {name: [-x for x in values] for name, values in logits.items()}
-        report = {"result": logits}
-        status = 0
-    except BaseException as exc:  # whatever happens, the parent gets a report and this process ends here
-        report = {"error": str(exc) or type(exc).__name__}
-    data = json.dumps(report).encode()
-    while data:
-        data = data[os.write(out, data):]
-    os._exit(status)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            backends.register_cpu_variant(library)
+            fault = _fault_for(variant)
+            if fault is not None and fault != "wrong":
+                if fault != "SIGKILL":  # the one signal that has no handler to reset
+                    signal.signal(signal.Signals[fault], signal.SIG_DFL)
+                os.kill(os.getpid(), signal.Signals[fault])
+            result = work()
+            if fault == "wrong":
+                result = {name: [-x for x in values] for name, values in result.items()}
+            report = {"result": result}
+            status = 0
+        except BaseException as exc:  # whatever happens, the parent gets a report
+            report = {"error": str(exc) or type(exc).__name__}
+        data = json.dumps(report).encode()
+        while data:
+            data = data[os.write(out, data):]
+    finally:  # and this process ends here, never in its parent's code
+        os._exit(status)
 
 
 def _fault_for(variant: str) -> str | None:
