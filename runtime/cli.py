@@ -34,7 +34,16 @@ class _UserErrors(click.Command):
 @click.option("--verify", is_flag=True, help="Check the embedded model's SHA-256 before starting.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on; if it is taken and not given here, the next free one.")
-@click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens (0: the model's own).")
+@click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens for each request (0: the model's own).")
+@click.option(
+    "-np",
+    "--parallel",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Requests served at once, decoded together; each has its own --ctx-size tokens of context, so the "
+    "context's memory grows with it (as Ollama's OLLAMA_NUM_PARALLEL). More requests wait in line. -p uses one.",
+)
 @click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads for generation [default: every core].")
 @click.option("--temp", "temperature", default=0.8, show_default=True, type=click.FloatRange(0), help="Default sampling temperature (0: greedy).")
 @click.option("-n", "--n-predict", default=-1, show_default=True, type=int, help="Default maximum tokens to generate (-1: until the context is full).")

@@ -27,6 +27,7 @@ def dispatch(
     host: str,
     port: int,
     ctx_size: int,
+    parallel: int,
     threads: int | None,
     temperature: float,
     n_predict: int,
@@ -56,6 +57,7 @@ def dispatch(
         source.location,
         EngineOptions(
             ctx_size=ctx_size,
+            parallel=1 if prompt is not None else parallel,
             threads=threads or backends.default_threads(),
             gpu_layers=machine.offload.layers,
             system_prompt=system_prompt,
@@ -71,7 +73,7 @@ def dispatch(
     from runtime.server.settings import ServerSettings
 
     sock = bind(host, port, explicit_port)
-    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - obj['started']:.2f} s, {engine.n_ctx} tokens of context", err=True)
+    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - obj['started']:.2f} s, {parallel} slots of {engine.n_ctx} tokens of context", err=True)
     for line in machine.lines():
         click.echo(f"llamabox: {line}", err=True)
     settings = ServerSettings(

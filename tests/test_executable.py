@@ -58,7 +58,10 @@ def test_other_model_with_same_runtime(bundle: Path, smollm2: Path) -> None:
 
 
 def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
-    assert httpx.get(server.url + "health").json() == {"status": "ok"}
+    health = httpx.get(server.url + "health").json()
+    assert health["status"] == "ok" and health["slots_idle"] + health["slots_processing"] == 4  # the default --parallel
+    slots = httpx.get(server.url + "slots").json()
+    assert [slot["id"] for slot in slots] == [0, 1, 2, 3] and all(slot["n_ctx"] == 4096 for slot in slots)
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]
 
 
@@ -276,3 +279,22 @@ def test_crash_in_the_kernels_is_one_line_not_a_bare_signal(bundle: Path) -> Non
         f"llamabox: the model's process died of an illegal instruction (SIGILL) in the {variant} CPU kernels; "
         "start again with --cpu-variant x64 (portable) or another variant listed by --info"
     )
+
+
+def test_requests_decode_together(server: Server, client: openai.OpenAI) -> None:
+    """Two long streams are both in a slot at once; both finish whole, and the slots are free after."""
+
+    def story(topic: str) -> openai.Stream:
+        return client.chat.completions.create(
+            model="any", messages=[{"role": "user", "content": f"Tell me a long story about {topic}."}],
+            temperature=0, max_tokens=300, stream=True, logit_bias={"0": -100},  # token 0 ends text: not yet
+        )
+
+    streams = [story("a dragon"), story("a lighthouse")]
+    for stream in streams:
+        assert any(chunk.choices[0].delta.content for chunk in stream)  # each has produced text (reads up to it)
+    slots = httpx.get(server.url + "slots").json()
+    assert sum(slot["is_processing"] for slot in slots) == 2
+    for stream in streams:
+        assert list(stream)[-1].choices[0].finish_reason == "length"
+    assert httpx.get(server.url + "health").json()["slots_processing"] == 0

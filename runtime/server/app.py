@@ -19,7 +19,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
         return FileResponse(settings.ui_dir / "index.html")
 
     async def health(_request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        slots, waiting = engine.slots()
+        busy = sum(slot.is_processing for slot in slots)
+        return JSONResponse({"status": "ok", "slots_idle": len(slots) - busy, "slots_processing": busy, "requests_waiting": waiting})
+
+    async def list_slots(_request: Request) -> Response:
+        """Like llama-server's /slots: one object per slot."""
+        slots, _ = engine.slots()
+        return JSONResponse([{"id": s.id, "n_ctx": s.n_ctx, "is_processing": s.is_processing, "cached_tokens": s.cached_tokens} for s in slots])
 
     async def props(_request: Request) -> Response:
         """Like llama-server's /props, plus what hardware the runtime detected and uses."""
@@ -38,6 +45,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
             Route("/", index, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/props", props, methods=["GET"]),
+            Route("/slots", list_slots, methods=["GET"]),
             *openai.routes(),
             Mount("/ui", StaticFiles(directory=settings.ui_dir), name="ui"),
         ],

@@ -101,24 +101,21 @@ async def _respond(request: Request, body: dict[str, Any], prompt: Prompt, shape
     }
     if not body.get("stream"):
         done = await run_in_threadpool(engine.complete, prompt, sampling)
-        usage = _usage(done.prompt_tokens, done.completion_tokens)
+        usage = _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
         return JSONResponse({**envelope, "object": shape.object, "choices": [shape.choice(done.text, done.finish_reason)], "usage": usage})
 
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     chunks = engine.stream(prompt, sampling)
 
     async def events() -> AsyncIterator[str]:
-        produced: list[str] = []
         try:
             if isinstance(shape, _ChatShape):
                 yield _event(envelope, shape.chunk_object, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             async for chunk in iterate_in_threadpool(chunks):
-                produced.append(chunk.text)
                 if chunk.text or chunk.finish_reason:
                     yield _event(envelope, shape.chunk_object, [shape.delta(chunk.text, chunk.finish_reason)])
-            if include_usage:
-                completion_tokens = await run_in_threadpool(engine.count_tokens, "".join(produced))
-                yield _event(envelope, shape.chunk_object, [], usage=_usage(len(prompt.tokens), completion_tokens))
+                if chunk.finish_reason and include_usage:  # the engine's own counts, as in the non-streamed answer
+                    yield _event(envelope, shape.chunk_object, [], usage=_usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens))
             yield "[DONE]"
         finally:
             await run_in_threadpool(_close, chunks)
@@ -136,8 +133,13 @@ def _event(envelope: dict[str, Any], obj: str, choices: list[dict[str, Any]], **
     return json.dumps({**envelope, "object": obj, "choices": choices, **extra}, ensure_ascii=False)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

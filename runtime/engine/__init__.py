@@ -1,0 +1,167 @@
+"""The engine: the single owner of the llama.cpp model and context.
+
+Every front end (HTTP dialects, `-p`, the browser chat) goes through `Engine`; none of them sees
+llama-cpp-python. The model is mapped in place from the bundle (loader.py); one context holds
+`parallel` sequences that decode together (scheduler.py), each request with its own sampler chain
+(sampling.py) and text stream (text.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+from llama_cpp._utils import suppress_stdout_stderr
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from runtime.engine.loader import InPlaceModel
+from runtime.engine.sampling import Sampling, SamplingError
+from runtime.engine.scheduler import Chunk, EngineFailure, QueueFullError, Scheduler, SlotState
+from runtime.errors import LlamaboxError, ModelFileError
+from runtime.model_source import ModelLocation
+
+__all__ = [
+    "ChatTemplateError", "Chunk", "Completion", "Engine", "EngineFailure", "EngineOptions", "Prompt",
+    "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState",
+]
+
+# Used for chat when a model has no template of its own: plain ChatML, which most base and
+# instruct models without a template handle sensibly.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_STOP = "<|im_end|>"
+# llama-server's batch sizes: prompts are evaluated up to 2048 tokens per step, 512 per ubatch.
+N_BATCH, N_UBATCH = 2048, 512
+
+
+class PromptTooLongError(LlamaboxError):
+    """The prompt does not fit into a slot's context window."""
+
+
+class ChatTemplateError(LlamaboxError):
+    """The model's chat template rejected the messages."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    ctx_size: int = 4096  # tokens of context per slot; 0: the model's own
+    parallel: int = 1  # sequences decoded together
+    max_waiting: int = 64  # requests that may wait for a slot before new ones are refused
+    threads: int | None = None
+    gpu_layers: int = 0
+    system_prompt: str | None = None
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized prompt, with the stop strings its chat template asks for."""
+
+    tokens: list[int]
+    stop: list[str] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, location: ModelLocation, options: EngineOptions) -> None:
+        self.options = options
+        try:
+            self._model = InPlaceModel(location, options.gpu_layers, options.verbose)
+        except ValueError as exc:
+            raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
+        metadata = self._model.metadata()
+        self.chat_template = metadata.get("tokenizer.chat_template")
+        self.model_name = metadata.get("general.name") or location.path.stem
+        per_slot = options.ctx_size or self._model.n_ctx_train()
+        self._context = self._new_context(per_slot * options.parallel, options.parallel)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._context) // options.parallel  # per slot, as llama.cpp rounded it
+        self._formatter = self._make_formatter()
+        self._scheduler = Scheduler(self._model.model, self._context, self.n_ctx, options.parallel, N_BATCH, options.max_waiting)
+
+    def _new_context(self, n_ctx: int, parallel: int) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_UBATCH
+        params.n_seq_max, params.kv_unified = parallel, False  # each slot has its own part of the cache
+        params.n_threads = params.n_threads_batch = self.options.threads or 0
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO  # on where the backend has it, as llama-server
+        with suppress_stdout_stderr(disable=self.options.verbose):
+            context = llama_cpp.llama_init_from_model(self._model.model, params)
+        if not context:
+            raise ModelFileError(f"llama.cpp could not make a context of {n_ctx} tokens for this model; try a smaller --ctx-size")
+        return context
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    def _make_formatter(self) -> Jinja2ChatFormatter:
+        eos, bos = self._model.token_eos(), self._model.token_bos()
+        return Jinja2ChatFormatter(
+            template=self.chat_template or CHATML_TEMPLATE,
+            eos_token=self._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self._model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def text_prompt(self, text: str) -> Prompt:
+        return Prompt(tokens=self.tokenize(text) if text else [self._model.token_bos()])
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> Prompt:
+        """Apply the chat template (or ChatML) to OpenAI-style messages, adding --system-prompt."""
+        if self.options.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.options.system_prompt}, *messages]
+        try:
+            formatted = self._formatter(messages=messages)
+        except Exception as exc:  # Jinja templates raise anything, by design of their authors
+            raise ChatTemplateError(f"the model's chat template rejected these messages: {exc}") from None
+        stop = [s for s in [*(formatted.stop or []), None if self.chat_template else CHATML_STOP] if s]
+        # The template writes the BOS token itself where the model wants one.
+        return Prompt(tokens=self.tokenize(formatted.prompt, add_bos=False), stop=stop)
+
+    def stream(self, prompt: Prompt, sampling: Sampling) -> Iterator[Chunk]:
+        """Generate text piece by piece; the last piece has the finish reason and token counts.
+
+        Checks the prompt and the settings at once (not at the first piece), so errors come before
+        any output. Closing the iterator cancels the request and frees its slot.
+        """
+        self._check_fits(prompt)
+        return self._scheduler.submit(prompt.tokens, sampling, [*prompt.stop, *sampling.stop])
+
+    def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
+        pieces = list(self.stream(prompt, sampling))
+        last = pieces[-1]
+        return Completion(
+            text="".join(p.text for p in pieces),
+            finish_reason=last.finish_reason or "stop",
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+        )
+
+    def slots(self) -> tuple[list[SlotState], int]:
+        """Each slot's state, and how many requests wait for one."""
+        return self._scheduler.state()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text, add_bos=False)) if text else 0
+
+    def _check_fits(self, prompt: Prompt) -> None:
+        if len(prompt.tokens) >= self.n_ctx:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt.tokens)} tokens but the context holds {self.n_ctx}; "
+                "shorten it or restart with a larger --ctx-size"
+            )

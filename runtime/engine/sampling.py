@@ -1,0 +1,92 @@
+"""Per-request sampling: the settings a request may set, and the llama.cpp sampler chain built from them.
+
+Each sequence gets a chain of its own, so requests with different settings decode in one batch.
+The chain is llama.cpp's (llama_sampler_*): logit bias, then repetition penalties, then an
+optional grammar, then greedy choice or top-k, top-p, min-p, temperature and a seeded draw.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+from runtime.errors import LlamaboxError
+
+PENALTY_LAST_N = 64  # tokens the repetition penalties look back over, as llama-cpp-python's default
+
+
+class SamplingError(LlamaboxError):
+    """A sampling setting the model cannot take (a token id outside its vocabulary, a bad grammar)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF, rooted at "root"
+
+
+class SamplerChain:
+    """One sequence's llama.cpp sampler chain; freed with `close()`."""
+
+    def __init__(self, sampling: Sampling, vocab: object, n_vocab: int) -> None:
+        outside = [token for token in sampling.logit_bias if not 0 <= token < n_vocab]
+        if outside:
+            raise SamplingError(f"logit_bias names token {outside[0]}, outside the model's vocabulary of {n_vocab} tokens")
+        self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._penalties = None
+        try:
+            self._build(sampling, vocab, n_vocab)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, s: Sampling, vocab: object, n_vocab: int) -> None:
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
+        if s.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(s.logit_bias))(
+                *(llama_cpp.llama_logit_bias(token, bias) for token, bias in s.logit_bias.items())
+            )
+            add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(s.logit_bias), biases))
+        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            self._penalties = llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+            add(self._penalties)
+        if s.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, s.grammar.encode(), b"root")
+            if not grammar:
+                raise SamplingError("the grammar could not be parsed (GBNF with a rule named root)")
+            add(grammar)
+        if s.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return
+        add(llama_cpp.llama_sampler_init_top_k(s.top_k))
+        add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(s.temperature))
+        seed = s.seed if s.seed is not None else random.getrandbits(32)
+        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def accept_prompt(self, token: int) -> None:
+        """Tell the penalties about a prompt token (the grammar constrains only what is generated)."""
+        if self._penalties is not None:
+            llama_cpp.llama_sampler_accept(self._penalties, token)
+
+    def sample(self, context: object, index: int) -> int:
+        """The next token from the logits at batch position `index` (accepted into the chain)."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, context, index))
+
+    def close(self) -> None:
+        if self._chain:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None

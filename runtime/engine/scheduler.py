@@ -1,0 +1,287 @@
+"""Slots and continuous batching: several sequences decoded together in one llama.cpp context.
+
+Modelled on how llama.cpp's own server schedules its slots. The context holds `parallel`
+sequences, each with its own part of the KV cache (`ctx_size` tokens each). One thread owns the
+context and loops: every step is one `llama_decode` over a batch holding the next token of every
+generating sequence plus a chunk of any prompt being read (prompts are read in chunks, so a long
+prompt does not stall the others). A new request goes to the free slot whose cached tokens share
+the longest prefix with its prompt, and only the rest is read. Requests beyond the slots wait in
+order, up to a bound; each request's pieces go to its own queue, which its reader drains.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import llama_cpp
+
+from runtime.engine.sampling import SamplerChain, Sampling
+from runtime.engine.text import TextStream
+from runtime.errors import LlamaboxError
+
+PROMPT_CHUNK = 512  # prompt tokens per step while other sequences are generating (llama-server's n_ubatch)
+
+
+class QueueFullError(LlamaboxError):
+    """Every slot is busy and the waiting line is full."""
+
+
+class EngineFailure(Exception):
+    """llama.cpp failed to evaluate a batch (not the user's doing)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of generated text; the last one of a stream carries the finish reason and the counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class _Request:
+    def __init__(self, tokens: list[int], sampling: Sampling, stop: list[str]) -> None:
+        self.tokens, self.sampling, self.stop = tokens, sampling, stop
+        self.pieces: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
+        self.cancelled = False
+
+
+class _Stream:
+    """A request's pieces as an iterator. Closing it, even before the first piece, cancels the request."""
+
+    def __init__(self, request: _Request, cancel: Callable[[_Request], None]) -> None:
+        self._request, self._cancel, self._done = request, cancel, False
+
+    def __iter__(self) -> _Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._done:
+            raise StopIteration
+        piece = self._request.pieces.get()
+        if isinstance(piece, BaseException):
+            self._done = True
+            raise piece
+        if piece.finish_reason is not None:
+            self._done = True
+        return piece
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._cancel(self._request)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _Slot:
+    def __init__(self, seq_id: int) -> None:
+        self.id = seq_id
+        self.cached: list[int] = []  # tokens whose keys and values are in this sequence's cache
+        self.request: _Request | None = None
+        self.pending: list[int] = []  # prompt tokens still to read
+        self.sampler: SamplerChain | None = None
+        self.text: TextStream | None = None
+        self.next_token: int | None = None  # sampled, not yet in the cache
+        self.generated = 0
+        self.reused = 0
+        self.batch_index = -1
+        self.last_used = 0  # when it last took a request, to reuse the least recently used slot first
+
+
+@dataclass(frozen=True)
+class SlotState:
+    id: int
+    n_ctx: int
+    is_processing: bool
+    cached_tokens: int
+
+
+class Scheduler:
+    def __init__(self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, max_waiting: int) -> None:
+        self._model, self._context = model, context
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._memory = llama_cpp.llama_get_memory(context)
+        self.n_ctx_slot, self._n_batch, self._max_waiting = n_ctx_slot, n_batch, max_waiting
+        self._slots = [_Slot(i) for i in range(parallel)]
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._requests_started = 0
+        self._wake = threading.Condition()
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._thread = threading.Thread(target=self._loop, name="llamabox-engine", daemon=True)
+        self._thread.start()
+
+    # --- called by readers, on their own threads ---------------------------------------------------
+
+    def submit(self, tokens: list[int], sampling: Sampling, stop: list[str]) -> Iterator[Chunk]:
+        """Queue a request; its pieces come from the returned iterator. Closing it cancels the request."""
+        SamplerChain(sampling, self._vocab, self._n_vocab).close()  # refuse bad settings now, not mid-stream
+        request = _Request(tokens, sampling, stop)
+        with self._wake:
+            # Requests not yet given a slot count against the free slots first, then against the line.
+            waiting = len(self._waiting) - sum(slot.request is None for slot in self._slots)
+            if waiting >= self._max_waiting:
+                raise QueueFullError(f"all {len(self._slots)} slots are busy and {waiting} requests are waiting; try again shortly")
+            self._waiting.append(request)
+            self._wake.notify()
+        return _Stream(request, self._cancel)
+
+    def _cancel(self, request: _Request) -> None:
+        with self._wake:
+            request.cancelled = True
+            self._wake.notify()
+
+    def state(self) -> tuple[list[SlotState], int]:
+        with self._wake:
+            slots = [SlotState(s.id, self.n_ctx_slot, s.request is not None, len(s.cached)) for s in self._slots]
+            return slots, len(self._waiting)
+
+    # --- the engine thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._drop_cancelled()
+                self._assign_waiting()
+                while not any(slot.request for slot in self._slots):
+                    self._wake.wait()
+                    self._drop_cancelled()
+                    self._assign_waiting()
+            try:
+                self._step()
+            except Exception as exc:  # a failed decode ends the requests in it, not the engine
+                for slot in self._slots:
+                    if slot.request is not None:
+                        slot.request.pieces.put(EngineFailure(str(exc)))
+                        self._free(slot, keep_cache=False)
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        for slot in self._slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._free(slot, keep_cache=True)
+
+    def _assign_waiting(self) -> None:
+        while self._waiting:
+            free = [slot for slot in self._slots if slot.request is None]
+            if not free:
+                return
+            request = self._waiting.popleft()
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, request.tokens), -s.last_used))
+            try:
+                self._start(slot, request)
+            except Exception as exc:  # this request cannot start; the others go on
+                request.pieces.put(EngineFailure(str(exc)))
+                self._free(slot, keep_cache=False)
+
+    def _start(self, slot: _Slot, request: _Request) -> None:
+        keep = min(_common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)  # read at least one token
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)  # this model's cache cannot be cut: start over
+            keep = 0
+        slot.cached, slot.pending = request.tokens[:keep], request.tokens[keep:]
+        slot.reused, slot.generated, slot.next_token = keep, 0, None
+        self._requests_started += 1
+        slot.last_used = self._requests_started
+        slot.sampler = SamplerChain(request.sampling, self._vocab, self._n_vocab)
+        for token in request.tokens:
+            slot.sampler.accept_prompt(token)
+        slot.text = TextStream(request.stop)
+        slot.request = request
+
+    def _free(self, slot: _Slot, keep_cache: bool) -> None:
+        if slot.sampler is not None:
+            slot.sampler.close()
+        if not keep_cache:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)
+            slot.cached = []
+        slot.request, slot.sampler, slot.text, slot.pending, slot.next_token = None, None, None, [], None
+
+    def _step(self) -> None:
+        batch, n = self._batch, 0
+        active = [slot for slot in self._slots if slot.request is not None]
+        generating = [slot for slot in active if slot.next_token is not None]
+        for slot in generating:
+            self._add(n, slot.next_token, len(slot.cached), slot.id, True)
+            slot.cached.append(slot.next_token)
+            slot.batch_index, n = n, n + 1
+        budget = self._n_batch - n if not generating else min(PROMPT_CHUNK, self._n_batch - n)
+        for slot in active:
+            if slot.next_token is not None or budget <= 0:
+                continue
+            chunk = slot.pending[:budget]
+            slot.pending = slot.pending[len(chunk):]
+            for i, token in enumerate(chunk):
+                last = not slot.pending and i == len(chunk) - 1
+                self._add(n, token, len(slot.cached), slot.id, last)
+                slot.cached.append(token)
+                if last:
+                    slot.batch_index = n
+                n += 1
+            budget -= len(chunk)
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._context, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for slot in active:
+            if slot.batch_index >= 0 and slot.request is not None:
+                self._sampled(slot, slot.sampler.sample(self._context, slot.batch_index))  # type: ignore[union-attr]
+            slot.batch_index = -1
+
+    def _add(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+        batch.seq_id[i][0] = seq
+
+    def _sampled(self, slot: _Slot, token: int) -> None:
+        request, text = slot.request, slot.text
+        assert request is not None and text is not None
+        finish = None
+        piece = ""
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            finish = "stop"
+        else:
+            slot.generated += 1
+            piece = text.feed(_token_bytes(self._vocab, token))
+            limit = request.sampling.max_tokens
+            if text.stopped:
+                finish = "stop"
+            elif (limit is not None and limit > 0 and slot.generated >= limit) or len(slot.cached) + 1 >= self.n_ctx_slot:
+                finish = "length"
+        if finish is None:
+            slot.next_token = token
+            if piece:
+                request.pieces.put(Chunk(piece))
+            return
+        if not text.stopped:
+            piece += text.flush()
+        with self._wake:
+            request.pieces.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused))
+            self._free(slot, keep_cache=True)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _token_bytes(vocab: object, token: int) -> bytes:
+    buffer = (ctypes.c_char * 64)()
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
+    if n < 0:  # longer than 64 bytes: llama.cpp says how long
+        buffer = (ctypes.c_char * -n)()
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
+    return bytes(buffer[:n])

@@ -1,0 +1,130 @@
+"""The multi-sequence engine with the real SmolLM2: slots decoding together, per-request sampling,
+prompt reuse, cancellation, the waiting line and context limits."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from runtime import backends
+from runtime.engine import Engine, EngineOptions, Prompt, PromptTooLongError, QueueFullError, Sampling, SamplingError
+from runtime.model_source import ModelLocation
+
+GREEDY = Sampling(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels() -> None:
+    """This test process runs llama.cpp itself: register the best CPU variant, as the runtime does."""
+    scores, _ = backends.variant_scores()
+    backends.register_cpu_variant(backends.ranked(scores)[0].path)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2: Path) -> Engine:
+    return Engine(ModelLocation(smollm2), EngineOptions(ctx_size=1024, parallel=4, max_waiting=2, threads=2))
+
+
+def ask(engine: Engine, text: str) -> Prompt:
+    return engine.chat_prompt([{"role": "user", "content": text}])
+
+
+def run_together(engine: Engine, jobs: list[tuple[Prompt, Sampling]]) -> list[tuple[str, str | None]]:
+    """Start every job at once (all submitted before any is read), then read them on threads."""
+    streams = [engine.stream(prompt, sampling) for prompt, sampling in jobs]
+    results: list[tuple[str, str | None]] = [("", None)] * len(jobs)
+
+    def read(i: int) -> None:
+        pieces = list(streams[i])
+        results[i] = ("".join(p.text for p in pieces), pieces[-1].finish_reason)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def test_four_different_requests_at_once(engine: Engine) -> None:
+    jobs = [
+        (ask(engine, "Write one sentence about cats."), Sampling(temperature=0, max_tokens=24)),
+        (ask(engine, "Count from one to ten in words."), Sampling(temperature=0, max_tokens=40, stop=["5."])),
+        (ask(engine, "Name a color."), Sampling(temperature=0.9, seed=7, max_tokens=8)),
+        (engine.text_prompt("The capital of France is"), Sampling(temperature=0, max_tokens=6)),
+    ]
+    alone = [engine.complete(prompt, sampling) for prompt, sampling in jobs]
+    together = run_together(engine, jobs)
+    # Greedy (and seeded) answers are the same beside three others as alone; stop strings and limits hold.
+    assert [text for text, _ in together] == [done.text for done in alone]
+    assert "cat" in together[0][0].lower()
+    assert together[1][1] == "stop" and "5." not in together[1][0] and "4." in together[1][0]
+    assert together[2][1] == "length" and alone[2].completion_tokens == 8
+    assert together[3][1] == "length" and "Paris" in together[3][0]
+
+
+def test_prompt_reuse_returns_what_a_cold_run_returns(engine: Engine, smollm2: Path) -> None:
+    """The second turn reads only what the first did not; its answer is the one a fresh engine gives.
+
+    (Where the cached part was *generated* one token at a time rather than read as a prompt, its
+    keys and values come from other kernels and a near-tie can tip the other way, as in llama-server.)
+    """
+    history = [
+        {"role": "user", "content": "Write one sentence about cats."},
+        {"role": "assistant", "content": "Cats are curious animals that love to nap in the sun."},
+        {"role": "user", "content": "And about dogs?"},
+    ]
+    first = engine.chat_prompt(history[:1])
+    engine.complete(first, Sampling(temperature=0, max_tokens=1))
+    warm = engine.complete(engine.chat_prompt(history), GREEDY)
+    assert warm.cached_tokens == len(first.tokens)  # the first turn was not read again
+    cold_engine = Engine(ModelLocation(smollm2), EngineOptions(ctx_size=1024, parallel=1, threads=2))
+    cold = cold_engine.complete(engine.chat_prompt(history), GREEDY)
+    assert cold.cached_tokens == 0
+    assert warm.text == cold.text and "dog" in warm.text.lower()
+
+
+def test_cancelled_stream_frees_its_slot_and_others_finish(engine: Engine) -> None:
+    long = Sampling(temperature=0, max_tokens=200)
+    dropped = engine.stream(ask(engine, "Tell me a long story about a dragon."), long)
+    kept = engine.stream(ask(engine, "Write one sentence about cats."), GREEDY)
+    next(dropped)
+    dropped.close()  # the client went away
+    pieces = list(kept)
+    assert pieces[-1].finish_reason in ("stop", "length") and "cat" in "".join(p.text for p in pieces).lower()
+    slots, waiting = engine.slots()
+    assert not any(s.is_processing for s in slots) and waiting == 0
+
+
+def test_waiting_line_is_bounded(engine: Engine) -> None:
+    long = Sampling(temperature=0, max_tokens=400)
+    streams = [engine.stream(engine.text_prompt(f"Story {i}:"), long) for i in range(6)]  # 4 slots + 2 waiting
+    try:
+        with pytest.raises(QueueFullError, match="all 4 slots are busy and 2 requests are waiting"):
+            engine.stream(engine.text_prompt("One more"), long)
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_generation_stops_at_the_end_of_its_context(smollm2: Path) -> None:
+    small = Engine(ModelLocation(smollm2), EngineOptions(ctx_size=64, parallel=2, threads=2))
+    prompt = small.text_prompt("Once upon a time")
+    done = small.complete(prompt, Sampling(temperature=0, max_tokens=1000, logit_bias={small.tokenize("<|endoftext|>", add_bos=False)[0]: -100}))
+    assert done.finish_reason == "length" and len(prompt.tokens) + done.completion_tokens <= small.n_ctx
+    with pytest.raises(PromptTooLongError, match=f"the context holds {small.n_ctx};"):
+        small.stream(small.text_prompt("word " * (small.n_ctx + 10)), GREEDY)
+
+
+def test_bad_settings_are_refused_before_any_output(engine: Engine) -> None:
+    with pytest.raises(SamplingError, match="outside the model's vocabulary"):
+        engine.stream(ask(engine, "Hi"), Sampling(logit_bias={10**9: 1.0}))
+    with pytest.raises(SamplingError, match="grammar"):
+        engine.stream(ask(engine, "Hi"), Sampling(grammar="root ::= ("))
+
+
+def test_grammar_constrains_the_answer(engine: Engine) -> None:
+    done = engine.complete(ask(engine, "Is the sky blue? Answer yes or no."), Sampling(temperature=0.8, seed=1, grammar='root ::= "yes" | "no"'))
+    assert done.text in ("yes", "no")
