@@ -340,7 +340,12 @@ def main() -> None:
         print("Build costs...", file=sys.stderr)
         costs = build_costs(model, stub, workdir)
         bundle = workdir / "b0.run"
-        ours = Target("llamabox", lambda port, extra: [str(bundle), "--nobrowser", "--port", str(port), "-c", str(CTX), *threads])
+        # The same cache on both sides: llama-server's -c is shared by its slots, ours is per slot.
+        ours = Target(
+            "llamabox",
+            lambda port, extra: [str(bundle), "--nobrowser", "--port", str(port), *threads,
+                                 *(["-np", str(CONCURRENT_CLIENTS), "-c", str(CTX // CONCURRENT_CLIENTS)] if extra else ["-np", "1", "-c", str(CTX)])],
+        )
         native = Target(
             "llama-server",
             lambda port, extra: [str(native_binary), "-m", str(model), "--port", str(port), "-c", str(CTX), *threads,
@@ -360,7 +365,7 @@ def main() -> None:
         "versions": f"llamabox {__version__}, llama-cpp-python {_version('llama-cpp-python')}, Python {platform.python_version()}, "
         f"PyInstaller {_version('pyinstaller')}",
         "model": f"{model.name} ({model.stat().st_size / 1e6:.1f} MB)",
-        "llamabox command": f"`<bundle> --nobrowser --port P -c {CTX} --threads {args.threads}` (stub from build.py, bundle from `llamabox build`)",
+        "llamabox command": f"`<bundle> --nobrowser --port P -c {CTX} -np 1 --threads {args.threads}` (`-np {CONCURRENT_CLIENTS} -c {CTX // CONCURRENT_CLIENTS}` for the concurrent row; stub from build.py, bundle from `llamabox build`)",
         "native command": f"`llama-server -m {model.name} --port P -c {CTX} --threads {args.threads} -np 1 --no-webui` (`-np {CONCURRENT_CLIENTS}` for the concurrent row), built with `cmake {' '.join(CMAKE_FLAGS)}` from the llama.cpp vendored in llama-cpp-python {_version('llama-cpp-python')}",
         "method": f"{args.runs} alternating A/B runs; median (min–max); greedy sampling, EOS suppressed so every decode run produces {DECODE_TOKENS} tokens; decode rate from the first to the last streamed token; prompt rate = prompt tokens / request time with a fresh prompt each time",
         "reproduce": "`python benchmarks/run.py" + (f" --model {args.model}" if args.model else "") + f" --runs {args.runs}`",

@@ -44,6 +44,14 @@ class _UserErrors(click.Command):
     help="Requests served at once, decoded together; each has its own --ctx-size tokens of context, so the "
     "context's memory grows with it (as Ollama's OLLAMA_NUM_PARALLEL). More requests wait in line. -p uses one.",
 )
+@click.option(
+    "--queue",
+    "max_waiting",
+    default=64,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Requests that may wait for a free slot; beyond that the server answers 503 with Retry-After.",
+)
 @click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads for generation [default: every core].")
 @click.option("--temp", "temperature", default=0.8, show_default=True, type=click.FloatRange(0), help="Default sampling temperature (0: greedy).")
 @click.option("-n", "--n-predict", default=-1, show_default=True, type=int, help="Default maximum tokens to generate (-1: until the context is full).")

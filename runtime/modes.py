@@ -28,6 +28,7 @@ def dispatch(
     port: int,
     ctx_size: int,
     parallel: int,
+    max_waiting: int,
     threads: int | None,
     temperature: float,
     n_predict: int,
@@ -58,6 +59,7 @@ def dispatch(
         EngineOptions(
             ctx_size=ctx_size,
             parallel=1 if prompt is not None else parallel,
+            max_waiting=max_waiting,
             threads=threads or backends.default_threads(),
             gpu_layers=machine.offload.layers,
             system_prompt=system_prompt,

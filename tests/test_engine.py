@@ -3,6 +3,7 @@ prompt reuse, cancellation, the waiting line and context limits."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -128,3 +129,38 @@ def test_bad_settings_are_refused_before_any_output(engine: Engine) -> None:
 def test_grammar_constrains_the_answer(engine: Engine) -> None:
     done = engine.complete(ask(engine, "Is the sky blue? Answer yes or no."), Sampling(temperature=0.8, seed=1, grammar='root ::= "yes" | "no"'))
     assert done.text in ("yes", "no")
+
+
+def test_async_readers_get_the_same_answers_on_one_thread(engine: Engine) -> None:
+    prompts = [ask(engine, "Write one sentence about cats."), ask(engine, "Name a fruit.")]
+    expected = [engine.complete(prompt, GREEDY).text for prompt in prompts]
+
+    async def read_all() -> list[str]:
+        dropped = engine.astream(ask(engine, "Tell me a long story."), Sampling(temperature=0, max_tokens=200))
+        await dropped.__anext__()  # type: ignore[attr-defined]
+        dropped.close()  # type: ignore[attr-defined]
+
+        async def one(prompt: Prompt) -> str:
+            return "".join([piece.text async for piece in engine.astream(prompt, GREEDY)])
+
+        return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+
+    threads_before = threading.active_count()
+    assert asyncio.run(read_all()) == expected
+    assert threading.active_count() == threads_before
+    assert not any(slot.is_processing for slot in engine.slots()[0])
+
+
+def test_embeddings_are_pooled_unit_vectors_and_leave_the_slots_alone(engine: Engine) -> None:
+    prompt = ask(engine, "Write one sentence about cats.")
+    alone = engine.complete(prompt, GREEDY).text
+    stream = engine.stream(prompt, GREEDY)  # a chat decoding while embeddings are made
+    cat, cat_again, mat, revenue = (
+        engine.embed(text) for text in
+        ["The cat sat on the mat.", "The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue rose by four percent."]
+    )
+    assert "".join(piece.text for piece in stream) == alone
+    assert cat == cat_again and len(cat) == 576  # SmolLM2's width
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in (cat, mat, revenue))
+    similarity = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    assert similarity(cat, mat) > similarity(cat, revenue)

@@ -298,3 +298,18 @@ def test_requests_decode_together(server: Server, client: openai.OpenAI) -> None
     for stream in streams:
         assert list(stream)[-1].choices[0].finish_reason == "length"
     assert httpx.get(server.url + "health").json()["slots_processing"] == 0
+
+
+def test_full_waiting_line_answers_503(bundle: Path) -> None:
+    running = start_server(bundle, "--port", "18091", "-np", "1", "--queue", "1")
+    body = {"messages": CATS, "max_tokens": 300, "temperature": 0, "stream": True, "logit_bias": {"0": -100}}
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as http:
+            with http.stream("POST", "v1/chat/completions", json=body) as in_slot, http.stream("POST", "v1/chat/completions", json=body) as waiting:
+                assert in_slot.status_code == waiting.status_code == 200
+                refused = http.post("v1/chat/completions", json={**body, "stream": False})
+                assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+                assert refused.json()["error"]["message"] == "all 1 slots are busy and 1 requests are waiting; try again shortly"
+            assert http.get("health").json()["requests_waiting"] == 0  # the two streams closed: nothing left behind
+    finally:
+        stop_server(running)

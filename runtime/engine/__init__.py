@@ -3,12 +3,12 @@
 Every front end (HTTP dialects, `-p`, the browser chat) goes through `Engine`; none of them sees
 llama-cpp-python. The model is mapped in place from the bundle (loader.py); one context holds
 `parallel` sequences that decode together (scheduler.py), each request with its own sampler chain
-(sampling.py) and text stream (text.py).
+(sampling.py) and text stream (text.py); embeddings have a context of their own (embeddings.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.loader import InPlaceModel
 from runtime.engine.sampling import Sampling, SamplingError
 from runtime.engine.scheduler import Chunk, EngineFailure, QueueFullError, Scheduler, SlotState
@@ -23,7 +24,7 @@ from runtime.errors import LlamaboxError, ModelFileError
 from runtime.model_source import ModelLocation
 
 __all__ = [
-    "ChatTemplateError", "Chunk", "Completion", "Engine", "EngineFailure", "EngineOptions", "Prompt",
+    "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "Prompt",
     "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState",
 ]
 
@@ -89,6 +90,7 @@ class Engine:
         self.n_ctx = llama_cpp.llama_n_ctx(self._context) // options.parallel  # per slot, as llama.cpp rounded it
         self._formatter = self._make_formatter()
         self._scheduler = Scheduler(self._model.model, self._context, self.n_ctx, options.parallel, N_BATCH, options.max_waiting)
+        self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
 
     def _new_context(self, n_ctx: int, parallel: int) -> Any:
         params = llama_cpp.llama_context_default_params()
@@ -141,16 +143,26 @@ class Engine:
         self._check_fits(prompt)
         return self._scheduler.submit(prompt.tokens, sampling, [*prompt.stop, *sampling.stop])
 
+    def astream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[Chunk]:
+        """`stream` for asyncio: call it in the event loop; waiting for pieces holds no thread.
+
+        Close it (`close()`) when the reader goes away, to cancel the request.
+        """
+        self._check_fits(prompt)
+        return self._scheduler.submit(prompt.tokens, sampling, [*prompt.stop, *sampling.stop], asynchronous=True)  # type: ignore[return-value]
+
+    async def acomplete(self, prompt: Prompt, sampling: Sampling) -> Completion:
+        stream = self.astream(prompt, sampling)
+        try:
+            return _completion([piece async for piece in stream])
+        finally:
+            stream.close()  # type: ignore[attr-defined]
+
     def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
-        pieces = list(self.stream(prompt, sampling))
-        last = pieces[-1]
-        return Completion(
-            text="".join(p.text for p in pieces),
-            finish_reason=last.finish_reason or "stop",
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            cached_tokens=last.cached_tokens,
-        )
+        return _completion(list(self.stream(prompt, sampling)))
+    def embed(self, text: str) -> list[float]:
+        """The text's embedding: pooled, unit length. Made in a context of its own (created on first use)."""
+        return self._embedder.embed(self.tokenize(text))
 
     def slots(self) -> tuple[list[SlotState], int]:
         """Each slot's state, and how many requests wait for one."""
@@ -165,3 +177,14 @@ class Engine:
                 f"the prompt is {len(prompt.tokens)} tokens but the context holds {self.n_ctx}; "
                 "shorten it or restart with a larger --ctx-size"
             )
+
+
+def _completion(pieces: list[Chunk]) -> Completion:
+    last = pieces[-1]
+    return Completion(
+        text="".join(p.text for p in pieces),
+        finish_reason=last.finish_reason or "stop",
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        cached_tokens=last.cached_tokens,
+    )

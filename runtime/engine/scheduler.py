@@ -11,11 +11,12 @@ order, up to a bound; each request's pieces go to its own queue, which its reade
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llama_cpp
@@ -51,6 +52,12 @@ class _Request:
         self.tokens, self.sampling, self.stop = tokens, sampling, stop
         self.pieces: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
         self.cancelled = False
+        self.listener: Callable[[], None] | None = None  # told after each piece (an asyncio reader's wake-up)
+
+    def put(self, piece: Chunk | BaseException) -> None:
+        self.pieces.put(piece)
+        if self.listener is not None:
+            self.listener()
 
 
 class _Stream:
@@ -65,7 +72,9 @@ class _Stream:
     def __next__(self) -> Chunk:
         if self._done:
             raise StopIteration
-        piece = self._request.pieces.get()
+        return self._take(self._request.pieces.get())
+
+    def _take(self, piece: Chunk | BaseException) -> Chunk:
         if isinstance(piece, BaseException):
             self._done = True
             raise piece
@@ -80,6 +89,28 @@ class _Stream:
 
     def __del__(self) -> None:
         self.close()
+
+
+class _AsyncStream(_Stream):
+    """The same for an asyncio reader: waits without holding a thread (the engine thread wakes it)."""
+
+    def __init__(self, request: _Request, cancel: Callable[[_Request], None]) -> None:
+        super().__init__(request, cancel)
+        loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
+        request.listener = lambda: loop.call_soon_threadsafe(self._ready.set)
+
+    def __aiter__(self) -> _AsyncStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        while not self._done:
+            try:
+                return self._take(self._request.pieces.get_nowait())
+            except queue.Empty:
+                self._ready.clear()
+                if self._request.pieces.empty():  # nothing came between the two looks: wait to be told
+                    await self._ready.wait()
+        raise StopAsyncIteration
 
 
 class _Slot:
@@ -122,8 +153,9 @@ class Scheduler:
 
     # --- called by readers, on their own threads ---------------------------------------------------
 
-    def submit(self, tokens: list[int], sampling: Sampling, stop: list[str]) -> Iterator[Chunk]:
-        """Queue a request; its pieces come from the returned iterator. Closing it cancels the request."""
+    def submit(self, tokens: list[int], sampling: Sampling, stop: list[str], asynchronous: bool = False) -> _Stream:
+        """Queue a request; its pieces come from the returned iterator (an async one if `asynchronous`,
+        which must be asked for in the event loop). Closing it cancels the request."""
         SamplerChain(sampling, self._vocab, self._n_vocab).close()  # refuse bad settings now, not mid-stream
         request = _Request(tokens, sampling, stop)
         with self._wake:
@@ -133,7 +165,7 @@ class Scheduler:
                 raise QueueFullError(f"all {len(self._slots)} slots are busy and {waiting} requests are waiting; try again shortly")
             self._waiting.append(request)
             self._wake.notify()
-        return _Stream(request, self._cancel)
+        return (_AsyncStream if asynchronous else _Stream)(request, self._cancel)
 
     def _cancel(self, request: _Request) -> None:
         with self._wake:
@@ -161,7 +193,7 @@ class Scheduler:
             except Exception as exc:  # a failed decode ends the requests in it, not the engine
                 for slot in self._slots:
                     if slot.request is not None:
-                        slot.request.pieces.put(EngineFailure(str(exc)))
+                        slot.request.put(EngineFailure(str(exc)))
                         self._free(slot, keep_cache=False)
 
     def _drop_cancelled(self) -> None:
@@ -180,7 +212,7 @@ class Scheduler:
             try:
                 self._start(slot, request)
             except Exception as exc:  # this request cannot start; the others go on
-                request.pieces.put(EngineFailure(str(exc)))
+                request.put(EngineFailure(str(exc)))
                 self._free(slot, keep_cache=False)
 
     def _start(self, slot: _Slot, request: _Request) -> None:
@@ -260,12 +292,12 @@ class Scheduler:
         if finish is None:
             slot.next_token = token
             if piece:
-                request.pieces.put(Chunk(piece))
+                request.put(Chunk(piece))
             return
         if not text.stopped:
             piece += text.flush()
         with self._wake:
-            request.pieces.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused))
+            request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused))
             self._free(slot, keep_cache=True)
 
 
@@ -278,10 +310,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _token_bytes(vocab: object, token: int) -> bytes:
-    buffer = (ctypes.c_char * 64)()
+def _token_bytes(vocab: object, token: int, buffer: ctypes.Array[ctypes.c_char] = (ctypes.c_char * 256)()) -> bytes:
+    """The token's text as bytes (`buffer` is reused: only the engine thread calls this)."""
     n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
-    if n < 0:  # longer than 64 bytes: llama.cpp says how long
-        buffer = (ctypes.c_char * -n)()
-        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
-    return bytes(buffer[:n])
+    if n < 0:  # longer than the buffer: llama.cpp says how long
+        longer = (ctypes.c_char * -n)()
+        n = llama_cpp.llama_token_to_piece(vocab, token, longer, len(longer), 0, False)
+        return bytes(longer[:n])
+    return buffer.raw[:n]

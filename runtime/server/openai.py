@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runtime.engine import Chunk, Engine, Prompt, Sampling
+from runtime.engine import Engine, Prompt, Sampling
 from runtime.server.errors import ApiError
 from runtime.server.settings import ServerSettings
 
@@ -100,33 +100,27 @@ async def _respond(request: Request, body: dict[str, Any], prompt: Prompt, shape
         "system_fingerprint": settings.fingerprint,
     }
     if not body.get("stream"):
-        done = await run_in_threadpool(engine.complete, prompt, sampling)
+        done = await engine.acomplete(prompt, sampling)
         usage = _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
         return JSONResponse({**envelope, "object": shape.object, "choices": [shape.choice(done.text, done.finish_reason)], "usage": usage})
 
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    chunks = engine.stream(prompt, sampling)
+    chunks = engine.astream(prompt, sampling)
 
     async def events() -> AsyncIterator[str]:
         try:
             if isinstance(shape, _ChatShape):
                 yield _event(envelope, shape.chunk_object, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            async for chunk in iterate_in_threadpool(chunks):
+            async for chunk in chunks:
                 if chunk.text or chunk.finish_reason:
                     yield _event(envelope, shape.chunk_object, [shape.delta(chunk.text, chunk.finish_reason)])
                 if chunk.finish_reason and include_usage:  # the engine's own counts, as in the non-streamed answer
                     yield _event(envelope, shape.chunk_object, [], usage=_usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens))
             yield "[DONE]"
         finally:
-            await run_in_threadpool(_close, chunks)
+            chunks.close()  # type: ignore[attr-defined]  # a client that went away frees its slot
 
     return EventSourceResponse(events(), ping=15)
-
-
-def _close(chunks: Iterator[Chunk]) -> None:
-    close: Callable[[], None] | None = getattr(chunks, "close", None)
-    if close is not None:
-        close()
 
 
 def _event(envelope: dict[str, Any], obj: str, choices: list[dict[str, Any]], **extra: Any) -> str:

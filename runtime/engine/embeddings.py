@@ -1,0 +1,62 @@
+"""Embeddings in a llama.cpp context of their own, over the same mapped weights, so that an embedding
+request never disturbs the chat slots. Pooled per text (the model's own pooling, or the mean of the
+tokens when the model names none) and scaled to unit length, as llama-server's OpenAI route does."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import llama_cpp
+from llama_cpp._utils import suppress_stdout_stderr
+
+from runtime.errors import LlamaboxError
+
+
+class EmbeddingError(LlamaboxError):
+    """A text that cannot be embedded (too long for the context)."""
+
+
+class Embedder:
+    def __init__(self, model: Any, metadata: dict[str, str], n_ctx: int, threads: int | None, verbose: bool) -> None:
+        self._model, self._n_ctx, self._threads, self._verbose = model, n_ctx, threads, verbose
+        architecture = metadata.get("general.architecture", "")
+        self._pooling = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if f"{architecture}.pooling_type" in metadata else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        self._n_embd = llama_cpp.llama_model_n_embd(model)
+        self._context: Any = None
+        self._lock = threading.Lock()  # one context, one text at a time
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        if len(tokens) > self._n_ctx:
+            raise EmbeddingError(f"the text is {len(tokens)} tokens but embeddings take at most {self._n_ctx}; shorten it")
+        with self._lock:
+            context = self._context or self._new_context()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context), True)
+            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+            try:
+                batch.n_tokens = len(tokens)
+                for i, token in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+                    batch.seq_id[i][0] = 0
+                run = llama_cpp.llama_encode if llama_cpp.llama_model_has_encoder(self._model) else llama_cpp.llama_decode
+                if run(context, batch) != 0:
+                    raise EmbeddingError("llama.cpp could not evaluate the text for its embedding")
+                pooled = llama_cpp.llama_get_embeddings_seq(context, 0)
+                vector = [float(pooled[i]) for i in range(self._n_embd)]
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        return [x / norm for x in vector]
+
+    def _new_context(self) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.embeddings, params.pooling_type = True, self._pooling
+        params.n_ctx = params.n_batch = params.n_ubatch = self._n_ctx  # a whole text in one step, as pooling needs
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self._threads or 0
+        with suppress_stdout_stderr(disable=self._verbose):
+            self._context = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._context:
+            raise EmbeddingError("llama.cpp could not make an embedding context for this model")
+        return self._context
