@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtime import backends
-from runtime.engine import Engine, EngineOptions, Prompt, PromptTooLongError, QueueFullError, Sampling, SamplingError
+from runtime.engine import Engine, EngineOptions, Prompt, PromptError, PromptTooLongError, QueueFullError, Sampling, SamplingError
 from runtime.model_source import ModelLocation
 
 GREEDY = Sampling(temperature=0, max_tokens=24)
@@ -164,3 +164,22 @@ def test_embeddings_are_pooled_unit_vectors_and_leave_the_slots_alone(engine: En
     assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in (cat, mat, revenue))
     similarity = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
     assert similarity(cat, mat) > similarity(cat, revenue)
+
+
+def test_bad_prompts_are_refused_and_others_go_on(engine: Engine) -> None:
+    other = engine.stream(ask(engine, "Write one sentence about cats."), GREEDY)
+    with pytest.raises(PromptError, match="empty"):
+        engine.stream(Prompt(tokens=[]), GREEDY)
+    with pytest.raises(PromptError, match="outside the model's vocabulary"):
+        engine.stream(Prompt(tokens=[1, -1]), GREEDY)
+    assert "cat" in "".join(piece.text for piece in other).lower()
+
+
+def test_an_async_reader_abandoned_with_its_event_loop_does_not_stop_the_engine(engine: Engine) -> None:
+    async def start_and_leave() -> None:
+        stream = engine.astream(ask(engine, "Tell me a long story."), Sampling(temperature=0, max_tokens=100))
+        await stream.__anext__()  # type: ignore[attr-defined]
+
+    asyncio.run(start_and_leave())  # the loop closes with the request still generating
+    assert "cat" in engine.complete(ask(engine, "Write one sentence about cats."), GREEDY).text.lower()
+    assert not any(slot.is_processing for slot in engine.slots()[0])

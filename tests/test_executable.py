@@ -126,6 +126,17 @@ def test_api_errors_are_openai_shaped(server: Server, client: openai.OpenAI) -> 
     long_prompt = "word " * 5000
     response = httpx.post(server.url + "v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
     assert response.status_code == 400 and "--ctx-size" in response.json()["error"]["message"]
+    for bad, param in [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 4, "stream": True, "stream_options": "yes"}, "stream_options"),
+        ({"max_tokens": 4, "logit_bias": {"99999999": 1}}, None),
+    ]:
+        response = httpx.post(server.url + "v1/chat/completions", json={"messages": CATS, **bad})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["error"]["param"] == param
+    response = httpx.post(server.url + "v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "Hi"}], "top_k": Infinity}',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "invalid sampling parameter" in response.json()["error"]["message"]
 
 
 def test_weights_are_mapped_from_the_executable(server: Server, bundle: Path) -> None:

@@ -19,13 +19,13 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.loader import InPlaceModel
 from runtime.engine.sampling import Sampling, SamplingError
-from runtime.engine.scheduler import Chunk, EngineFailure, QueueFullError, Scheduler, SlotState
+from runtime.engine.scheduler import Chunk, EngineFailure, PromptError, QueueFullError, Scheduler, SlotState
 from runtime.errors import LlamaboxError, ModelFileError
 from runtime.model_source import ModelLocation
 
 __all__ = [
     "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "Prompt",
-    "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState",
+    "PromptError", "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState",
 ]
 
 # Used for chat when a model has no template of its own: plain ChatML, which most base and
@@ -120,7 +120,8 @@ class Engine:
         return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def text_prompt(self, text: str) -> Prompt:
-        return Prompt(tokens=self.tokenize(text) if text else [self._model.token_bos()])
+        bos = self._model.token_bos()
+        return Prompt(tokens=self.tokenize(text) if text else ([bos] if bos >= 0 else []))
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> Prompt:
         """Apply the chat template (or ChatML) to OpenAI-style messages, adding --system-prompt."""

@@ -18,9 +18,12 @@ class EmbeddingError(LlamaboxError):
     """A text that cannot be embedded (too long for the context)."""
 
 
+MAX_TOKENS = 2048  # per text: the whole text is one step, and the context's buffers grow with it
+
+
 class Embedder:
     def __init__(self, model: Any, metadata: dict[str, str], n_ctx: int, threads: int | None, verbose: bool) -> None:
-        self._model, self._n_ctx, self._threads, self._verbose = model, n_ctx, threads, verbose
+        self._model, self._n_ctx, self._threads, self._verbose = model, min(n_ctx, MAX_TOKENS), threads, verbose
         architecture = metadata.get("general.architecture", "")
         self._pooling = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if f"{architecture}.pooling_type" in metadata else llama_cpp.LLAMA_POOLING_TYPE_MEAN
         self._n_embd = llama_cpp.llama_model_n_embd(model)
@@ -28,6 +31,8 @@ class Embedder:
         self._lock = threading.Lock()  # one context, one text at a time
 
     def embed(self, tokens: list[int]) -> list[float]:
+        if not tokens:
+            raise EmbeddingError("the text to embed is empty")
         if len(tokens) > self._n_ctx:
             raise EmbeddingError(f"the text is {len(tokens)} tokens but embeddings take at most {self._n_ctx}; shorten it")
         with self._lock:

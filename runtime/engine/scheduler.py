@@ -28,12 +28,16 @@ from runtime.errors import LlamaboxError
 PROMPT_CHUNK = 512  # prompt tokens per step while other sequences are generating (llama-server's n_ubatch)
 
 
+class PromptError(LlamaboxError):
+    """A prompt the model cannot read (empty, or with tokens outside its vocabulary)."""
+
+
 class QueueFullError(LlamaboxError):
     """Every slot is busy and the waiting line is full."""
 
 
-class EngineFailure(Exception):
-    """llama.cpp failed to evaluate a batch (not the user's doing)."""
+class EngineFailure(LlamaboxError):
+    """llama.cpp failed to evaluate a batch (not the user's doing: the HTTP server answers 500)."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,13 @@ class _Request:
         self.listener: Callable[[], None] | None = None  # told after each piece (an asyncio reader's wake-up)
 
     def put(self, piece: Chunk | BaseException) -> None:
+        """Hand a piece to the reader; never raises (the engine thread calls it)."""
         self.pieces.put(piece)
         if self.listener is not None:
-            self.listener()
+            try:
+                self.listener()
+            except RuntimeError:  # the reader's event loop is closed: nobody will read this request
+                self.cancelled = True
 
 
 class _Stream:
@@ -96,8 +104,11 @@ class _AsyncStream(_Stream):
 
     def __init__(self, request: _Request, cancel: Callable[[_Request], None]) -> None:
         super().__init__(request, cancel)
-        loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
-        request.listener = lambda: loop.call_soon_threadsafe(self._ready.set)
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        self._ready = ready
+        # Only the event, not this stream: the engine must not keep an abandoned stream alive, so that
+        # its __del__ can cancel the request.
+        request.listener = lambda: loop.call_soon_threadsafe(ready.set)
 
     def __aiter__(self) -> _AsyncStream:
         return self
@@ -141,6 +152,7 @@ class Scheduler:
         self._model, self._context = model, context
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._n_swa = llama_cpp.llama_model_n_swa(model)
         self._memory = llama_cpp.llama_get_memory(context)
         self.n_ctx_slot, self._n_batch, self._max_waiting = n_ctx_slot, n_batch, max_waiting
         self._slots = [_Slot(i) for i in range(parallel)]
@@ -156,6 +168,11 @@ class Scheduler:
     def submit(self, tokens: list[int], sampling: Sampling, stop: list[str], asynchronous: bool = False) -> _Stream:
         """Queue a request; its pieces come from the returned iterator (an async one if `asynchronous`,
         which must be asked for in the event loop). Closing it cancels the request."""
+        if not tokens:
+            raise PromptError("the prompt is empty; send some text")
+        outside = next((t for t in tokens if not 0 <= t < self._n_vocab), None)
+        if outside is not None:
+            raise PromptError(f"the prompt holds token {outside}, outside the model's vocabulary of {self._n_vocab} tokens")
         SamplerChain(sampling, self._vocab, self._n_vocab).close()  # refuse bad settings now, not mid-stream
         request = _Request(tokens, sampling, stop)
         with self._wake:
@@ -181,25 +198,29 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            with self._wake:
-                self._drop_cancelled()
-                self._assign_waiting()
-                while not any(slot.request for slot in self._slots):
-                    self._wake.wait()
+            try:
+                with self._wake:
                     self._drop_cancelled()
                     self._assign_waiting()
-            try:
+                    while not any(slot.request for slot in self._slots):
+                        self._wake.wait()
+                        self._drop_cancelled()
+                        self._assign_waiting()
                 self._step()
-            except Exception as exc:  # a failed decode ends the requests in it, not the engine
-                for slot in self._slots:
-                    if slot.request is not None:
-                        slot.request.put(EngineFailure(str(exc)))
-                        self._free(slot, keep_cache=False)
+            except Exception as exc:  # a failed step ends the requests in it, never the engine
+                with self._wake:
+                    for slot in self._slots:
+                        if slot.request is not None:
+                            slot.request.put(EngineFailure(str(exc)))
+                            self._free(slot, keep_cache=False)
 
     def _drop_cancelled(self) -> None:
+        for request in [r for r in self._waiting if r.cancelled]:
+            request.put(Chunk("", "cancelled"))  # wakes a reader still blocked elsewhere
         self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
         for slot in self._slots:
             if slot.request is not None and slot.request.cancelled:
+                slot.request.put(Chunk("", "cancelled"))
                 self._free(slot, keep_cache=True)
 
     def _assign_waiting(self) -> None:
@@ -217,8 +238,10 @@ class Scheduler:
 
     def _start(self, slot: _Slot, request: _Request) -> None:
         keep = min(_common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)  # read at least one token
-        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.id, keep, -1):
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)  # this model's cache cannot be cut: start over
+        cut = llama_cpp.llama_memory_seq_rm(self._memory, slot.id, keep, -1)
+        # A sliding-window cache has already dropped what lies before the window: reuse needs it whole.
+        if not cut or (self._n_swa > 0 and keep > 0 and llama_cpp.llama_memory_seq_pos_min(self._memory, slot.id) > max(0, keep - self._n_swa)):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)  # this cache cannot be cut here: start over
             keep = 0
         slot.cached, slot.pending = request.tokens[:keep], request.tokens[keep:]
         slot.reused, slot.generated, slot.next_token = keep, 0, None

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runtime.engine import Engine, Prompt, Sampling
+from runtime.engine import Engine, EngineFailure, Prompt, Sampling
 from runtime.server.errors import ApiError
 from runtime.server.settings import ServerSettings
 
@@ -104,18 +104,25 @@ async def _respond(request: Request, body: dict[str, Any], prompt: Prompt, shape
         usage = _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
         return JSONResponse({**envelope, "object": shape.object, "choices": [shape.choice(done.text, done.finish_reason)], "usage": usage})
 
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    include_usage = bool(stream_options.get("include_usage"))
     chunks = engine.astream(prompt, sampling)
 
     async def events() -> AsyncIterator[str]:
         try:
             if isinstance(shape, _ChatShape):
                 yield _event(envelope, shape.chunk_object, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-            async for chunk in chunks:
-                if chunk.text or chunk.finish_reason:
-                    yield _event(envelope, shape.chunk_object, [shape.delta(chunk.text, chunk.finish_reason)])
-                if chunk.finish_reason and include_usage:  # the engine's own counts, as in the non-streamed answer
-                    yield _event(envelope, shape.chunk_object, [], usage=_usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens))
+            try:
+                async for chunk in chunks:
+                    if chunk.text or chunk.finish_reason:
+                        yield _event(envelope, shape.chunk_object, [shape.delta(chunk.text, chunk.finish_reason)])
+                    if chunk.finish_reason and include_usage:  # the engine's own counts, as in the non-streamed answer
+                        yield _event(envelope, shape.chunk_object, [], usage=_usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens))
+            except EngineFailure as exc:  # after the first event the status is sent: the error goes in the stream
+                yield json.dumps({"error": {"message": f"llama.cpp failed to evaluate the request ({exc})", "type": "server_error", "param": None, "code": None}})
+                return
             yield "[DONE]"
         finally:
             chunks.close()  # type: ignore[attr-defined]  # a client that went away frees its slot
@@ -150,7 +157,10 @@ def _plain_message(message: dict[str, Any]) -> dict[str, Any]:
     """OpenAI content may be a list of parts; the engine takes plain text."""
     content = message.get("content")
     if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            raise ApiError(400, "each text part of a message needs a string 'text'", param="messages")
+        content = "".join(texts)  # type: ignore[arg-type]
     return {**message, "role": message.get("role", "user"), "content": content or ""}
 
 
@@ -159,6 +169,8 @@ def _sampling(body: dict[str, Any], settings: ServerSettings) -> Sampling:
     if isinstance(stop, str):
         stop = [stop]
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise ApiError(400, "'max_tokens' must be a whole number of at least 1 (leave it out for no limit)", param="max_tokens")
     try:
         return Sampling(
             max_tokens=int(max_tokens) if max_tokens is not None else settings.n_predict,
@@ -173,5 +185,5 @@ def _sampling(body: dict[str, Any], settings: ServerSettings) -> Sampling:
             stop=[str(s) for s in stop],
             logit_bias={int(token): float(bias) for token, bias in (body.get("logit_bias") or {}).items()},
         )
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ApiError(400, f"invalid sampling parameter: {exc}") from None
