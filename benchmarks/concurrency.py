@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,31 +25,15 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.native import llama_server  # noqa: E402
-from benchmarks.run import Running, decode_rate, eos_token, free_port, stream_completion  # noqa: E402
+from benchmarks.run import CONCURRENT_TOKENS, Running, build_bundle, concurrent_rate, decode_rate, eos_token, free_port  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
 from runtime.cpu_features import cpu_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (1, 2, 4, 8)
-CONCURRENT_TOKENS = 128
 CTX_PER_SLOT = 1024
 CHAT_TURNS = 10
-
-
-def aggregate_rate(url: str, clients: int, eos: int) -> float:
-    counts: list[int] = []
-
-    def client(i: int) -> None:
-        counts.append(stream_completion(url, f"Story number {i} of {time.time()}: once upon a time", CONCURRENT_TOKENS, eos)[0])
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.monotonic() - started)
 
 
 def tenth_turn_first_token(url: str) -> float:
@@ -90,9 +73,7 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "model.run"
-        subprocess.run([sys.executable, "-c", "from bundler.cli import main; main()", "build", str(model), "-o", str(bundle), "--stub", str(stub)],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        bundle = build_bundle(model, stub, Path(tmp) / "model.run")
 
         def ours(n: int) -> list[str]:
             return [str(bundle), "--nobrowser", "--port", str(free_port()), "-np", str(n), "-c", str(CTX_PER_SLOT), *threads]
@@ -107,7 +88,7 @@ def main() -> None:
                     server = Running(command(n))
                     try:
                         rows.setdefault(f"aggregate tok/s, {n} client{'s' if n > 1 else ''}", {}).setdefault(name, []).append(
-                            aggregate_rate(server.url, n, eos))
+                            concurrent_rate(server.url, eos, clients=n))
                         if n == 1:  # the noisiest row: three samples per start
                             rows.setdefault("single-stream decode tok/s (first to last token)", {}).setdefault(name, []).extend(
                                 decode_rate(server.url, eos) for _ in range(3))

@@ -80,10 +80,14 @@ class Running:
 
     def peak_rss_mb(self) -> float:
         """Sum of the peak resident memory (VmHWM) of the process and its descendants."""
+        return self.memory_mb("VmHWM")
+
+    def memory_mb(self, field: str) -> float:
+        """Sum of a /proc/PID/status memory field (VmHWM, VmRSS) over the process and its descendants."""
         total = 0
         for pid in [self.process.pid, *_descendants(self.process.pid)]:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     total += int(line.split()[1])
         return total / 1024
 
@@ -137,13 +141,14 @@ def prompt_rate(url: str, filler: str) -> float:
     return response.json()["usage"]["prompt_tokens"] / elapsed
 
 
-def concurrent_rate(url: str, eos: int) -> float:
+def concurrent_rate(url: str, eos: int, clients: int = CONCURRENT_CLIENTS) -> float:
+    """Aggregate tokens per second of `clients` streaming clients, each asking for CONCURRENT_TOKENS."""
     counts: list[int] = []
 
     def client(i: int) -> None:
-        counts.append(stream_completion(url, f"Story number {i}: once upon a time", CONCURRENT_TOKENS, eos)[0])
+        counts.append(stream_completion(url, f"Story number {i} of {time.time()}: once upon a time", CONCURRENT_TOKENS, eos)[0])
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CONCURRENT_CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     started = time.monotonic()
     for t in threads:
         t.start()
@@ -229,6 +234,13 @@ def start_times(command: list[str], runs: int) -> list[float]:
     return times
 
 
+def build_bundle(model: Path, stub: Path, out: Path) -> Path:
+    """`llamabox build MODEL -o OUT --stub STUB`, as a user runs it."""
+    subprocess.run([sys.executable, "-c", "from bundler.cli import main; main()", "build", str(model), "-o", str(out), "--stub", str(stub)],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out
+
+
 def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
     def timed(command: list[str]) -> float:
         started = time.monotonic()
@@ -244,8 +256,7 @@ def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
     # The same runtime with its libraries stored uncompressed (build.py --uncompressed).
     subprocess.run([sys.executable, str(ROOT / "build.py"), "--uncompressed", "--dist", str(workdir / "u")], check=True, stdout=subprocess.DEVNULL)
     fast_stub = next((workdir / "u").iterdir())
-    fast = workdir / "fast.run"
-    subprocess.run([*llamabox, "build", str(model), "-o", str(fast), "--stub", str(fast_stub)], check=True, stdout=subprocess.DEVNULL)
+    fast = build_bundle(model, fast_stub, workdir / "fast.run")
     return {
         "stub_mb": stub.stat().st_size / 1e6,
         "overhead_mb": (bundle.stat().st_size - model.stat().st_size) / 1e6,

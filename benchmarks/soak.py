@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.run import Running, free_port  # noqa: E402
+from benchmarks.run import Running, build_bundle, free_port  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
 from runtime.cpu_features import cpu_info  # noqa: E402
@@ -93,9 +93,7 @@ def main() -> None:
     if not stub.exists():
         subprocess.run([sys.executable, str(ROOT / "build.py")], check=True)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "model.run"
-        subprocess.run([sys.executable, "-c", "from bundler.cli import main; main()", "build", str(model), "-o", str(bundle), "--stub", str(stub)],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        bundle = build_bundle(model, stub, Path(tmp) / "model.run")
         server = Running([str(bundle), "--nobrowser", "--port", str(free_port()), "-np", str(args.parallel), "-c", "1024"])
         try:
             tally = Tally()
@@ -104,12 +102,12 @@ def main() -> None:
             for t in threads:
                 t.start()
             time.sleep(min(60, args.minutes * 30))
-            rss_early = _rss_mb(server)
+            rss_early = server.memory_mb("VmRSS")
             for t in threads:
                 t.join()
             time.sleep(1)
             health = httpx.get(server.url + "/health").json()
-            rss_end = _rss_mb(server)
+            rss_end = server.memory_mb("VmRSS")
         finally:
             server.stop()
     drift = (rss_end - rss_early) / rss_early
@@ -122,18 +120,6 @@ def main() -> None:
     for failure in tally.failures:
         print(f"- failure: {failure}")
     sys.exit(0 if tally.failed == 0 and health["slots_processing"] == 0 and abs(drift) < 0.05 else 1)
-
-
-def _rss_mb(server: Running) -> float:
-    """Current resident memory (VmRSS) of the server's process tree."""
-    from benchmarks.run import _descendants
-
-    total = 0
-    for pid in [server.process.pid, *_descendants(server.process.pid)]:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
 
 
 if __name__ == "__main__":
