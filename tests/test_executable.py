@@ -329,3 +329,15 @@ def test_full_waiting_line_answers_503(bundle: Path) -> None:
                 time.sleep(0.1)
     finally:
         stop_server(running)
+
+
+def test_usage_reports_the_reused_prompt(client: openai.OpenAI) -> None:
+    history = [{"role": "user", "content": "Name three rivers."}]
+    first = client.chat.completions.create(model="any", messages=history, temperature=0, max_tokens=16)
+    again = client.chat.completions.create(
+        model="any", messages=[*history, {"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "And one more?"}],
+        temperature=0, max_tokens=8,
+    )
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    assert first.usage.prompt_tokens <= cached < again.usage.prompt_tokens  # the first turn was not read again
