@@ -38,11 +38,10 @@ class _UserErrors(click.Command):
 @click.option(
     "-np",
     "--parallel",
-    default=4,
-    show_default=True,
     type=click.IntRange(1, 64),
     help="Requests served at once, decoded together; each has its own --ctx-size tokens of context, so the "
-    "context's memory grows with it (as Ollama's OLLAMA_NUM_PARALLEL). More requests wait in line. -p uses one.",
+    "cache's memory grows with it (as Ollama's OLLAMA_NUM_PARALLEL). More requests wait in line. -p uses one. "
+    "[default: 4, fewer if their caches would take more than a quarter of the memory free at start]",
 )
 @click.option(
     "--queue",

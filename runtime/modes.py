@@ -27,7 +27,7 @@ def dispatch(
     host: str,
     port: int,
     ctx_size: int,
-    parallel: int,
+    parallel: int | None,
     max_waiting: int,
     threads: int | None,
     temperature: float,
@@ -75,7 +75,7 @@ def dispatch(
     from runtime.server.settings import ServerSettings
 
     sock = bind(host, port, explicit_port)
-    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - obj['started']:.2f} s, {parallel} slots of {engine.n_ctx} tokens of context", err=True)
+    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - obj['started']:.2f} s, {engine.parallel} slots of {engine.n_ctx} tokens of context", err=True)
     for line in machine.lines():
         click.echo(f"llamabox: {line}", err=True)
     settings = ServerSettings(

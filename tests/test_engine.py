@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from runtime import backends
-from runtime.engine import Engine, EngineOptions, Prompt, PromptError, PromptTooLongError, QueueFullError, Sampling, SamplingError
+from runtime.engine import (
+    Engine,
+    EngineOptions,
+    Prompt,
+    PromptError,
+    PromptTooLongError,
+    QueueFullError,
+    Sampling,
+    SamplingError,
+)
 from runtime.model_source import ModelLocation
 
 GREEDY = Sampling(temperature=0, max_tokens=24)

@@ -16,6 +16,7 @@ import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from runtime.engine import memory
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.loader import InPlaceModel
 from runtime.engine.sampling import Sampling, SamplingError
@@ -50,7 +51,7 @@ class ChatTemplateError(LlamaboxError):
 @dataclass(frozen=True)
 class EngineOptions:
     ctx_size: int = 4096  # tokens of context per slot; 0: the model's own
-    parallel: int = 1  # sequences decoded together
+    parallel: int | None = 1  # sequences decoded together; None: as many as memory allows, up to 4 (memory.py)
     max_waiting: int = 64  # requests that may wait for a slot before new ones are refused
     threads: int | None = None
     gpu_layers: int = 0
@@ -86,10 +87,11 @@ class Engine:
         self.chat_template = metadata.get("tokenizer.chat_template")
         self.model_name = metadata.get("general.name") or location.path.stem
         per_slot = options.ctx_size or self._model.n_ctx_train()
-        self._context = self._new_context(per_slot * options.parallel, options.parallel)
-        self.n_ctx = llama_cpp.llama_n_ctx(self._context) // options.parallel  # per slot, as llama.cpp rounded it
+        self.parallel = options.parallel or memory.auto_parallel(memory.kv_bytes_per_token(metadata), per_slot, memory.available_memory())
+        self._context = self._new_context(per_slot * self.parallel, self.parallel)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._context) // self.parallel  # per slot, as llama.cpp rounded it
         self._formatter = self._make_formatter()
-        self._scheduler = Scheduler(self._model.model, self._context, self.n_ctx, options.parallel, N_BATCH, options.max_waiting)
+        self._scheduler = Scheduler(self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting)
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
 
     def _new_context(self, n_ctx: int, parallel: int) -> Any:
