@@ -143,16 +143,18 @@ class Engine:
         Checks the prompt and the settings at once (not at the first piece), so errors come before
         any output. Closing the iterator cancels the request and frees its slot.
         """
-        self._check_fits(prompt)
-        return self._scheduler.submit(prompt.tokens, sampling, [*prompt.stop, *sampling.stop])
+        return self._submit(prompt, sampling, asynchronous=False)
 
     def astream(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[Chunk]:
         """`stream` for asyncio: call it in the event loop; waiting for pieces holds no thread.
 
         Close it (`close()`) when the reader goes away, to cancel the request.
         """
+        return self._submit(prompt, sampling, asynchronous=True)  # type: ignore[return-value]
+
+    def _submit(self, prompt: Prompt, sampling: Sampling, asynchronous: bool) -> Any:
         self._check_fits(prompt)
-        return self._scheduler.submit(prompt.tokens, sampling, [*prompt.stop, *sampling.stop], asynchronous=True)  # type: ignore[return-value]
+        return self._scheduler.submit(prompt.tokens, sampling, [*prompt.stop, *sampling.stop], asynchronous=asynchronous)
 
     async def acomplete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         stream = self.astream(prompt, sampling)
@@ -163,6 +165,7 @@ class Engine:
 
     def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         return _completion(list(self.stream(prompt, sampling)))
+
     def embed(self, text: str) -> list[float]:
         """The text's embedding: pooled, unit length. Made in a context of its own (created on first use)."""
         return self._embedder.embed(self.tokenize(text))
@@ -170,9 +173,6 @@ class Engine:
     def slots(self) -> tuple[list[SlotState], int]:
         """Each slot's state, and how many requests wait for one."""
         return self._scheduler.state()
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenize(text, add_bos=False)) if text else 0
 
     def _check_fits(self, prompt: Prompt) -> None:
         if len(prompt.tokens) >= self.n_ctx:
