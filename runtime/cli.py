@@ -34,6 +34,19 @@ class _UserErrors(click.Command):
 @click.option("--verify", is_flag=True, help="Check the embedded model's SHA-256 before starting.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on; if it is taken and not given here, the next free one.")
+@click.option(
+    "--ollama-port",
+    type=click.IntRange(1, 65535),
+    help="Also serve every API on this port; 11434 makes unmodified Ollama clients find the model.",
+)
+@click.option("--api-key", envvar="LLAMABOX_API_KEY", help="Require this key on every API route (Authorization: Bearer KEY or x-api-key) [env LLAMABOX_API_KEY].")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Accept requests for this host name too (repeatable); by default only the listening address and localhost, against DNS rebinding.",
+)
+@click.option("--cors", "cors_origins", multiple=True, help="Let web pages from this origin call the API (repeatable; * for any) [default: none].")
 @click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens for each request (0: the model's own).")
 @click.option(
     "-np",
@@ -53,6 +66,11 @@ class _UserErrors(click.Command):
 )
 @click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads for generation [default: every core].")
 @click.option("--temp", "temperature", default=0.8, show_default=True, type=click.FloatRange(0), help="Default sampling temperature (0: greedy).")
+@click.option("--top-k", default=40, show_default=True, type=click.IntRange(0), help="Default top-k sampling (0: off).")
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Default top-p (nucleus) sampling (1: off).")
+@click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Default min-p sampling (0: off).")
+@click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(0), help="Default penalty for repeated tokens (1: off).")
+@click.option("--seed", default=-1, show_default=True, type=int, help="Default random seed (-1: a new one per request).")
 @click.option("-n", "--n-predict", default=-1, show_default=True, type=int, help="Default maximum tokens to generate (-1: until the context is full).")
 @click.option("--system-prompt", help="System message prepended to every chat that has none.")
 @click.option(
@@ -63,11 +81,11 @@ class _UserErrors(click.Command):
 @click.option("--gpu", type=click.Choice(["auto", "off"]), default="auto", show_default=True, help="Use a GPU if the runtime has a backend for it.")
 @click.option("--gpu-layers", type=click.IntRange(0), help="Layers to offload to the GPU [default: all].")
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's own log.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's own log and one line per HTTP request.")
 @click.version_option(__version__, prog_name="llamabox runtime")
 @click.pass_context
 def run(ctx: click.Context, **options: object) -> None:
-    """Run the model in this file: a chat in the browser and an OpenAI-compatible API on localhost.
+    """Run the model in this file: a chat in the browser and the OpenAI, Anthropic, llama.cpp and Ollama APIs on localhost.
 
     \b
     Examples:
@@ -80,7 +98,7 @@ def run(ctx: click.Context, **options: object) -> None:
     from runtime import modes
 
     explicit_port = ctx.get_parameter_source("port") is not click.core.ParameterSource.DEFAULT
-    modes.dispatch(ctx.obj, explicit_port=explicit_port, **options)  # type: ignore[arg-type]
+    modes.dispatch(ctx.obj["own"], ctx.obj["started"], modes.RunOptions(explicit_port=explicit_port, **options))  # type: ignore[arg-type]
 
 
 def check_args(args: list[str]) -> str | None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,78 +17,104 @@ from runtime.engine import Engine, EngineOptions, Sampling
 from runtime.model_source import ModelSource, OwnBundle
 
 
-def dispatch(
-    obj: dict[str, Any],
-    *,
-    explicit_port: bool,
-    model: Path | None,
-    prompt: str | None,
-    info: bool,
-    verify: bool,
-    host: str,
-    port: int,
-    ctx_size: int,
-    parallel: int | None,
-    max_waiting: int,
-    threads: int | None,
-    temperature: float,
-    n_predict: int,
-    system_prompt: str | None,
-    cpu_variant: str | None,
-    gpu: str,
-    gpu_layers: int | None,
-    nobrowser: bool,
-    verbose: bool,
-) -> None:
-    own: OwnBundle = obj["own"]
-    source = model_source.resolve(model, own)
-    if verify and source.bundle is not None:
+@dataclass(frozen=True)
+class RunOptions:
+    """The command line, parsed (cli.py)."""
+
+    model: Path | None
+    prompt: str | None
+    info: bool
+    verify: bool
+    host: str
+    port: int
+    explicit_port: bool
+    ollama_port: int | None
+    api_key: str | None
+    allowed_hosts: tuple[str, ...]
+    cors_origins: tuple[str, ...]
+    ctx_size: int
+    parallel: int | None
+    max_waiting: int
+    threads: int | None
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    seed: int
+    n_predict: int
+    system_prompt: str | None
+    cpu_variant: str | None
+    gpu: str
+    gpu_layers: int | None
+    nobrowser: bool
+    verbose: bool
+
+    @property
+    def sampling(self) -> Sampling:
+        """The default sampling settings, which each request may override."""
+        return Sampling(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            seed=None if self.seed < 0 else self.seed,
+            max_tokens=self.n_predict if self.n_predict > 0 else None,
+        )
+
+
+def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
+    source = model_source.resolve(options.model, own)
+    if options.verify and source.bundle is not None:
         model_source.verify(source.bundle)
         click.echo(f"llamabox: {source.bundle.path.name}: model SHA-256 OK", err=True)
-    cpu, cpu_backend = hardware.choose_cpu_kernels(cpu_variant, say=lambda line: click.echo(f"llamabox: {line}", err=True))
+    cpu, cpu_backend = hardware.choose_cpu_kernels(options.cpu_variant, say=lambda line: click.echo(f"llamabox: {line}", err=True))
     for warning in cpu_backend.warnings:
         click.echo(f"llamabox: warning: {warning}", err=True)
-    if not info:
+    if not options.info:
         supervisor.supervise(cpu_backend.variant)
-    machine = hardware.add_gpu(cpu, cpu_backend, gpu, gpu_layers)
-    if info:
+    machine = hardware.add_gpu(cpu, cpu_backend, options.gpu, options.gpu_layers)
+    if options.info:
         print_info(source, machine)
         return
 
     engine = Engine(
         source.location,
         EngineOptions(
-            ctx_size=ctx_size,
-            parallel=1 if prompt is not None else parallel,
-            max_waiting=max_waiting,
-            threads=threads or backends.default_threads(),
+            ctx_size=options.ctx_size,
+            parallel=1 if options.prompt is not None else options.parallel,
+            max_waiting=options.max_waiting,
+            threads=options.threads or backends.default_threads(),
             gpu_layers=machine.offload.layers,
-            system_prompt=system_prompt,
-            verbose=verbose,
+            system_prompt=options.system_prompt,
+            verbose=options.verbose,
         ),
     )
-    sampling = Sampling(temperature=temperature, max_tokens=n_predict if n_predict > 0 else None)
-    if prompt is not None:
-        run_prompt(engine, prompt, sampling)
+    if options.prompt is not None:
+        run_prompt(engine, options.prompt, options.sampling)
         return
 
-    from runtime.serve import bind, serve
-    from runtime.server.settings import ServerSettings
+    from runtime.serve import Listeners, serve
+    from runtime.server.settings import Access, ServerSettings
 
-    sock = bind(host, port, explicit_port)
-    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - obj['started']:.2f} s, {engine.parallel} slots of {engine.n_ctx} tokens of context", err=True)
+    listeners = Listeners.open(options.host, options.port, options.explicit_port, options.ollama_port)
+    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - started:.2f} s, {engine.parallel} slots of {engine.n_ctx} tokens of context", err=True)
     for line in machine.lines():
         click.echo(f"llamabox: {line}", err=True)
+    if not options.api_key and options.host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"llamabox: warning: listening on {options.host} without --api-key: anyone who can reach this machine can use the model", err=True)
     settings = ServerSettings(
         model_id=source.name,
         started_at=int(time.time()),
         fingerprint=_fingerprint(source),
-        temperature=temperature,
-        n_predict=sampling.max_tokens,
+        defaults=options.sampling,
         ui_dir=packaged.ui_dir(),
         hardware=machine.as_dict(),
+        model_size=_model_size(source),
+        access=Access(options.api_key or None, options.allowed_hosts, options.cors_origins, access_log=options.verbose),
     )
-    serve(engine, settings, sock, open_browser=not nobrowser)
+    serve(engine, settings, listeners, open_browser=not options.nobrowser)
 
 
 def run_prompt(engine: Engine, text: str, sampling: Sampling) -> None:
@@ -111,6 +138,10 @@ def print_info(source: ModelSource, machine: hardware.Hardware) -> None:
 def _manifest_dict(source: ModelSource) -> dict[str, Any]:
     assert source.bundle is not None
     return json.loads(source.bundle.manifest.to_json())
+
+
+def _model_size(source: ModelSource) -> int:
+    return source.bundle.manifest.model.size if source.bundle is not None else source.location.path.stat().st_size
 
 
 def _fingerprint(source: ModelSource) -> str:

@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import webbrowser
+from dataclasses import dataclass
 
 import click
 import uvicorn
@@ -38,24 +39,55 @@ def bind(host: str, port: int, explicit: bool) -> socket.socket:
     raise LlamaboxError(f"ports {port}-{port + PORT_ATTEMPTS - 1} on {host} are all taken; choose one with --port")
 
 
+@dataclass(frozen=True)
+class Listeners:
+    """The sockets the server answers on: the main port, and the Ollama port if asked for."""
+
+    main: socket.socket
+    ollama: socket.socket | None
+
+    @classmethod
+    def open(cls, host: str, port: int, explicit: bool, ollama_port: int | None) -> Listeners:
+        main = bind(host, port, explicit)
+        if ollama_port is None:
+            return cls(main, None)
+        try:
+            return cls(main, bind(host, ollama_port, explicit=True))
+        except LlamaboxError as exc:
+            main.close()
+            raise LlamaboxError(str(exc).replace("--port", "--ollama-port")) from None
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.main, self.ollama] if self.ollama else [self.main]
+
+
+def url_of(sock: socket.socket) -> str:
+    """How a browser reaches this socket: 0.0.0.0 and :: as 127.0.0.1, IPv6 addresses in brackets."""
+    host, port = sock.getsockname()[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+
+
 def has_display() -> bool:
     if sys.platform in ("darwin", "win32"):
         return True
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def serve(engine: Engine, settings: ServerSettings, sock: socket.socket, open_browser: bool) -> None:
-    host, port = sock.getsockname()[:2]
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{shown_host}:{port}/"
+def serve(engine: Engine, settings: ServerSettings, listeners: Listeners, open_browser: bool) -> None:
+    url = url_of(listeners.main)
     click.echo(f"llamabox: {settings.model_id} is ready")
     click.echo(f"  chat:       {url}")
-    click.echo(f"  OpenAI API: {url}v1  (press Ctrl+C to stop)")
+    click.echo(f"  OpenAI API: {url}v1  (also Anthropic /v1/messages, llama.cpp /completion, Ollama /api)")
+    if listeners.ollama is not None:
+        click.echo(f"  Ollama API: {url_of(listeners.ollama)}api")
+    click.echo("  press Ctrl+C to stop")
     if open_browser and has_display():
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
     config = uvicorn.Config(create_app(engine, settings), log_level="warning", access_log=False, lifespan="off")
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=listeners.sockets)
     except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl+C, then raises it again
         pass
     click.echo("llamabox: stopped", err=True)

@@ -113,6 +113,15 @@ def start_server(executable: Path, *args: str, timeout: float = 120) -> Server:
     raise AssertionError("server never became healthy")
 
 
+def free_port() -> int:
+    """A port nobody listens on now (so that test runs side by side do not collide)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def stop_server(server: Server) -> None:
     server.process.terminate()
     try:
@@ -124,7 +133,7 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(bundle: Path) -> Iterator[Server]:
-    running = start_server(bundle, "--temp", "0", "--port", "18080")
+    running = start_server(bundle, "--temp", "0", "--port", str(free_port()))
     yield running
     stop_server(running)
 

@@ -20,13 +20,24 @@ from runtime.engine import memory
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.loader import InPlaceModel
 from runtime.engine.sampling import Sampling, SamplingError
-from runtime.engine.scheduler import Chunk, EngineFailure, PromptError, QueueFullError, Scheduler, SlotState
+from runtime.engine.scheduler import (
+    Chunk,
+    EngineFailure,
+    PromptError,
+    QueueFullError,
+    Scheduler,
+    SlotState,
+    Timings,
+    TokenLogprob,
+    token_bytes,
+)
 from runtime.errors import LlamaboxError, ModelFileError
 from runtime.model_source import ModelLocation
 
 __all__ = [
     "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "Prompt",
-    "PromptError", "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState",
+    "PromptError", "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState", "Timings",
+    "TokenLogprob",
 ]
 
 # Used for chat when a model has no template of its own: plain ChatML, which most base and
@@ -66,6 +77,22 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    timings: Timings = Timings()
+
+    @classmethod
+    def from_pieces(cls, pieces: list[Chunk]) -> Completion:
+        """A stream's pieces joined; the last one holds the finish reason and the counts."""
+        last = pieces[-1]
+        return cls(
+            text="".join(p.text for p in pieces),
+            finish_reason=last.finish_reason or "stop",
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+            logprobs=tuple(lp for p in pieces for lp in p.logprobs),
+            timings=last.timings or Timings(),
+        )
 
 
 @dataclass(frozen=True)
@@ -121,16 +148,36 @@ class Engine:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def text_prompt(self, text: str) -> Prompt:
-        bos = self._model.token_bos()
-        return Prompt(tokens=self.tokenize(text) if text else ([bos] if bos >= 0 else []))
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of these tokens; ids outside the vocabulary are a PromptError."""
+        n_vocab = self._model.n_vocab()
+        outside = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if outside is not None:
+            raise PromptError(f"token {outside} is outside the model's vocabulary of {n_vocab} tokens")
+        return self.token_text(tokens).decode("utf-8", errors="replace")
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> Prompt:
-        """Apply the chat template (or ChatML) to OpenAI-style messages, adding --system-prompt."""
+    def token_text(self, tokens: list[int]) -> bytes:
+        vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        return b"".join(token_bytes(vocab, t) for t in tokens)
+
+    def text_prompt(self, text: str, add_bos: bool = True) -> Prompt:
+        bos = self._model.token_bos()
+        return Prompt(tokens=self.tokenize(text, add_bos=add_bos) if text else ([bos] if bos >= 0 else []))
+
+    @property
+    def template_knows_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (otherwise callers describe tools in text)."""
+        return bool(self.chat_template) and "tools" in self.chat_template
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        """Apply the chat template (or ChatML) to OpenAI-style messages, adding --system-prompt.
+
+        `tools` (OpenAI's function tools) go to templates that render them (`template_knows_tools`).
+        """
         if self.options.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.options.system_prompt}, *messages]
         try:
-            formatted = self._formatter(messages=messages)
+            formatted = self._formatter(messages=messages, tools=tools or None)
         except Exception as exc:  # Jinja templates raise anything, by design of their authors
             raise ChatTemplateError(f"the model's chat template rejected these messages: {exc}") from None
         stop = [s for s in [*(formatted.stop or []), None if self.chat_template else CHATML_STOP] if s]
@@ -159,12 +206,12 @@ class Engine:
     async def acomplete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         stream = self.astream(prompt, sampling)
         try:
-            return _completion([piece async for piece in stream])
+            return Completion.from_pieces([piece async for piece in stream])
         finally:
             stream.close()  # type: ignore[attr-defined]
 
     def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
-        return _completion(list(self.stream(prompt, sampling)))
+        return Completion.from_pieces(list(self.stream(prompt, sampling)))
 
     def embed(self, text: str) -> list[float]:
         """The text's embedding: pooled, unit length. Made in a context of its own (created on first use)."""
@@ -181,13 +228,3 @@ class Engine:
                 "shorten it or restart with a larger --ctx-size"
             )
 
-
-def _completion(pieces: list[Chunk]) -> Completion:
-    last = pieces[-1]
-    return Completion(
-        text="".join(p.text for p in pieces),
-        finish_reason=last.finish_reason or "stop",
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        cached_tokens=last.cached_tokens,
-    )

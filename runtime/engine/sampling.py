@@ -35,6 +35,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF, rooted at "root"
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
 
 
 class SamplerChain:

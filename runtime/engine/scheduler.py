@@ -16,10 +16,12 @@ import collections
 import ctypes
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import llama_cpp
+import numpy as np
 
 from runtime.engine.sampling import SamplerChain, Sampling
 from runtime.engine.text import TextStream
@@ -41,14 +43,37 @@ class EngineFailure(LlamaboxError):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the most likely alternatives."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How long a request took: reading the prompt (up to the first token) and generating the rest."""
+
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """A piece of generated text; the last one of a stream carries the finish reason and the counts."""
+    """A piece of generated text; the last one of a stream carries the finish reason and the counts.
+
+    `logprobs` holds the tokens generated since the previous piece (when the request asked for them).
+    """
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    timings: Timings | None = None
 
 
 class _Request:
@@ -135,6 +160,8 @@ class _Slot:
         self.next_token: int | None = None  # sampled, not yet in the cache
         self.generated = 0
         self.reused = 0
+        self.logprobs: list[TokenLogprob] = []  # generated since the last piece sent
+        self.started_at = self.first_token_at = 0.0
         self.batch_index = -1
         self.last_used = 0  # when it last took a request, to reuse the least recently used slot first
 
@@ -245,6 +272,7 @@ class Scheduler:
             keep = 0
         slot.cached, slot.pending = request.tokens[:keep], request.tokens[keep:]
         slot.reused, slot.generated, slot.next_token = keep, 0, None
+        slot.logprobs, slot.started_at, slot.first_token_at = [], time.perf_counter(), 0.0
         self._requests_started += 1
         slot.last_used = self._requests_started
         slot.sampler = SamplerChain(request.sampling, self._vocab, self._n_vocab)
@@ -289,7 +317,10 @@ class Scheduler:
             raise RuntimeError(f"llama_decode returned {status}")
         for slot in active:
             if slot.batch_index >= 0 and slot.request is not None:
-                self._sampled(slot, slot.sampler.sample(self._context, slot.batch_index))  # type: ignore[union-attr]
+                token = slot.sampler.sample(self._context, slot.batch_index)  # type: ignore[union-attr]
+                if slot.request.sampling.logprobs is not None and not llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    slot.logprobs.append(self._logprob(slot.batch_index, token, slot.request.sampling.logprobs))
+                self._sampled(slot, token)
             slot.batch_index = -1
 
     def _add(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -297,16 +328,30 @@ class Scheduler:
         batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
         batch.seq_id[i][0] = seq
 
+    def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
+        """The token's log-probability from the raw logits (before penalties, grammar and temperature, as OpenAI reports them)."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._context, index), shape=(self._n_vocab,))
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=int)
+        best = best[np.argsort(-logprobs[best])]
+        return TokenLogprob(
+            token, token_bytes(self._vocab, token), float(logprobs[token]),
+            tuple((int(t), token_bytes(self._vocab, int(t)), float(logprobs[t])) for t in best),
+        )
+
     def _sampled(self, slot: _Slot, token: int) -> None:
         request, text = slot.request, slot.text
         assert request is not None and text is not None
+        if not slot.first_token_at:
+            slot.first_token_at = time.perf_counter()
         finish = None
         piece = ""
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             finish = "stop"
         else:
             slot.generated += 1
-            piece = text.feed(_token_bytes(self._vocab, token))
+            piece = text.feed(token_bytes(self._vocab, token))
             limit = request.sampling.max_tokens
             if text.stopped:
                 finish = "stop"
@@ -315,12 +360,15 @@ class Scheduler:
         if finish is None:
             slot.next_token = token
             if piece:
-                request.put(Chunk(piece))
+                request.put(Chunk(piece, logprobs=tuple(slot.logprobs)))
+                slot.logprobs = []
             return
         if not text.stopped:
             piece += text.flush()
+        now = time.perf_counter()
+        timings = Timings((slot.first_token_at - slot.started_at) * 1000, (now - slot.first_token_at) * 1000)
         with self._wake:
-            request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused))
+            request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings))
             self._free(slot, keep_cache=True)
 
 
@@ -333,11 +381,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _token_bytes(vocab: object, token: int, buffer: ctypes.Array[ctypes.c_char] = (ctypes.c_char * 256)()) -> bytes:
-    """The token's text as bytes (`buffer` is reused: only the engine thread calls this)."""
+def token_bytes(vocab: object, token: int) -> bytes:
+    """The token's text as bytes (special tokens are not rendered as text)."""
+    buffer = (ctypes.c_char * 64)()
     n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
     if n < 0:  # longer than the buffer: llama.cpp says how long
-        longer = (ctypes.c_char * -n)()
-        n = llama_cpp.llama_token_to_piece(vocab, token, longer, len(longer), 0, False)
-        return bytes(longer[:n])
+        buffer = (ctypes.c_char * -n)()
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
     return buffer.raw[:n]

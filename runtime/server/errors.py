@@ -1,52 +1,53 @@
-"""Errors as HTTP responses, in OpenAI's error shape, in one place."""
+"""What went wrong, as an HTTP status and a one-line message; each dialect renders it in its own shape.
+
+Errors a user can cause become 4xx with a message that says what to do; the engine's own failures
+become 500 or 503. Nothing here writes a traceback: a request's mistake is not the server's.
+"""
 
 from __future__ import annotations
 
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+import logging
 
-from runtime.engine import EngineFailure, QueueFullError
+from starlette.exceptions import HTTPException
+
+from runtime.engine import EngineFailure, PromptTooLongError, QueueFullError
 from runtime.errors import LlamaboxError
+
+log = logging.getLogger("llamabox")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+    @property
+    def kind(self) -> str:
+        """OpenAI's and llama.cpp's error type for this status."""
+        return KINDS.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
 
 
-def error_response(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status, headers=headers)
-
-
-async def on_api_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message, exc.param)
-
-
-async def on_user_error(_request: Request, exc: Exception) -> JSONResponse:
-    return error_response(400, str(exc))
-
-
-async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, exc.detail)
-
-
-async def on_queue_full(_request: Request, exc: Exception) -> JSONResponse:
-    return error_response(503, str(exc), headers={"Retry-After": "1"})
-
-
-async def on_engine_failure(_request: Request, exc: Exception) -> JSONResponse:
-    return error_response(500, f"llama.cpp failed to evaluate the request ({exc})")
-
-
-HANDLERS = {
-    ApiError: on_api_error,
-    QueueFullError: on_queue_full,
-    EngineFailure: on_engine_failure,
-    LlamaboxError: on_user_error,
-    HTTPException: on_http_error,
+KINDS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    503: "unavailable_error",
 }
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """Any exception from serving a request, as the error to answer with."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return ApiError(503, str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, EngineFailure):
+        return ApiError(500, f"llama.cpp failed to evaluate the request ({exc})")
+    if isinstance(exc, PromptTooLongError):
+        return ApiError(400, str(exc), param="prompt")
+    if isinstance(exc, LlamaboxError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, HTTPException):
+        return ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+    log.exception("llamabox: internal error")  # a bug of ours: the traceback is for us
+    return ApiError(500, f"internal error ({type(exc).__name__}); see the server's log")

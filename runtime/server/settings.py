@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from runtime.engine import Sampling
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may talk to the server (guard.py enforces it)."""
+
+    api_key: str | None = None  # every API route wants it as a Bearer token or x-api-key
+    allowed_hosts: tuple[str, ...] = ()  # Host header values accepted besides the listening address and localhost
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API; none by default
+    access_log: bool = False  # one line per request on stderr
 
 
 @dataclass(frozen=True)
@@ -12,7 +24,8 @@ class ServerSettings:
     model_id: str
     started_at: int
     fingerprint: str
-    temperature: float
-    n_predict: int | None
+    defaults: Sampling  # from the command line and the bundle's baked arguments; requests override fields
     ui_dir: Path
     hardware: dict[str, Any]
+    model_size: int = 0  # bytes of the GGUF
+    access: Access = field(default_factory=Access)
