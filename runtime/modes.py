@@ -96,7 +96,7 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         return
 
     from runtime.serve import Listeners, serve
-    from runtime.server.settings import Access, ServerSettings
+    from runtime.server.settings import Access, ModelFacts, ServerSettings
 
     listeners = Listeners.open(options.host, options.port, options.explicit_port, options.ollama_port)
     click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - started:.2f} s, {engine.parallel} slots of {engine.n_ctx} tokens of context", err=True)
@@ -111,7 +111,14 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         defaults=options.sampling,
         ui_dir=packaged.ui_dir(),
         hardware=machine.as_dict(),
-        model_size=_model_size(source),
+        model=ModelFacts(
+            file_name=source.bundle.manifest.model.file_name if source.bundle else source.location.path.name,
+            size=_model_size(source),
+            architecture=engine.metadata.get("general.architecture", ""),
+            parameters=engine.metadata.get("general.size_label", ""),
+            license=engine.metadata.get("general.license", ""),
+        ),
+        system_prompt=options.system_prompt,
         access=Access(options.api_key or None, options.allowed_hosts, options.cors_origins, access_log=options.verbose),
     )
     serve(engine, settings, listeners, open_browser=not options.nobrowser)

@@ -111,6 +111,7 @@ class Engine:
         except ValueError as exc:
             raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
         metadata = self._model.metadata()
+        self.metadata: dict[str, str] = metadata  # the GGUF's key-value metadata, as llama.cpp reads it
         self.chat_template = metadata.get("tokenizer.chat_template")
         self.model_name = metadata.get("general.name") or location.path.stem
         per_slot = options.ctx_size or self._model.n_ctx_train()

@@ -5,14 +5,17 @@ Each dialect is a module with its routes; adding one is one line in `create_app`
 
 from __future__ import annotations
 
+import dataclasses
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from runtime import __version__
 from runtime.engine import Engine
 from runtime.server import anthropic, native, ollama, openai, responses
 from runtime.server.dialect import OPENAI
@@ -25,12 +28,30 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
     async def index(_request: Request) -> Response:
         return FileResponse(settings.ui_dir / "index.html")
 
+    async def info(_request: Request) -> Response:
+        """Everything the chat page shows about this server: the model, its defaults, the hardware."""
+        defaults = settings.defaults
+        return JSONResponse(
+            {
+                "model": {"id": settings.model_id, **dataclasses.asdict(settings.model)},
+                "n_ctx": engine.n_ctx,
+                "slots": engine.parallel,
+                "system_prompt": settings.system_prompt or "",
+                "defaults": {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
+                             "min_p": defaults.min_p, "max_tokens": defaults.max_tokens},
+                "hardware": settings.hardware,
+                "version": __version__,
+                "api_key_required": settings.access.api_key is not None,
+            }
+        )
+
     async def not_found(_request: Request, exc: Exception) -> Response:
         return OPENAI.error(as_api_error(exc))  # routes no dialect claims answer in the most common shape
 
     app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),
+            Route("/llamabox/info", info, methods=["GET"]),
             *openai.routes(),
             *responses.routes(),
             *anthropic.routes(),

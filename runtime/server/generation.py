@@ -32,6 +32,24 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+def timings_of(result: Completion | Chunk) -> dict[str, float]:
+    """llama.cpp's `timings` object (llama-server adds it to OpenAI answers too; the chat page shows it)."""
+    timings = result.timings
+    read = max(result.prompt_tokens - result.cached_tokens, 0)
+    prompt_ms, predicted_ms = (timings.prompt_ms, timings.predicted_ms) if timings else (0.0, 0.0)
+    return {
+        "cache_n": result.cached_tokens,
+        "prompt_n": read,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / read if read else 0.0,
+        "prompt_per_second": read * 1000 / prompt_ms if prompt_ms else 0.0,
+        "predicted_n": result.completion_tokens,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / result.completion_tokens if result.completion_tokens else 0.0,
+        "predicted_per_second": result.completion_tokens * 1000 / predicted_ms if predicted_ms else 0.0,
+    }
+
+
 def usage_of(results: list[Completion] | list[Chunk]) -> Usage:
     """The prompt is read once per choice but counted once, as OpenAI counts it; completions add up."""
     first = results[0]

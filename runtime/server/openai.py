@@ -23,7 +23,7 @@ from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import OPENAI, openai_error
 from runtime.server.errors import ApiError
-from runtime.server.generation import Generation, Usage, sse, usage_of
+from runtime.server.generation import Generation, Usage, sse, timings_of, usage_of
 from runtime.server.settings import ServerSettings
 from runtime.server.structured import Tool, ToolCall, ToolUse, json_grammar
 
@@ -242,7 +242,8 @@ class _Reply:
             elif chunk.text or chunk.finish_reason:
                 delta = {"content": chunk.text} if chunk.text else {}
                 lp = _chat_logprob_list(chunk.logprobs) if logprobs else None
-                yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": chunk.finish_reason}])
+                extra = {"timings": timings_of(chunk)} if chunk.finish_reason else {}  # as llama-server: speed for the chat page
+                yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": chunk.finish_reason}], **extra)
             if chunk.finish_reason:
                 finals.append(chunk)
         if self.include_usage:

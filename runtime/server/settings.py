@@ -20,6 +20,17 @@ class Access:
 
 
 @dataclass(frozen=True)
+class ModelFacts:
+    """What the chat page and the APIs show about the model."""
+
+    file_name: str
+    size: int  # bytes of the GGUF
+    architecture: str = ""
+    parameters: str = ""  # e.g. "135M"
+    license: str = ""
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     model_id: str
     started_at: int
@@ -27,5 +38,6 @@ class ServerSettings:
     defaults: Sampling  # from the command line and the bundle's baked arguments; requests override fields
     ui_dir: Path
     hardware: dict[str, Any]
-    model_size: int = 0  # bytes of the GGUF
+    model: ModelFacts
+    system_prompt: str | None = None
     access: Access = field(default_factory=Access)
