@@ -31,3 +31,11 @@ def test_held_back_text_that_was_no_stop_string_comes_out() -> None:
 def test_the_earliest_of_several_stop_strings_wins() -> None:
     stream = TextStream(["b", "a"])
     assert stream.feed(b"xxabyy") == "xx" and stream.stopped
+
+
+def test_the_stop_string_that_ended_the_text_is_named() -> None:
+    stream = TextStream(["###", "END"])
+    assert stream.feed(b"one EN") == "one "
+    assert stream.stop_word is None
+    assert stream.feed(b"D ### more") == ""
+    assert stream.stopped and stream.stop_word == "END"

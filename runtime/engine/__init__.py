@@ -79,6 +79,7 @@ class Completion:
     cached_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
     timings: Timings = Timings()
+    stop_word: str | None = None  # the stop string that ended the text, if one did
 
     @classmethod
     def from_pieces(cls, pieces: list[Chunk]) -> Completion:
@@ -92,6 +93,7 @@ class Completion:
             cached_tokens=last.cached_tokens,
             logprobs=tuple(lp for p in pieces for lp in p.logprobs),
             timings=last.timings or Timings(),
+            stop_word=last.stop_word,
         )
 
 

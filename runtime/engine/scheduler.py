@@ -74,6 +74,7 @@ class Chunk:
     cached_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
     timings: Timings | None = None
+    stop_word: str | None = None  # the stop string that ended the text (finish_reason "stop")
 
 
 class _Request:
@@ -368,7 +369,7 @@ class Scheduler:
         now = time.perf_counter()
         timings = Timings((slot.first_token_at - slot.started_at) * 1000, (now - slot.first_token_at) * 1000)
         with self._wake:
-            request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings))
+            request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word))
             self._free(slot, keep_cache=True)
 
 

@@ -18,11 +18,13 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.stopped = False
+        self.stop_word: str | None = None  # the stop string that ended the text
 
     def feed(self, piece: bytes) -> str:
         text = self._held + self._decoder.decode(piece)
-        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stop if (i := text.find(s)) >= 0]
+        if found:
+            cut, self.stop_word = min(found)
             self._held, self.stopped = "", True
             return text[:cut]
         keep = max((n for s in self._stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)

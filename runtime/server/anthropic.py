@@ -255,26 +255,11 @@ def request_sampling(body: Body, defaults: Sampling, grammar: str | None) -> tup
         top_k=body.integer("top_k", minimum=0),
         stop=stops or None,
         grammar=grammar,
-        # Every generated token is needed to tell a stop sequence from the end of the turn (see _stop_hit).
-        logprobs=0 if stops else None,
     )
     return sampling, stops
 
 
 # --- the answer ----------------------------------------------------------------------------------
-
-
-def _stop_hit(completion: Completion, stops: list[str]) -> str | None:
-    """The stop sequence that ended the answer, if one did.
-
-    The engine cuts the text before a stop string but lists every token it generated (the end-of-turn
-    token is never listed), so the tokens run on past the text exactly when a stop string ended it.
-    """
-    if completion.finish_reason != "stop" or not stops:
-        return None
-    generated = b"".join(lp.piece for lp in completion.logprobs).decode("utf-8", errors="replace")
-    rest = generated[len(completion.text):] if generated.startswith(completion.text) else ""
-    return next((s for s in stops if rest.startswith(s)), None)
 
 
 @dataclass(frozen=True)
@@ -293,7 +278,7 @@ def _answer(completion: Completion, request: _Request, stops: list[str]) -> _Ans
     text = [{"type": "text", "text": completion.text}] if completion.text else []
     if completion.finish_reason == "length":
         return _Answer(text, "max_tokens", None)
-    hit = _stop_hit(completion, stops)
+    hit = completion.stop_word if completion.stop_word in stops else None  # not the chat template's own stop strings
     return _Answer(text, "stop_sequence" if hit else "end_turn", hit)
 
 
