@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,12 @@ def test_an_async_reader_abandoned_with_its_event_loop_does_not_stop_the_engine(
     asyncio.run(start_and_leave())  # the loop closes with the request still generating
     assert "cat" in engine.complete(ask(engine, "Write one sentence about cats."), GREEDY).text.lower()
     assert not any(slot.is_processing for slot in engine.slots()[0])
+
+
+def test_repetition_penalties_change_the_answer(engine: Engine) -> None:
+    """Each penalty reaches llama.cpp's sampler (a wrong call signature once made every penalty a 500)."""
+    prompt = ask(engine, "Repeat the word 'cat' ten times.")
+    plain = engine.complete(prompt, replace(GREEDY, max_tokens=40)).text
+    for penalty in ({"repeat_penalty": 1.5}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalised = engine.complete(prompt, replace(GREEDY, max_tokens=40, **penalty)).text
+        assert penalised != plain, penalty

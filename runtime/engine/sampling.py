@@ -61,7 +61,7 @@ class SamplerChain:
             )
             add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(s.logit_bias), biases))
         if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-            self._penalties = llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+            self._penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
             add(self._penalties)
         if s.grammar is not None:
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, s.grammar.encode(), b"root")

@@ -33,6 +33,10 @@ async def read_json(request: Request) -> Body:
         raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:  # JSON may escape half of a UTF-16 pair ("\ud800"), which no tokenizer can take
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode") from None
     return Body(data)
 
 
