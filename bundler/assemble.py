@@ -1,16 +1,20 @@
-"""Assembling a bundle: check the inputs, then write stub + model + manifest atomically."""
+"""Assembling a bundle: check the inputs, fetch the model, then write stub + model + manifest atomically."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
-from bundler.atomic import atomic_write
-from bundler.gguf_info import read_gguf_info
+from bundler.atomic import atomic_write, check_output
+from bundler.gguf_info import GGUFInfo, read_gguf_info
+from bundler.sources import Fetched, fetch
+from bundler.splits import MergedGGUF, split_name
 from bundler.stubs import read_stub
 from runtime import __version__, bundle_format
 from runtime.bundle_format import Manifest, ModelEntry
@@ -21,37 +25,73 @@ ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
 
 
 def build_bundle(
-    model: Path,
+    source: str | None,
     output: Path,
     stub: Path,
     *,
+    revision: str | None = None,
     name: str | None = None,
     args: str = "",
     force: bool = False,
     progress: ProgressFactory,
 ) -> Manifest:
-    """Write a bundle of `model` on `stub` to `output`; every input is checked before writing."""
-    info = read_gguf_info(model)
+    """Write a bundle of the model `source` names (see bundler.sources) on `stub` to `output`.
+
+    The stub, the arguments and the output path are checked before anything is downloaded, and the
+    model before anything is written.
+    """
     stub_info = read_stub(stub)
     default_args = _split_args(args)
-    model_size = model.stat().st_size
-    manifest = Manifest(
-        name=name or model.stem,
-        model=ModelEntry(file_name=model.name, size=model_size, sha256=""),
-        metadata=info.as_metadata(),
-        default_args=default_args,
-        platform=stub_info.platform,
-        runtime_version=stub_info.runtime_version,
-        llamabox_version=__version__,
-        built_at=_build_time(),
-    )
+    check_output(output, force)
+    fetched = fetch(source, revision)
+    with ExitStack() as stack:
+        model, info, file_name, size, part_hashes = _open_model(fetched, stack)
+        manifest = Manifest(
+            name=name or Path(file_name).stem,
+            model=ModelEntry(file_name=file_name, size=size, sha256=""),
+            metadata=info.as_metadata(),
+            default_args=default_args,
+            platform=stub_info.platform,
+            runtime_version=stub_info.runtime_version,
+            llamabox_version=__version__,
+            built_at=_build_time(),
+            source=fetched.source,
+        )
+
+        def complete(written: Manifest) -> Manifest:
+            """Each source file's SHA-256: the model's own for a single file, the parts' for a merged split."""
+            hashes = part_hashes() or [written.model.sha256]
+            files = [dataclasses.replace(f, sha256=h) for f, h in zip(fetched.source.files, hashes)]
+            return dataclasses.replace(written, source=dataclasses.replace(fetched.source, files=files))
+
+        stub_file = stack.enter_context(open(stub, "rb"))
+        advance = stack.enter_context(progress(size))
+        out = stack.enter_context(atomic_write(output, force=force, mode=0o755))
+        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, complete)
+
+
+def _open_model(
+    fetched: Fetched, stack: ExitStack
+) -> tuple[BinaryIO | MergedGGUF, GGUFInfo, str, int, Callable[[], list[str]]]:
+    """(reader, summary, file name, size, the parts' hashes once read) of the model, checked whole."""
+    parts = fetched.parts
+    if len(parts) > 1:
+        merged = MergedGGUF(parts)
+        name = split_name(parts[0].name)
+        assert name is not None
+        return merged, merged.info, name.merged, merged.size, merged.finish
+    path = parts[0]
+    info = read_gguf_info(path)
+    if info.split_count > 1:
+        raise ModelFileError(
+            f"{path.name} is part {info.split_no + 1} of a model split into {info.split_count} files, but its name "
+            f"does not say so; name the parts NAME-00001-of-{info.split_count:05d}.gguf and so on, and give the first"
+        )
     try:
-        model_file = open(model, "rb")
+        reader = stack.enter_context(open(path, "rb"))
     except OSError as exc:
-        raise ModelFileError(f"cannot read model file {model}: {exc.strerror}") from None
-    with model_file, open(stub, "rb") as stub_file, progress(model_size) as advance:
-        with atomic_write(output, force=force, mode=0o755) as out:
-            return bundle_format.write_bundle(out, stub_file, model_file, manifest, advance)
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror}") from None
+    return reader, info, path.name, os.fstat(reader.fileno()).st_size, lambda: []
 
 
 def _split_args(args: str) -> list[str]:
@@ -75,4 +115,3 @@ def _build_time() -> str:
     except ValueError:
         raise LlamaboxError(f"SOURCE_DATE_EPOCH must be an integer number of seconds, not {epoch!r}") from None
     return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-

