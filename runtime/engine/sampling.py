@@ -7,10 +7,12 @@ optional grammar, then greedy choice or top-k, top-p, min-p, temperature and a s
 
 from __future__ import annotations
 
+import ctypes
 import random
 from dataclasses import dataclass, field
 
 import llama_cpp
+import numpy as np
 
 from runtime.errors import LlamaboxError
 
@@ -38,6 +40,10 @@ class Sampling:
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
 
 
+# llama_token_data as numpy sees it: the candidates handed to llama.cpp's samplers
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
 class SamplerChain:
     """One sequence's llama.cpp sampler chain; freed with `close()`."""
 
@@ -47,6 +53,8 @@ class SamplerChain:
             raise SamplingError(f"logit_bias names token {outside[0]}, outside the model's vocabulary of {n_vocab} tokens")
         self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._penalties = None
+        self._grammar = None  # kept out of the chain: sample() checks that it allows some token before accepting one
+        self._n_vocab = n_vocab
         try:
             self._build(sampling, vocab, n_vocab)
         except BaseException:
@@ -64,10 +72,9 @@ class SamplerChain:
             self._penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
             add(self._penalties)
         if s.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, s.grammar.encode(), b"root")
-            if not grammar:
+            self._grammar = llama_cpp.llama_sampler_init_grammar(vocab, s.grammar.encode(), b"root")
+            if not self._grammar:
                 raise SamplingError("the grammar could not be parsed (GBNF with a rule named root)")
-            add(grammar)
         if s.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return
@@ -84,10 +91,33 @@ class SamplerChain:
             llama_cpp.llama_sampler_accept(self._penalties, token)
 
     def sample(self, context: object, index: int) -> int:
-        """The next token from the logits at batch position `index` (accepted into the chain)."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, context, index))
+        """The next token from the logits at batch position `index` (accepted into the chain).
+
+        With a grammar, the grammar masks the candidates first; where it allows no token at all, this
+        raises SamplingError: llama.cpp aborts the whole process when a grammar is handed a token it
+        does not allow.
+        """
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, context, index))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), shape=(self._n_vocab,))
+        candidates = np.empty(self._n_vocab, dtype=TOKEN_DATA)
+        candidates["id"], candidates["logit"], candidates["p"] = np.arange(self._n_vocab), logits, 0.0
+        array = llama_cpp.llama_token_data_array(
+            candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)), self._n_vocab, -1, False
+        )
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        if not np.isfinite(candidates["logit"]).any():
+            raise SamplingError("the grammar allows no token here: it cannot be satisfied")
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
 
     def close(self) -> None:
+        if self._grammar:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None

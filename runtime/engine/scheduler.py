@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from runtime.engine.sampling import SamplerChain, Sampling
+from runtime.engine.sampling import SamplerChain, Sampling, SamplingError
 from runtime.engine.text import TextStream
 from runtime.errors import LlamaboxError
 
@@ -318,7 +318,14 @@ class Scheduler:
             raise RuntimeError(f"llama_decode returned {status}")
         for slot in active:
             if slot.batch_index >= 0 and slot.request is not None:
-                token = slot.sampler.sample(self._context, slot.batch_index)  # type: ignore[union-attr]
+                try:
+                    token = slot.sampler.sample(self._context, slot.batch_index)  # type: ignore[union-attr]
+                except SamplingError as exc:  # this request's grammar has no way on: it ends, the others go on
+                    with self._wake:
+                        slot.request.put(exc)
+                        self._free(slot, keep_cache=False)
+                    slot.batch_index = -1
+                    continue
                 if slot.request.sampling.logprobs is not None and not llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     slot.logprobs.append(self._logprob(slot.batch_index, token, slot.request.sampling.logprobs))
                 self._sampled(slot, token)
@@ -332,6 +339,7 @@ class Scheduler:
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         """The token's log-probability from the raw logits (before penalties, grammar and temperature, as OpenAI reports them)."""
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._context, index), shape=(self._n_vocab,))
+        top = min(top, self._n_vocab - 1)
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=int)

@@ -17,7 +17,8 @@ from typing import Any
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.responses import StreamingResponse
 
-from runtime.engine import Chunk, Completion, Engine, EngineFailure, Prompt, Sampling
+from runtime.engine import Chunk, Completion, Engine, Prompt, Sampling
+from runtime.errors import LlamaboxError
 from runtime.server.errors import ApiError, as_api_error
 
 
@@ -133,7 +134,7 @@ async def guarded(events: AsyncIterator[Any], on_error: Render) -> AsyncIterator
     try:
         async for event in events:
             yield event
-    except EngineFailure as exc:  # the status line is already sent: say it in the stream
+    except LlamaboxError as exc:  # the status line is already sent: say it in the stream (EngineFailure, a dead-end grammar)
         yield on_error(as_api_error(exc))
 
 
