@@ -1,15 +1,201 @@
-"""Work in progress: being written in this session."""
+"""Who may talk to the server: the Host check, the API key, CORS and the access log, as one ASGI middleware.
+
+Pure ASGI (not BaseHTTPMiddleware) so that streamed answers pass through untouched. In order:
+1. The Host header must name this server: an IP address, `localhost`, or a name given with
+   --allowed-host. A web page that rebinds its own DNS name to 127.0.0.1 sends its own name as the
+   Host, so it gets a 403 instead of the model's answers (DNS rebinding, as in Ollama's CVE-2024-28224).
+   An IP literal cannot be rebound: the browser only sends the name it resolved. A request without
+   a Host header (HTTP/1.0) does not come from a browser and passes.
+2. CORS, only for the origins given with --cors (Starlette's CORSMiddleware answers the preflight).
+3. With --api-key, every route but the chat page, its files and /health wants the key, as
+   `Authorization: Bearer KEY` (OpenAI, llama.cpp, Ollama clients) or `x-api-key: KEY` (Anthropic's).
+The refusals are answered in the error shape of the API family the path belongs to, which is what
+that family's clients parse. With --verbose, each request is one line on stderr.
+"""
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import hmac
+import ipaddress
+import sys
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runtime.server.dialect import openai_error
+from runtime.server.errors import ApiError
 from runtime.server.settings import Access
+
+OPEN_PATHS = ("/", "/health", "/v1/health")  # the chat page and the health checks need no key
+OPEN_PREFIX = "/ui/"  # the chat page's files
+LOCAL_NAMES = ("localhost",)
+
+
+@dataclass
+class _Tokens:
+    prompt: int = 0
+    generated: int = 0
+    counted: bool = False
+
+
+_TOKENS: ContextVar[_Tokens | None] = ContextVar("llamabox_request_tokens", default=None)
+
+
+def count_tokens(prompt: int, generated: int) -> None:
+    """Add a generation's token counts to the access log line of the request being served (if any)."""
+    tokens = _TOKENS.get()
+    if tokens is not None:
+        tokens.prompt, tokens.generated, tokens.counted = tokens.prompt + prompt, tokens.generated + generated, True
 
 
 class Guard:
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app, self.access = app, access
+        self._key = access.api_key.encode() if access.api_key else None
+        self._allowed = {name for name in map(host_name, access.allowed_hosts) if name}
+        inner: ASGIApp = self._authorized
+        if access.cors_origins:
+            inner = CORSMiddleware(
+                inner,
+                allow_origins=list(access.cors_origins),
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                allow_headers=["*"],
+                allow_private_network=True,  # Chrome asks before a public page may call a local server
+                expose_headers=["Retry-After"],
+            )
+        self._inner = inner
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if not self.access.access_log:
+            await self._checked(scope, receive, send)
+            return
+        started, status, tokens = time.perf_counter(), [0], _Tokens()
+
+        async def noting_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        reset = _TOKENS.set(tokens)
+        try:
+            await self._checked(scope, receive, noting_status)
+        except BaseException:
+            status[0] = status[0] or 500
+            raise
+        finally:
+            _TOKENS.reset(reset)
+            _log_line(scope, status[0], tokens, time.perf_counter() - started)
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = Headers(scope=scope).get("host")
+        if host is not None and not self._host_allowed(host):
+            name = host_name(host) or host
+            message = f"requests for the host '{name}' are refused (against DNS rebinding); if you reach this server by that name, start it with --allowed-host {name}"
+            await _refuse(scope, receive, send, ApiError(403, message))
+            return
+        await self._inner(scope, receive, send)
+
+    async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._key is None or _is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        given = _key_in(Headers(scope=scope))
+        if given is None:
+            message = "this server wants an API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY' (the key it was started with, --api-key)"
+        elif not hmac.compare_digest(given, self._key):
+            message = "wrong API key: send the key the server was started with (--api-key)"
+        else:
+            await self.app(scope, receive, send)
+            return
+        await _refuse(scope, receive, send, ApiError(401, message, headers={"WWW-Authenticate": "Bearer"}))
+
+    def _host_allowed(self, host: str) -> bool:
+        name = host_name(host)
+        if name is None:
+            return False
+        if name in LOCAL_NAMES or name in self._allowed or "*" in self._allowed:
+            return True
+        try:
+            ipaddress.ip_address(name.split("%")[0])  # an IPv6 literal may carry a zone
+        except ValueError:
+            return False
+        return True
+
+
+def host_name(host: str) -> str | None:
+    """The name in a Host header (or --allowed-host), lower case, without port or IPv6 brackets; None if malformed."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return name
+    if host.count(":") > 1:  # a bare IPv6 address, as --allowed-host may give it
+        return host
+    name, colon, port = host.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return name.removesuffix(".") or None
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIX) or path == OPEN_PREFIX.rstrip("/")
+
+
+def _key_in(headers: Headers) -> bytes | None:
+    """The key a request sends, as bytes (compared in constant time), or None."""
+    authorization = headers.get("authorization", "")
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip().encode("latin-1")
+    key = headers.get("x-api-key", "").strip()
+    return key.encode("latin-1") if key else None
+
+
+# --- refusals, in the shape of the path's API family ----------------------------------------------
+
+
+def _ollama_error(error: ApiError) -> object:
+    return {"error": error.message}
+
+
+def _anthropic_error(error: ApiError) -> object:
+    return {"type": "error", "error": {"type": error.kind, "message": error.message}}
+
+
+def _llama_cpp_error(error: ApiError) -> object:
+    return {"error": {"code": error.status, "message": error.message, "type": error.kind}}
+
+
+def error_shape(path: str) -> Callable[[ApiError], object]:
+    """Which family's error JSON a path is answered in."""
+    if path.startswith("/api/"):
+        return _ollama_error
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return _anthropic_error
+    if path.startswith("/v1/"):
+        return openai_error
+    return _llama_cpp_error
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
+        return
+    body = error_shape(scope["path"])(error)
+    await JSONResponse(body, status_code=error.status, headers=error.headers)(scope, receive, send)
+
+
+def _log_line(scope: Scope, status: int, tokens: _Tokens, seconds: float) -> None:
+    counts = f", {tokens.prompt} prompt + {tokens.generated} generated tokens" if tokens.counted else ""
+    method = scope.get("method", "WS")
+    print(f"llamabox: {method} {scope['path']} {status or '-'}{counts}, {seconds:.2f} s", file=sys.stderr, flush=True)
