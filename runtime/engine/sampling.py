@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import re
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -17,6 +18,11 @@ import numpy as np
 from runtime.errors import LlamaboxError
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back over, as llama-cpp-python's default
+# llama.cpp parses GBNF recursively and expands counted repetitions into rules: deep nesting or huge
+# counts overflow its stack and kill the process, so grammars beyond these bounds are refused.
+MAX_GRAMMAR_BYTES = 256 << 10
+MAX_GRAMMAR_NESTING = 64
+MAX_GRAMMAR_REPEAT = 1000
 
 
 class SamplingError(LlamaboxError):
@@ -42,6 +48,34 @@ class Sampling:
 
 # llama_token_data as numpy sees it: the candidates handed to llama.cpp's samplers
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def check_grammar(grammar: str) -> None:
+    """Refuse a grammar that would crash llama.cpp's parser (see MAX_GRAMMAR_*); SamplingError says why."""
+    if len(grammar.encode()) > MAX_GRAMMAR_BYTES:
+        raise SamplingError(f"the grammar is longer than {MAX_GRAMMAR_BYTES >> 10} KB")
+    depth = deepest = 0
+    quote = None
+    escaped = False
+    for char in grammar:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quote:
+            quote = None if char == quote else quote
+        elif char in "\"[":
+            quote = "]" if char == "[" else char
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    if deepest > MAX_GRAMMAR_NESTING:
+        raise SamplingError(f"the grammar nests parentheses {deepest} deep; at most {MAX_GRAMMAR_NESTING} are supported")
+    counts = [int(n) for n in re.findall(r"\{\s*(\d+)", grammar) + re.findall(r",\s*(\d+)\s*\}", grammar)]
+    if counts and max(counts) > MAX_GRAMMAR_REPEAT:
+        raise SamplingError(f"the grammar repeats an item {max(counts)} times; at most {MAX_GRAMMAR_REPEAT} are supported")
 
 
 class SamplerChain:
@@ -72,6 +106,7 @@ class SamplerChain:
             self._penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
             add(self._penalties)
         if s.grammar is not None:
+            check_grammar(s.grammar)
             self._grammar = llama_cpp.llama_sampler_init_grammar(vocab, s.grammar.encode(), b"root")
             if not self._grammar:
                 raise SamplingError("the grammar could not be parsed (GBNF with a rule named root)")

@@ -20,6 +20,7 @@ from starlette.responses import StreamingResponse
 from runtime.engine import Chunk, Completion, Engine, Prompt, Sampling
 from runtime.errors import LlamaboxError
 from runtime.server.errors import ApiError, as_api_error
+from runtime.server.guard import count_tokens
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Generation:
         try:
             if len(self._streams) == 1:
                 async for chunk in self._streams[0]:
+                    _count(0, chunk)
                     yield 0, chunk
                 return
             merged: asyncio.Queue[tuple[int, Chunk] | BaseException | None] = asyncio.Queue()
@@ -109,6 +111,7 @@ class Generation:
                     elif isinstance(item, BaseException):
                         raise item
                     else:
+                        _count(*item)
                         yield item
             finally:
                 for task in tasks:
@@ -120,6 +123,12 @@ class Generation:
         """Cancel whatever is still generating (safe to call twice)."""
         for stream in self._streams:
             stream.close()
+
+
+def _count(index: int, chunk: Chunk) -> None:
+    """A choice's last piece carries its counts: they go to the access log line (the prompt once)."""
+    if chunk.finish_reason is not None:
+        count_tokens(chunk.prompt_tokens if index == 0 else 0, chunk.completion_tokens)
 
 
 def _with_seed(sampling: Sampling, seed: int | None) -> Sampling:

@@ -682,7 +682,7 @@ async def embedding(request: Request) -> Response:
     body = await read_json(request)
     engine: Engine = request.app.state.engine
     name = "input" if "input" in body and "content" not in body else "content"
-    norm = body.integer("embd_normalize")
+    norm = body.integer("embd_normalize", maximum=1000)
     norm = 2 if norm is None else norm
     if norm < 0:
         raise body.fail("embd_normalize", "must be 0 (max absolute), 1 (taxicab), 2 (euclidean, the default) or a p-norm above 2; llamabox has no unnormalized embeddings")

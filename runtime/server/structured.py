@@ -24,15 +24,38 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from runtime.engine import Engine, Prompt
 from runtime.server.errors import ApiError
 
+# Counted bounds become counted repetitions in the grammar, which llama.cpp expands into rules (and
+# the converter into text): beyond this a schema would exhaust memory or crash the parser.
+MAX_SCHEMA_COUNT = 1000
+COUNTED = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
 
 def json_grammar(schema: dict[str, Any] | None, param: str) -> str:
     """GBNF for any JSON object (schema None) or for JSON valid under `schema`."""
     if schema is None:
         return JSON_GBNF
+    _check_counts(schema, param)
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter walks any JSON it is given and fails with whatever it trips on
         raise ApiError(400, f"the JSON schema cannot be enforced ({exc}); llama.cpp supports most of JSON Schema draft 2020-12", param=param) from None
+
+
+def _check_counts(schema: Any, param: str) -> None:
+    stack, seen = [schema], 0
+    while stack:  # iterative: a deeply nested schema must not exhaust Python's stack either
+        node = stack.pop()
+        seen += 1
+        if seen > 100_000:
+            raise ApiError(400, "the JSON schema is too large to enforce", param=param)
+        if isinstance(node, dict):
+            for key in COUNTED:
+                value = node.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SCHEMA_COUNT:
+                    raise ApiError(400, f"the JSON schema's {key} of {value} is too large to enforce (at most {MAX_SCHEMA_COUNT})", param=param)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 @dataclass(frozen=True)
