@@ -30,6 +30,12 @@ class _UserErrors(click.Command):
 @click.command(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-m", "--model", type=click.Path(path_type=Path), help="Run this GGUF (or .run bundle) instead of the embedded model.")
 @click.option("-p", "--prompt", help="Print a completion of PROMPT to stdout and exit (a chat turn if the model has a chat template).")
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="Chat with the model in this terminal instead of serving it; with piped input (echo QUESTION | ... --chat), answer it and exit. "
+    "Without --chat the runtime serves, and on a machine without a display it says so and suggests --chat.",
+)
 @click.option("--info", is_flag=True, help="Print the bundle's manifest and the CPU features and kernels in use, then exit.")
 @click.option("--verify", is_flag=True, help="Check the embedded model's SHA-256 before starting.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
@@ -91,6 +97,7 @@ def run(ctx: click.Context, **options: object) -> None:
     Examples:
       ./model.run                          # serve on http://127.0.0.1:8080 and open the chat
       ./model.run -p "Why is the sky blue?" --temp 0
+      ./model.run --chat                   # chat in this terminal
       ./model.run --nobrowser --port 9000  # API only
       ./model.run --info                   # what is inside, which CPU kernels load
       ./model.run -m other.gguf            # another model, same runtime

@@ -1,4 +1,4 @@
-"""The executable's modes: --info, -p, and serving (the default)."""
+"""The executable's modes: --info, -p, --chat, and serving (the default)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import click
 
 from runtime import backends, hardware, model_source, packaged, supervisor
 from runtime.engine import Engine, EngineOptions, Sampling
+from runtime.errors import LlamaboxError
 from runtime.model_source import ModelSource, OwnBundle
 
 
@@ -23,6 +24,7 @@ class RunOptions:
 
     model: Path | None
     prompt: str | None
+    chat: bool
     info: bool
     verify: bool
     host: str
@@ -65,6 +67,8 @@ class RunOptions:
 
 
 def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
+    if options.chat and options.prompt is not None:
+        raise LlamaboxError("choose one of -p (one prompt, then exit) and --chat (a conversation in the terminal)")
     source = model_source.resolve(options.model, own)
     if options.verify and source.bundle is not None:
         model_source.verify(source.bundle)
@@ -83,7 +87,7 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         source.location,
         EngineOptions(
             ctx_size=options.ctx_size,
-            parallel=1 if options.prompt is not None else options.parallel,
+            parallel=1 if options.prompt is not None or options.chat else options.parallel,
             max_waiting=options.max_waiting,
             threads=options.threads or backends.default_threads(),
             gpu_layers=machine.offload.layers,
@@ -94,8 +98,13 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
     if options.prompt is not None:
         run_prompt(engine, options.prompt, options.sampling)
         return
+    if options.chat:
+        from runtime import terminal_chat
 
-    from runtime.serve import Listeners, serve
+        terminal_chat.run(engine, options.sampling, source.name)
+        return
+
+    from runtime.serve import Listeners, has_display, serve
     from runtime.server.settings import Access, ModelFacts, ServerSettings
 
     listeners = Listeners.open(options.host, options.port, options.explicit_port, options.ollama_port)
@@ -121,6 +130,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         system_prompt=options.system_prompt,
         access=Access(options.api_key or None, options.allowed_hosts, options.cors_origins, access_log=options.verbose),
     )
+    if not options.nobrowser and not has_display() and sys.stdin.isatty():
+        click.echo("llamabox: no display to open the chat page on; to chat in this terminal instead, run with --chat", err=True)
     serve(engine, settings, listeners, open_browser=not options.nobrowser)
 
 
