@@ -18,9 +18,8 @@ from starlette.staticfiles import StaticFiles
 from runtime import __version__
 from runtime.engine import Engine
 from runtime.server import anthropic, native, ollama, openai, responses
-from runtime.server.dialect import OPENAI
 from runtime.server.errors import as_api_error
-from runtime.server.guard import Guard
+from runtime.server.guard import Guard, error_shape
 from runtime.server.settings import ServerSettings
 
 
@@ -45,8 +44,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
             }
         )
 
-    async def not_found(_request: Request, exc: Exception) -> Response:
-        return OPENAI.error(as_api_error(exc))  # routes no dialect claims answer in the most common shape
+    async def not_found(request: Request, exc: Exception) -> Response:
+        """An unknown route or method, in the error shape of the API family its path belongs to."""
+        error = as_api_error(exc)
+        return JSONResponse(error_shape(request.url.path)(error), status_code=error.status, headers=error.headers)
 
     app = Starlette(
         routes=[

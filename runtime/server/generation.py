@@ -19,8 +19,8 @@ from starlette.responses import StreamingResponse
 
 from runtime.engine import Chunk, Completion, Engine, Prompt, Sampling
 from runtime.errors import LlamaboxError
+from runtime.server.access_log import count_tokens
 from runtime.server.errors import ApiError, as_api_error
-from runtime.server.guard import count_tokens
 
 
 @dataclass(frozen=True)

@@ -17,41 +17,25 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import sys
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.server.dialect import openai_error
+from runtime.server.access_log import REQUEST_TOKENS, RequestTokens, log_line
+from runtime.server.anthropic import ANTHROPIC
+from runtime.server.dialect import OPENAI
 from runtime.server.errors import ApiError
+from runtime.server.native import NATIVE
+from runtime.server.ollama import OLLAMA
 from runtime.server.settings import Access
 
 OPEN_PATHS = ("/", "/health", "/v1/health")  # the chat page and the health checks need no key
 OPEN_PREFIX = "/ui/"  # the chat page's files
 LOCAL_NAMES = ("localhost",)
-
-
-@dataclass
-class _Tokens:
-    prompt: int = 0
-    generated: int = 0
-    counted: bool = False
-
-
-_TOKENS: ContextVar[_Tokens | None] = ContextVar("llamabox_request_tokens", default=None)
-
-
-def count_tokens(prompt: int, generated: int) -> None:
-    """Add a generation's token counts to the access log line of the request being served (if any)."""
-    tokens = _TOKENS.get()
-    if tokens is not None:
-        tokens.prompt, tokens.generated, tokens.counted = tokens.prompt + prompt, tokens.generated + generated, True
 
 
 class Guard:
@@ -78,22 +62,22 @@ class Guard:
         if not self.access.access_log:
             await self._checked(scope, receive, send)
             return
-        started, status, tokens = time.perf_counter(), [0], _Tokens()
+        started, status, tokens = time.perf_counter(), [0], RequestTokens()
 
         async def noting_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
-        reset = _TOKENS.set(tokens)
+        reset = REQUEST_TOKENS.set(tokens)
         try:
             await self._checked(scope, receive, noting_status)
         except BaseException:
             status[0] = status[0] or 500
             raise
         finally:
-            _TOKENS.reset(reset)
-            _log_line(scope, status[0], tokens, time.perf_counter() - started)
+            REQUEST_TOKENS.reset(reset)
+            log_line(scope, status[0], tokens, time.perf_counter() - started)
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         host = Headers(scope=scope).get("host")
@@ -164,27 +148,15 @@ def _key_in(headers: Headers) -> bytes | None:
 # --- refusals, in the shape of the path's API family ----------------------------------------------
 
 
-def _ollama_error(error: ApiError) -> object:
-    return {"error": error.message}
-
-
-def _anthropic_error(error: ApiError) -> object:
-    return {"type": "error", "error": {"type": error.kind, "message": error.message}}
-
-
-def _llama_cpp_error(error: ApiError) -> object:
-    return {"error": {"code": error.status, "message": error.message, "type": error.kind}}
-
-
 def error_shape(path: str) -> Callable[[ApiError], object]:
     """Which family's error JSON a path is answered in."""
     if path.startswith("/api/"):
-        return _ollama_error
+        return OLLAMA.error_body
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return _anthropic_error
+        return ANTHROPIC.error_body
     if path.startswith("/v1/"):
-        return openai_error
-    return _llama_cpp_error
+        return OPENAI.error_body
+    return NATIVE.error_body
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
@@ -193,9 +165,3 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -
         return
     body = error_shape(scope["path"])(error)
     await JSONResponse(body, status_code=error.status, headers=error.headers)(scope, receive, send)
-
-
-def _log_line(scope: Scope, status: int, tokens: _Tokens, seconds: float) -> None:
-    counts = f", {tokens.prompt} prompt + {tokens.generated} generated tokens" if tokens.counted else ""
-    method = scope.get("method", "WS")
-    print(f"llamabox: {method} {scope['path']} {status or '-'}{counts}, {seconds:.2f} s", file=sys.stderr, flush=True)
