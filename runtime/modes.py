@@ -95,15 +95,18 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             verbose=options.verbose,
         ),
     )
-    if options.prompt is not None:
-        run_prompt(engine, options.prompt, options.sampling)
-        return
-    if options.chat:
-        from runtime import terminal_chat
+    with engine:
+        if options.prompt is not None:
+            run_prompt(engine, options.prompt, options.sampling)
+        elif options.chat:
+            from runtime import terminal_chat
 
-        terminal_chat.run(engine, options.sampling, source.name)
-        return
+            terminal_chat.run(engine, options.sampling, source.name)
+        else:
+            run_server(engine, options, source, machine, started)
 
+
+def run_server(engine: Engine, options: RunOptions, source: ModelSource, machine: hardware.Hardware, started: float) -> None:
     from runtime.serve import Listeners, has_display, serve
     from runtime.server.settings import Access, ModelFacts, ServerSettings
 

@@ -69,6 +69,13 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
 
 
+def _open_browser(url: str) -> None:
+    try:
+        webbrowser.open(url)
+    except Exception:  # no usable browser: the URL is printed above, and that is enough
+        pass
+
+
 def has_display() -> bool:
     if sys.platform in ("darwin", "win32"):
         return True
@@ -84,7 +91,7 @@ def serve(engine: Engine, settings: ServerSettings, listeners: Listeners, open_b
         click.echo(f"  Ollama API: {url_of(listeners.ollama)}api")
     click.echo("  press Ctrl+C to stop")
     if open_browser and has_display():
-        threading.Timer(0.5, webbrowser.open, args=(url,)).start()
+        threading.Timer(0.5, _open_browser, args=(url,)).start()
     config = uvicorn.Config(create_app(engine, settings), log_level="warning", access_log=False, lifespan="off")
     try:
         uvicorn.Server(config).run(sockets=listeners.sockets)

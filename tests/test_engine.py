@@ -202,3 +202,13 @@ def test_repetition_penalties_change_the_answer(engine: Engine) -> None:
     for penalty in ({"repeat_penalty": 1.5}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
         penalised = engine.complete(prompt, replace(GREEDY, max_tokens=40, **penalty)).text
         assert penalised != plain, penalty
+
+
+def test_closing_mid_stream_stops_the_engine_cleanly(smollm2: Path) -> None:
+    """Freeing the model while a step runs crashed llama.cpp at exit; close() stops the engine first."""
+    engine = Engine(ModelLocation(smollm2), EngineOptions(ctx_size=512, parallel=2))
+    stream = engine.stream(ask(engine, "Tell me a long story."), Sampling(temperature=0, max_tokens=400))
+    next(stream)
+    engine.close()
+    assert list(stream)[-1].finish_reason == "cancelled"
+    engine.close()  # twice is harmless

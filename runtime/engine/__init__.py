@@ -220,6 +220,22 @@ class Engine:
         """The text's embedding: pooled, unit length. Made in a context of its own (created on first use)."""
         return self._embedder.embed(self.tokenize(text))
 
+    def close(self) -> None:
+        """Stop generating and free llama.cpp's contexts, then the model, in that order."""
+        if self._context is None:
+            return
+        self._scheduler.stop()
+        self._embedder.close()
+        llama_cpp.llama_free(self._context)
+        self._context = None
+        self._model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def slots(self) -> tuple[list[SlotState], int]:
         """Each slot's state, and how many requests wait for one."""
         return self._scheduler.state()

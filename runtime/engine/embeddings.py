@@ -54,6 +54,12 @@ class Embedder:
         norm = math.sqrt(sum(x * x for x in vector)) or 1.0
         return [x / norm for x in vector]
 
+    def close(self) -> None:
+        with self._lock:
+            if self._context:
+                llama_cpp.llama_free(self._context)
+                self._context = None
+
     def _new_context(self) -> Any:
         params = llama_cpp.llama_context_default_params()
         params.embeddings, params.pooling_type = True, self._pooling

@@ -188,6 +188,7 @@ class Scheduler:
         self._requests_started = 0
         self._wake = threading.Condition()
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llamabox-engine", daemon=True)
         self._thread.start()
 
@@ -224,16 +225,35 @@ class Scheduler:
 
     # --- the engine thread --------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """End the engine thread after its current step; what is still generating is cancelled.
+
+        Must come before the context and the model are freed: a step running while they are freed
+        (at interpreter exit, say) crashes in llama.cpp.
+        """
+        with self._wake:
+            self._stopping = True
+            for request in [*self._waiting, *(slot.request for slot in self._slots if slot.request)]:
+                request.put(Chunk("", "cancelled"))
+            self._wake.notify()
+        self._thread.join()
+        for slot in self._slots:
+            if slot.sampler is not None:
+                slot.sampler.close()
+        llama_cpp.llama_batch_free(self._batch)
+
     def _loop(self) -> None:
         while True:
             try:
                 with self._wake:
                     self._drop_cancelled()
                     self._assign_waiting()
-                    while not any(slot.request for slot in self._slots):
+                    while not self._stopping and not any(slot.request for slot in self._slots):
                         self._wake.wait()
                         self._drop_cancelled()
                         self._assign_waiting()
+                    if self._stopping:
+                        return
                 self._step()
             except Exception as exc:  # a failed step ends the requests in it, never the engine
                 with self._wake:

@@ -6,6 +6,7 @@ Each dialect is a module with its routes; adding one is one line in `create_app`
 from __future__ import annotations
 
 import dataclasses
+import mimetypes
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,6 +22,11 @@ from runtime.server import anthropic, native, ollama, openai, responses
 from runtime.server.errors import as_api_error
 from runtime.server.guard import Guard, error_shape
 from runtime.server.settings import ServerSettings
+
+# Starlette guesses a file's type from the system's tables (the registry on Windows, which can say
+# text/plain for .js): browsers refuse ES modules not served as JavaScript.
+mimetypes.add_type("text/javascript", ".js")
+mimetypes.add_type("text/css", ".css")
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
