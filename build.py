@@ -2,9 +2,16 @@
 
     python build.py                 # -> dist/stubs/llamabox-runtime-<platform>
     python build.py --dist DIR      # somewhere else
+    python build.py --host          # on Linux: with this machine's Python, not the portable build
 
 The stub is model-independent: rebuild it only when the runtime changes. It carries Python,
 llama-cpp-python with every CPU variant library, the HTTP server and the chat page.
+
+On Linux x86-64, once scripts/setup.sh (as root) has prepared it, the stub is built by
+scripts/build_portable.sh inside a Debian 11 root, so that it needs glibc 2.31 at most; without
+that preparation it is built here and needs this machine's glibc, which build.py says loudly.
+Either way build.py measures the newest glibc any ELF file in the stub needs, records it in the
+stub's description (`min_glibc`) and, with --max-glibc, refuses a stub that needs more.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +28,7 @@ from pathlib import Path
 import llama_cpp
 import PyInstaller.__main__
 
+from bundler import glibc
 from runtime import __version__
 from runtime.backends import CPU_VARIANT_GLOB, GPU_BACKENDS, module_file_name
 from runtime.kernel_proof import model as proof_model
@@ -26,6 +36,7 @@ from runtime.packaged import BACKENDS_DIR_NAME, PROOF_MODEL_NAME, TEMPLATES_DIR_
 from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
 
 ROOT = Path(__file__).resolve().parent
+PORTABLE_SCRIPT = ROOT / "scripts" / "build_portable.sh"
 EXCLUDED_MODULES = (
     "huggingface_hub", "hf_xet", "openai", "pydantic", "pydantic_core", "jiter", "yaml", "gguf", "httpx",
     "PyInstaller", "setuptools", "pkg_resources", "tkinter", "IPython", "matplotlib", "PIL", "pytest",
@@ -60,6 +71,8 @@ def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
 SPEC = """\
 from PyInstaller.utils.hooks import collect_submodules
 
+from bundler.glibc import record_min_glibc
+
 a = Analysis(
     [{entry!r}],
     pathex=[{root!r}],
@@ -68,6 +81,8 @@ a = Analysis(
     hiddenimports=collect_submodules("uvicorn"),
     excludes={excludes!r},
 )
+# Every file is collected now and packed below: measure their glibc needs into the description first.
+record_min_glibc({info!r}, [src for _dest, src, kind in a.binaries + a.datas if kind != "SYMLINK"])
 exe = EXE(
     PYZ(a.pure),
     a.scripts,
@@ -82,6 +97,38 @@ exe = EXE(
 """
 
 
+def portable_ready() -> bool:
+    """Whether this machine builds the portable stub: Linux x86-64 and the cached Debian 11 root is there."""
+    if current_platform() != "linux-x86_64" or not PORTABLE_SCRIPT.exists():
+        return False
+    return subprocess.run([str(PORTABLE_SCRIPT), "ready"], cwd=ROOT).returncode == 0
+
+
+def check_glibc(stub: Path, limit: glibc.Version | None) -> None:
+    """Measure the finished stub; refuse it over `limit`, else say loudly what it needs when that is over the target."""
+    needs = glibc.stub_needs(stub)
+    newest = glibc.highest(needs)
+    if newest is None:
+        return
+    over = sorted((n for n in needs if n.glibc and n.glibc > (limit or glibc.TARGET)), key=lambda n: n.glibc)
+    if not over:
+        print(f"The stub needs glibc {glibc.format_version(newest)}: {glibc.runs_on(newest)}")
+        return
+    worst = ", ".join(f"{n.name} ({glibc.format_version(n.glibc)})" for n in over[-5:])
+    if limit is not None:
+        stub.unlink()
+        sys.exit(f"build.py: refused: files in the stub need glibc over {glibc.format_version(limit)}: {worst}")
+    bar = "!" * 100
+    print(
+        f"{bar}\n"
+        f"This stub needs glibc {glibc.format_version(newest)} (this machine's): {glibc.runs_on(newest)}.\n"
+        f"It will not start on older Linux (newest needs: {worst}).\n"
+        f"For a stub that needs glibc {glibc.format_version(glibc.TARGET)} at most, run scripts/setup.sh as root "
+        f"(it prepares scripts/build_portable.sh), then build.py again.\n{bar}",
+        file=sys.stderr,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dist", type=Path, default=ROOT / "dist" / "stubs", help="output directory")
@@ -91,7 +138,25 @@ def main() -> None:
         help="store libraries uncompressed: about 0.3 s faster start (the onefile bootloader unpacks them "
         "at every start), 2.5x larger stub, and the bundle carries the stub's archive twice",
     )
+    parser.add_argument(
+        "--host",
+        action="store_true",
+        help="build with this machine's Python and libraries even where the portable build is prepared "
+        "(the stub then needs this machine's glibc)",
+    )
+    parser.add_argument(
+        "--max-glibc",
+        type=glibc.parse_version,
+        metavar="X.Y",
+        help="refuse (delete) the stub if any ELF file in it needs a newer glibc (the portable build passes "
+        f"{glibc.format_version(glibc.TARGET)})",
+    )
     args = parser.parse_args()
+
+    if not args.host and portable_ready():
+        command = [str(PORTABLE_SCRIPT), "--dist", str(args.dist.resolve())]
+        command += ["--uncompressed"] if args.uncompressed else []
+        os.execv(command[0], command)
 
     platform_name = current_platform()
     core, backend_modules = llama_cpp_libraries()
@@ -120,6 +185,7 @@ def main() -> None:
             entry=str(ROOT / "runtime" / "__main__.py"),
             root=str(ROOT),
             binaries=[(str(p), "llama_cpp/lib") for p in core] + [(str(p), BACKENDS_DIR_NAME) for p in backend_modules],
+            info=str(info),
             datas=[(str(info), "."), (str(ROOT / TEMPLATES_DIR_NAME), TEMPLATES_DIR_NAME), (str(proof), ".")],
             # Found by PyInstaller in optional imports of llama-cpp-python and others; never used by the runtime.
             excludes=list(EXCLUDED_MODULES),
@@ -131,6 +197,8 @@ def main() -> None:
     PyInstaller.__main__.run([str(spec), "--noconfirm", "--log-level=WARN", f"--distpath={args.dist}", f"--workpath={work}"])
     stub = args.dist / stub_file_name(platform_name)
     print(f"Built {stub} ({stub.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.0f} s")
+    if platform_name.startswith("linux-"):
+        check_glibc(stub, args.max_glibc)
 
 
 if __name__ == "__main__":

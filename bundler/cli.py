@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from bundler import glibc, stubs
 from bundler.assemble import build_bundle
 from bundler.atomic import Interrupted, interruptible
 from bundler.default_model import default_model_path
@@ -124,8 +125,13 @@ def build(
         sys.exit(128 + signum)
     click.echo(f"Wrote {output} ({output.stat().st_size / 1e6:,.1f} MB): {manifest.name}, sha256 {manifest.model.sha256[:16]}...")
     click.echo(f"Run it with: chmod +x {output} && ./{output}" if output.parent == Path(".") else f"Run it with: {output}")
-    click.echo(f"Wrote {output} ({output.stat().st_size / 1e6:,.1f} MB): {manifest.name}, sha256 {manifest.model.sha256[:16]}...")
-    click.echo(f"Run it with: chmod +x {output} && ./{output}" if output.parent == Path(".") else f"Run it with: {output}")
+    info = stubs.read_stub(stub or default_stub_path())
+    if info.platform.startswith("linux-") and not stubs.is_portable(info):
+        click.echo(
+            f"Note: its runtime needs glibc {stubs.glibc_note(info.min_glibc)}; for older Linux build the "
+            "portable stub (scripts/build_portable.sh, see the README).",
+            err=True,
+        )
 
 
 @cli.command()
@@ -157,6 +163,9 @@ def describe(bundle: Bundle) -> Iterator[tuple[str, str]]:
     yield "Default args", " ".join(m.default_args) or "(none)"
     yield "Platform", m.platform
     yield "Runtime", f"llamabox {m.runtime_version}"
+    if m.platform.startswith("linux-"):
+        carried = stubs.description(bundle.path) or {}
+        yield "Needs glibc", stubs.glibc_note(carried.get(glibc.MIN_GLIBC_KEY))
     yield "Built", f"{m.built_at} with llamabox {m.llamabox_version}, format {m.format_version}"
     yield "Bundle size", f"{t.bundle_size:,} bytes ({t.bundle_size - m.model.size:,} over the model)"
 

@@ -1,4 +1,9 @@
-"""Finding and checking runtime stubs (the model-independent executables build.py makes)."""
+"""Finding and checking runtime stubs (the model-independent executables build.py makes).
+
+On Linux x86-64 the default stub is the portable one where scripts/build_portable.sh made it: build.py
+writes it to the same place as a stub built for this machine only (`build.py --host`), and its
+description records the newest glibc it needs (`min_glibc`), which `llamabox build` and `inspect` show.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 
 from PyInstaller.archive.readers import ArchiveReadError, CArchiveReader
 
+from bundler import glibc
 from runtime import bundle_format
 from runtime.errors import StubError
 from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
@@ -23,6 +29,7 @@ class StubInfo:
     platform: str
     runtime_version: str
     llama_cpp_python: str
+    min_glibc: str | None  # None: not Linux, or built before build.py recorded it
 
 
 def default_stub_path() -> Path:
@@ -38,14 +45,41 @@ def read_stub(path: Path) -> StubInfo:
     with open(path, "rb") as f:
         if bundle_format.read_trailer(f) is not None:
             raise StubError(f"{path.name} is already a llamabox bundle, not a runtime stub")
-    try:
-        archive = CArchiveReader(str(path))
-        info = json.loads(archive.extract(STUB_INFO_NAME))
-    except (ArchiveReadError, KeyError, ValueError, OSError):
-        raise StubError(f"{path.name} is not a llamabox runtime stub (build one with `python build.py`)") from None
+    info = description(path)
+    if info is None:
+        raise StubError(f"{path.name} is not a llamabox runtime stub (build one with `python build.py`)")
     return StubInfo(
         path=path,
         platform=info["platform"],
         runtime_version=info["runtime_version"],
         llama_cpp_python=info["llama_cpp_python"],
+        min_glibc=info.get(glibc.MIN_GLIBC_KEY),
     )
+
+
+def description(path: Path) -> dict[str, object] | None:
+    """The description build.py put into a stub's archive, also of the stub a bundle carries (the
+    archive's copy at the bundle's end); None if there is none."""
+    try:
+        return json.loads(CArchiveReader(str(path)).extract(STUB_INFO_NAME))
+    except (ArchiveReadError, KeyError, ValueError, TypeError, OSError):
+        return None
+
+
+def glibc_note(min_glibc: str | None) -> str:
+    """What a recorded min_glibc means for users, e.g. '2.31 or newer: Debian 11, Ubuntu 20.04 ... and newer'."""
+    if not min_glibc:
+        return "not recorded (a stub built before llamabox measured it)"
+    try:
+        version = glibc.parse_version(min_glibc)
+    except ValueError:
+        return min_glibc
+    return f"{min_glibc} or newer: {glibc.runs_on(version)}"
+
+
+def is_portable(info: StubInfo) -> bool:
+    """Whether a Linux stub needs no newer glibc than the portable build's target."""
+    try:
+        return info.min_glibc is not None and glibc.parse_version(info.min_glibc) <= glibc.TARGET
+    except ValueError:
+        return False
