@@ -234,6 +234,8 @@ def test_fields_not_honoured_are_refused(server: Server) -> None:
         ({"n": 100}, "'n'"),
         ({"top_logprobs": 3}, "logprobs"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text only"),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "text only"),
+        ({"web_search_options": {}}, "web"),
     ]:
         response = httpx.post(server.url + "v1/chat/completions", json={"messages": CATS, "max_tokens": 4, **bad})
         assert response.status_code == 400, (bad, response.text)

@@ -69,7 +69,10 @@ def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
 def test_chat_page_is_served(server: Server) -> None:
     page = httpx.get(server.url)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "/v1/chat/completions" in page.text
+    assert '<script type="module" src="/ui/app.js">' in page.text
+    script = httpx.get(server.url + "ui/api.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "/v1/chat/completions" in script.text
 
 
 

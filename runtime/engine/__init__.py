@@ -225,10 +225,11 @@ class Engine:
         if self._context is None:
             return
         self._scheduler.stop()
-        self._embedder.close()
-        llama_cpp.llama_free(self._context)
-        self._context = None
-        self._model.close()
+        with suppress_stdout_stderr(disable=self.options.verbose):  # llama.cpp reports what it frees
+            self._embedder.close()
+            llama_cpp.llama_free(self._context)
+            self._context = None
+            self._model.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -61,6 +61,7 @@ async def get_model(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     body = await read_json(request)
     engine: Engine = request.app.state.engine
+    _refuse_unsupported(body)
     messages = chat_messages(body)
     tools = tool_use(body)
     grammar = response_grammar(body)
@@ -76,6 +77,15 @@ async def chat_completions(request: Request) -> Response:
     results = await generation.result()
     choices = [reply.chat_choice(i, r, top is not None) for i, r in enumerate(results)]
     return JSONResponse({**reply.envelope, "object": "chat.completion", "choices": choices, "usage": _usage(usage_of(results))})
+
+
+def _refuse_unsupported(body: Body) -> None:
+    """Fields whose meaning this server cannot give: a 400 that says so, rather than an answer without it."""
+    modalities = body.strings("modalities") or []
+    if "audio" in body or any(m != "text" for m in modalities):
+        raise ApiError(400, "this model answers in text only: leave out 'audio' and non-text 'modalities'", param="modalities")
+    if "web_search_options" in body:
+        raise ApiError(400, "this server cannot search the web: leave out 'web_search_options'", param="web_search_options")
 
 
 def chat_messages(body: Body) -> list[dict[str, Any]]:
@@ -216,11 +226,12 @@ class _Reply:
         settings: ServerSettings = request.app.state.settings
         self.tools = tools or ToolUse()
         self.envelope = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id, "system_fingerprint": settings.fingerprint}
+        self.single_call = body.boolean("parallel_tool_calls") is False
         stream_options = body.obj("stream_options")
         self.include_usage = bool(stream_options and stream_options.boolean("include_usage"))
 
     def chat_choice(self, index: int, result: Completion, logprobs: bool) -> dict[str, Any]:
-        calls = self.tools.parse(result.text)
+        calls = self.tools.parse(result.text)[: 1 if self.single_call else None]
         message: dict[str, Any] = {"role": "assistant", "content": None if calls else result.text, "refusal": None}
         if calls:
             message["tool_calls"] = [_tool_call_out(call) for call in calls]
