@@ -31,6 +31,7 @@ import PyInstaller.__main__
 from bundler import glibc
 from runtime import __version__
 from runtime.backends import CPU_VARIANT_GLOB, GPU_BACKENDS, module_file_name
+from runtime.bundle_format import FORMAT_VERSION
 from runtime.kernel_proof import model as proof_model
 from runtime.packaged import BACKENDS_DIR_NAME, PROOF_MODEL_NAME, TEMPLATES_DIR_NAME, backend_dir
 from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
@@ -170,6 +171,8 @@ def main() -> None:
                 "runtime_version": __version__,
                 "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
                 "cpu_variants": [p.name for p in backend_modules if "-cpu-" in p.name],
+                "gpu_backends": [p.name for p in backend_modules if "-cpu-" not in p.name],
+                "bundle_format": FORMAT_VERSION,
             },
             indent=2,
         )

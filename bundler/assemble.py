@@ -15,12 +15,14 @@ from bundler.atomic import atomic_write, check_output
 from bundler.gguf_info import GGUFInfo, read_gguf_info
 from bundler.sources import Fetched, fetch
 from bundler.splits import MergedGGUF, split_name
-from bundler.stubs import read_stub
+from bundler.targets import check_stub, check_windows_size, sidecar_path
 from runtime import __version__, bundle_format
-from runtime.bundle_format import Manifest, ModelEntry
+from runtime.bundle_format import INLINE_FORMAT_VERSION, SIDECAR_FORMAT_VERSION, Manifest, ModelEntry
 from runtime.errors import LlamaboxError, ModelFileError
 
 # Given the total byte count, returns a context manager yielding a callback for bytes done.
+LICENSE_LIMIT = 1 << 20
+
 ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
 
 
@@ -34,18 +36,27 @@ def build_bundle(
     args: str = "",
     force: bool = False,
     progress: ProgressFactory,
+    platform: str | None = None,
+    sidecar: bool = False,
+    license_file: Path | None = None,
 ) -> Manifest:
     """Write a bundle of the model `source` names (see bundler.sources) on `stub` to `output`.
 
-    The stub, the arguments and the output path are checked before anything is downloaded, and the
-    model before anything is written.
+    With `sidecar`, the model goes into NAME.gguf beside `output` (see bundle_format). The stub, the
+    arguments and the output path are checked before anything is downloaded, and the model before
+    anything is written.
     """
-    stub_info = read_stub(stub)
+    stub_info = check_stub(stub, platform, SIDECAR_FORMAT_VERSION if sidecar else INLINE_FORMAT_VERSION)
     default_args = _split_args(args)
+    license_text = read_license_file(license_file) if license_file is not None else None
     check_output(output, force)
+    sidecar_out = sidecar_path(output) if sidecar else None
+    if sidecar_out is not None:
+        check_output(sidecar_out, force)
     fetched = fetch(source, revision)
     with ExitStack() as stack:
         model, info, file_name, size, part_hashes = _open_model(fetched, stack)
+        check_windows_size(stub_info.platform, stub.stat().st_size, size, sidecar)
         manifest = Manifest(
             name=name or Path(file_name).stem,
             model=ModelEntry(file_name=file_name, size=size, sha256=""),
@@ -56,6 +67,7 @@ def build_bundle(
             llamabox_version=__version__,
             built_at=_build_time(),
             source=fetched.source,
+            license_text=license_text,
         )
 
         def complete(written: Manifest) -> Manifest:
@@ -66,8 +78,86 @@ def build_bundle(
 
         stub_file = stack.enter_context(open(stub, "rb"))
         advance = stack.enter_context(progress(size))
+        side = None
+        if sidecar_out is not None:
+            side = (stack.enter_context(atomic_write(sidecar_out, force=force, mode=0o644)), sidecar_out.name)
         out = stack.enter_context(atomic_write(output, force=force, mode=0o755))
-        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, complete)
+        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, complete, side)
+
+
+def repack_bundle(
+    old: Path,
+    output: Path,
+    stub: Path,
+    *,
+    platform: str | None = None,
+    args: str | None = None,
+    sidecar: bool | None = None,
+    force: bool = False,
+    progress: ProgressFactory,
+) -> Manifest:
+    """Write a new bundle of the model inside `old` on `stub`, with `args` (None: keep the old ones).
+
+    The model region is copied from `old` (or its sidecar) and its SHA-256 checked against the old
+    manifest while it is copied: a damaged model is refused and nothing is written. `sidecar`
+    None keeps the old layout.
+    """
+    opened = bundle_format.open_bundle(old)
+    keep_sidecar = opened.manifest.sidecar is not None if sidecar is None else sidecar
+    stub_info = check_stub(stub, platform, SIDECAR_FORMAT_VERSION if keep_sidecar else INLINE_FORMAT_VERSION)
+    default_args = opened.manifest.default_args if args is None else _split_args(args)
+    if output.resolve() == old.resolve():
+        raise LlamaboxError(f"{output} is the bundle being repacked; write the new one to another file")
+    check_output(output, force)
+    sidecar_out = sidecar_path(output) if keep_sidecar else None
+    if sidecar_out is not None:
+        if opened.manifest.sidecar is not None and sidecar_out.resolve() == opened.model_path.resolve():
+            raise LlamaboxError(f"{sidecar_out} is the old bundle's model file; give the new bundle another name")
+        check_output(sidecar_out, force)
+    check_windows_size(stub_info.platform, stub.stat().st_size, opened.model_size, keep_sidecar)
+    manifest = dataclasses.replace(
+        opened.manifest,
+        default_args=default_args,
+        platform=stub_info.platform,
+        runtime_version=stub_info.runtime_version,
+        llamabox_version=__version__,
+        built_at=_build_time(),
+        format_version=INLINE_FORMAT_VERSION,
+        sidecar=None,
+    )
+    expected = opened.manifest.model.sha256
+
+    def check_hash(written: Manifest) -> Manifest:
+        if written.model.sha256 != expected:
+            raise LlamaboxError(
+                f"the model inside {old.name} is damaged (its SHA-256 does not match its manifest); "
+                "nothing was written: build the bundle again from the GGUF"
+            )
+        return written
+
+    with ExitStack() as stack:
+        model = stack.enter_context(bundle_format.ModelRegion(opened))
+        stub_file = stack.enter_context(open(stub, "rb"))
+        advance = stack.enter_context(progress(opened.model_size))
+        side = None
+        if sidecar_out is not None:
+            side = (stack.enter_context(atomic_write(sidecar_out, force=force, mode=0o644)), sidecar_out.name)
+        out = stack.enter_context(atomic_write(output, force=force, mode=0o755))
+        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, check_hash, side)  # type: ignore[arg-type]
+
+
+def read_license_file(path: Path) -> str:
+    """The text of a licence file given with --license-file (UTF-8, at most 1 MB)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LlamaboxError(f"cannot read the licence file {path}: {exc.strerror}") from None
+    if len(data) > LICENSE_LIMIT:
+        raise LlamaboxError(f"the licence file {path} is {len(data):,} bytes; a licence text of at most 1 MB is expected")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LlamaboxError(f"the licence file {path} is not UTF-8 text") from None
 
 
 def _open_model(

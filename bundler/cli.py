@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from bundler import glibc, stubs
-from bundler.assemble import build_bundle
+from bundler import glibc, stubs, targets
+from bundler.assemble import build_bundle, repack_bundle
 from bundler.atomic import Interrupted, interruptible
 from bundler.default_model import default_model_path
-from bundler.stubs import default_stub_path
+from bundler.stubs import STUB_DIR
 from runtime import __version__, bundle_format
 from runtime.bundle_format import Bundle
 from runtime.errors import LlamaboxError
@@ -72,6 +72,27 @@ def cli() -> None:
     help="Default runtime arguments baked into the bundle, e.g. --args '--ctx-size 4096 --port 9000'. "
     "Arguments given when running it override them.",
 )
+@click.option(
+    "--platform",
+    type=click.Choice(targets.PLATFORMS),
+    help="Build for this platform with its stub from --stub-dir (default: this machine's platform).",
+)
+@click.option(
+    "--stub-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where the stubs for --platform are, named llamabox-runtime-PLATFORM[.exe] (default: dist/stubs).",
+)
+@click.option(
+    "--sidecar",
+    is_flag=True,
+    help="Keep the weights in NAME.gguf beside a small executable instead of inside it (needed for "
+    "Windows bundles over 4 GB); the two files must stay in the same folder.",
+)
+@click.option(
+    "--license-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A licence text to store in the bundle; the bundle shows it with --license.",
+)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def build(
     model: str | None,
@@ -80,6 +101,10 @@ def build(
     name: str | None,
     stub: Path | None,
     default_args: str,
+    platform: str | None,
+    stub_dir: Path | None,
+    sidecar: bool,
+    license_file: Path | None,
     force: bool,
 ) -> None:
     """Bundle MODEL into the executable OUTPUT.
@@ -106,32 +131,146 @@ def build(
       llamabox build big-model-00001-of-00003.gguf -o big.run
       llamabox build model.gguf -o pirate.run --args "--system-prompt 'You are a pirate.'"
       llamabox build model.gguf -o model-mac --stub stubs/llamabox-runtime-macos-arm64
+      llamabox build model.gguf -o model --platform windows-x86_64   # writes model.exe
+      llamabox build big.gguf -o big.run --sidecar                    # big.run + big.gguf
     """
+    chosen = targets.select_stub(platform, stub, stub_dir)
+    if platform is not None:
+        output = targets.output_name(output, platform)
     try:
         with interruptible():
             manifest = build_bundle(
                 model,
                 output,
-                stub or default_stub_path(),
+                chosen,
                 revision=revision,
                 name=name,
                 args=default_args,
                 force=force,
                 progress=_progress_bar,
+                platform=platform,
+                sidecar=sidecar,
+                license_file=license_file,
             )
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         click.echo(f"\nError: interrupted ({signal.Signals(signum).name}); {output} was not written", err=True)
         sys.exit(128 + signum)
-    click.echo(f"Wrote {output} ({output.stat().st_size / 1e6:,.1f} MB): {manifest.name}, sha256 {manifest.model.sha256[:16]}...")
-    click.echo(f"Run it with: chmod +x {output} && ./{output}" if output.parent == Path(".") else f"Run it with: {output}")
-    info = stubs.read_stub(stub or default_stub_path())
+    _report_written(output, manifest)
+    if not manifest.metadata.get("license") and not manifest.license_text:
+        click.echo(
+            "Warning: the model carries no licence information (no general.license in the GGUF); find out its "
+            "licence and add it with --license-file FILE",
+            err=True,
+        )
+    info = stubs.read_stub(chosen)
     if info.platform.startswith("linux-") and not stubs.is_portable(info):
         click.echo(
             f"Note: its runtime needs glibc {stubs.glibc_note(info.min_glibc)}; for older Linux build the "
             "portable stub (scripts/build_portable.sh, see the README).",
             err=True,
         )
+
+
+def _report_written(output: Path, manifest: bundle_format.Manifest) -> None:
+    size = output.stat().st_size
+    click.echo(f"Wrote {output} ({size / 1e6:,.1f} MB): {manifest.name}, sha256 {manifest.model.sha256[:16]}...")
+    if manifest.sidecar is not None:
+        click.echo(
+            f"The weights are in {output.with_name(manifest.sidecar.name)} ({manifest.sidecar.size / 1e6:,.1f} MB): "
+            f"keep it in the same folder as {output.name}"
+        )
+    if manifest.platform.startswith("windows-"):
+        click.echo(f"Run it on Windows with: {output.name}")
+    else:
+        click.echo(f"Run it with: chmod +x {output} && ./{output}" if output.parent == Path(".") else f"Run it with: {output}")
+
+
+@cli.command()
+@click.argument("old", metavar="OLD", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The new executable to write.")
+@click.option("--stub", type=click.Path(path_type=Path), help="Runtime stub for the new bundle.")
+@click.option("--platform", type=click.Choice(targets.PLATFORMS), help="Take the stub for this platform from --stub-dir.")
+@click.option("--stub-dir", type=click.Path(path_type=Path, file_okay=False), help="Where the stubs are (default: dist/stubs).")
+@click.option(
+    "--args",
+    "default_args",
+    metavar="'ARGS'",
+    help="New default runtime arguments (default: keep OLD's; --args '' removes them).",
+)
+@click.option("--sidecar/--inline", default=None, help="Weights beside the executable or inside it (default: as in OLD).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def repack(
+    old: Path,
+    output: Path,
+    stub: Path | None,
+    platform: str | None,
+    stub_dir: Path | None,
+    default_args: str | None,
+    sidecar: bool | None,
+    force: bool,
+) -> None:
+    """Make a new bundle from OLD with another runtime stub or other baked-in arguments.
+
+    The model is copied from OLD (its SHA-256 checked on the way); the original GGUF is not needed
+    and nothing is downloaded.
+
+    \b
+    Examples:
+      llamabox repack old.run -o new.run                      # onto this llamabox's stub
+      llamabox repack old.run -o new.run --args '--ctx-size 8192'
+      llamabox repack model.run -o model --platform windows-x86_64
+    """
+    if platform is None and stub is None:
+        platform = bundle_format.open_bundle(old).manifest.platform
+    chosen = targets.select_stub(platform, stub, stub_dir)
+    if platform is not None:
+        output = targets.output_name(output, platform)
+    try:
+        with interruptible():
+            manifest = repack_bundle(
+                old, output, chosen, platform=platform, args=default_args, sidecar=sidecar, force=force,
+                progress=_progress_bar,
+            )
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        click.echo(f"\nError: interrupted ({signal.Signals(signum).name}); {output} was not written", err=True)
+        sys.exit(128 + signum)
+    _report_written(output, manifest)
+
+
+@cli.command("stubs")
+@click.option("--stub-dir", type=click.Path(path_type=Path, file_okay=False), help="Where the stubs are (default: dist/stubs).")
+def list_stubs(stub_dir: Path | None) -> None:
+    """List the runtime stubs that bundles can be built with, and what each supports."""
+    directory = stub_dir or STUB_DIR
+    found = targets.list_stubs(directory)
+    if not found:
+        click.echo(f"No stubs in {directory}: build one with `python build.py` (it writes dist/stubs/).")
+        return
+    for listed in found:
+        if listed.info is None:
+            click.echo(f"{listed.path.name}: not usable: {listed.problem}")
+            continue
+        info, described = listed.info, listed.description
+        click.echo(f"{listed.path.name}")
+        click.echo(f"  platform:        {info.platform}")
+        click.echo(f"  llamabox:        {info.runtime_version} (llama-cpp-python {info.llama_cpp_python})")
+        click.echo(f"  bundle format:   {described.get(targets.FORMAT_KEY, 'not recorded')}")
+        if info.platform.startswith("linux-"):
+            click.echo(f"  needs glibc:     {stubs.glibc_note(info.min_glibc)}")
+        click.echo(f"  backends:        {_backends(described)}")
+        click.echo(f"  size:            {listed.path.stat().st_size / 1e6:,.1f} MB")
+
+
+def _backends(described: dict[str, object]) -> str:
+    """CPU kernel variants and GPU backends a stub carries, from its description."""
+    variants = described.get("cpu_variants") or []
+    cpu = sorted({str(v).split("-cpu-", 1)[-1].split(".", 1)[0] for v in variants}) if isinstance(variants, list) else []
+    gpu = described.get("gpu_backends") or []
+    parts = [f"CPU ({', '.join(cpu)})" if cpu else "CPU"]
+    parts += [str(g).split("ggml-", 1)[-1].split(".", 1)[0].upper() for g in gpu] if isinstance(gpu, list) else []
+    return ", ".join(parts)
 
 
 @cli.command()
@@ -151,7 +290,10 @@ def describe(bundle: Bundle) -> Iterator[tuple[str, str]]:
     m, t = bundle.manifest, bundle.trailer
     meta = m.metadata
     yield "Name", m.name
-    yield "Model file", f"{m.model.file_name} ({m.model.size:,} bytes at offset {t.model_offset:,})"
+    if m.sidecar is not None:
+        yield "Model file", f"{m.model.file_name} ({m.model.size:,} bytes) in the sidecar {m.sidecar.name} beside it"
+    else:
+        yield "Model file", f"{m.model.file_name} ({m.model.size:,} bytes at offset {t.model_offset:,})"
     yield "SHA-256", m.model.sha256
     yield from _describe_source(m.source)
     yield "Architecture", str(meta.get("architecture"))
@@ -160,6 +302,9 @@ def describe(bundle: Bundle) -> Iterator[tuple[str, str]]:
     yield "Context length", str(meta.get("context_length"))
     yield "Chat template", "yes" if meta.get("chat_template") else "no (chat uses a plain default)"
     yield "License", str(meta.get("license") or "not stated")
+    if m.license_text:
+        first = m.license_text.strip().splitlines()[0] if m.license_text.strip() else ""
+        yield "License file", f"stored ({len(m.license_text):,} characters: {first[:60]}); the bundle prints it with --license"
     yield "Default args", " ".join(m.default_args) or "(none)"
     yield "Platform", m.platform
     yield "Runtime", f"llamabox {m.runtime_version}"
@@ -167,7 +312,10 @@ def describe(bundle: Bundle) -> Iterator[tuple[str, str]]:
         carried = stubs.description(bundle.path) or {}
         yield "Needs glibc", stubs.glibc_note(carried.get(glibc.MIN_GLIBC_KEY))
     yield "Built", f"{m.built_at} with llamabox {m.llamabox_version}, format {m.format_version}"
-    yield "Bundle size", f"{t.bundle_size:,} bytes ({t.bundle_size - m.model.size:,} over the model)"
+    if m.sidecar is not None:
+        yield "Bundle size", f"{t.bundle_size:,} bytes, plus the sidecar's {m.sidecar.size:,}"
+    else:
+        yield "Bundle size", f"{t.bundle_size:,} bytes ({t.bundle_size - m.model.size:,} over the model)"
 
 
 def _describe_source(source: bundle_format.Source | None) -> Iterator[tuple[str, str]]:
@@ -202,7 +350,8 @@ def verify(bundle: Path) -> None:
             f"{bundle.name}: the embedded model is damaged (SHA-256 {actual[:16]}... instead of "
             f"{opened.manifest.model.sha256[:16]}...); download or build it again"
         )
-    click.echo(f"OK: {bundle.name}: {opened.manifest.model.file_name}, sha256 {actual}")
+    where = f" (in {opened.manifest.sidecar.name})" if opened.manifest.sidecar is not None else ""
+    click.echo(f"OK: {bundle.name}: {opened.manifest.model.file_name}{where}, sha256 {actual}")
 
 
 @cli.command("default-model")

@@ -21,6 +21,14 @@ needs no new format version. FORMAT_VERSION changes only when an older runtime c
 read a new bundle correctly. Version 2 added `source` (where the model came from) and is the first
 whose readers ignore unknown keys; version 1 readers took any new key for damage, so they must be
 told to update instead. Version 1 bundles (no `source`) still read.
+
+The sidecar layout (`llamabox build --sidecar`) keeps the GGUF in a file of its own beside the
+executable (NAME.gguf next to NAME.run or NAME.exe): the executable is the stub, the manifest, the
+archive copy and the trailer, with FLAG_SIDECAR set and model_offset/model_size describing the GGUF's
+region in the sidecar (offset 0, the whole file). Its manifest names the sidecar (`sidecar`: name,
+size, SHA-256). Such bundles are written as format 3, so that a version 2 runtime, which would look
+for the model inside the executable, says to update instead; bundles with the model inside stay
+format 2. Windows will not start an executable over 4 GB; the sidecar layout is the way around that.
 """
 
 from __future__ import annotations
@@ -37,7 +45,10 @@ from typing import Any, BinaryIO
 
 from runtime.errors import BundleError, IncompleteBundleError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest format this code reads
+INLINE_FORMAT_VERSION = 2  # written for bundles holding their model
+SIDECAR_FORMAT_VERSION = 3  # written for bundles whose model is in a sidecar file
+FLAG_SIDECAR = 1
 ALIGNMENT = 4096
 GGUF_MAGIC = b"GGUF"
 
@@ -99,6 +110,15 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Sidecar:
+    """The file beside the executable that holds the model, in the sidecar layout."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a bundle says about itself; stored as JSON between the model and the archive copy."""
 
@@ -110,8 +130,10 @@ class Manifest:
     runtime_version: str
     llamabox_version: str
     built_at: str
-    format_version: int = FORMAT_VERSION
+    format_version: int = INLINE_FORMAT_VERSION
     source: Source | None = None
+    license_text: str | None = None  # the licence file given with `llamabox build --license-file`
+    sidecar: Sidecar | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode("utf-8") + b"\n"
@@ -127,6 +149,8 @@ class Manifest:
                 source = _known_fields(Source, raw["source"])
                 source["files"] = [SourceFile(**_known_fields(SourceFile, f)) for f in source["files"]]
                 manifest["source"] = Source(**source)
+            if raw.get("sidecar") is not None:
+                manifest["sidecar"] = Sidecar(**_known_fields(Sidecar, raw["sidecar"]))
             return cls(**manifest)
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"the bundle's manifest is damaged ({exc}); rebuild or download it again") from None
@@ -149,7 +173,7 @@ class Trailer:
     archive_offset: int
     archive_size: int
     bundle_size: int
-    format_version: int = FORMAT_VERSION
+    format_version: int = INLINE_FORMAT_VERSION
     flags: int = 0
 
     def pack(self) -> bytes:
@@ -182,6 +206,12 @@ class Bundle:
     @property
     def model_size(self) -> int:
         return self.trailer.model_size
+
+    @property
+    def model_path(self) -> Path:
+        """The file holding the model: the bundle itself, or its sidecar beside it."""
+        sidecar = self.manifest.sidecar
+        return self.path if sidecar is None else self.path.parent / sidecar.name
 
 
 def align_up(offset: int, alignment: int = ALIGNMENT) -> int:
@@ -264,20 +294,51 @@ def open_bundle(path: Path) -> Bundle:
                     f"{path.name} is {actual_size:,} bytes but its trailer says {trailer.bundle_size:,}: "
                     "the file was modified; download or build it again"
                 )
-            _check_layout(path, trailer)
+            sidecar_layout = bool(trailer.flags & FLAG_SIDECAR)
+            _check_layout(path, trailer, sidecar_layout)
             f.seek(trailer.manifest_offset)
             manifest = Manifest.from_json(f.read(trailer.manifest_size))
-            f.seek(trailer.model_offset)
-            if f.read(4) != GGUF_MAGIC:
-                raise BundleError(f"{path.name} has no GGUF model where its trailer says; build it again")
+            if sidecar_layout != (manifest.sidecar is not None):
+                raise BundleError(f"{path.name} has an inconsistent trailer; build it again")
+            if not sidecar_layout:
+                f.seek(trailer.model_offset)
+                if f.read(4) != GGUF_MAGIC:
+                    raise BundleError(f"{path.name} has no GGUF model where its trailer says; build it again")
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
-    return Bundle(path=path, trailer=trailer, manifest=manifest)
+    bundle = Bundle(path=path, trailer=trailer, manifest=manifest)
+    if manifest.sidecar is not None:
+        _check_sidecar(bundle, manifest.sidecar)
+    return bundle
 
 
-def _check_layout(path: Path, t: Trailer) -> None:
-    regions = [
-        (t.model_offset, t.model_size),
+def _check_sidecar(bundle: Bundle, sidecar: Sidecar) -> None:
+    """The sidecar is beside the executable, of the size recorded, and starts as a GGUF."""
+    path, name = bundle.model_path, bundle.path.name
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(bundle.model_offset)
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise BundleError(
+            f"{name} keeps its model in {sidecar.name} beside it, but {path} is missing; put {sidecar.name} "
+            f"in the same folder as {name}"
+        ) from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}, the model file of {name}: {exc.strerror}") from None
+    if size != sidecar.size or bundle.model_offset + bundle.model_size > size:
+        raise BundleError(
+            f"{sidecar.name} is {size:,} bytes but {name} expects {sidecar.size:,}: it is not this bundle's "
+            f"model file, or its copy was cut short; copy it again"
+        )
+    if magic != GGUF_MAGIC:
+        raise BundleError(f"{sidecar.name} is not a GGUF model; copy the model file of {name} again")
+
+
+def _check_layout(path: Path, t: Trailer, sidecar: bool = False) -> None:
+    regions = [] if sidecar else [(t.model_offset, t.model_size)]
+    regions += [
         (t.manifest_offset, t.manifest_size),
         (t.archive_offset, t.archive_size),
         (t.bundle_size - TRAILER_SIZE, TRAILER_SIZE),
@@ -312,12 +373,14 @@ def write_bundle(
     manifest: Manifest,
     on_progress: ProgressCallback | None = None,
     complete: Callable[[Manifest], Manifest] | None = None,
+    sidecar: tuple[BinaryIO, str] | None = None,
 ) -> Manifest:
     """Write stub + model + manifest + archive copy + trailer to `out`, hashing the model as it goes.
 
     `model` needs only seek(0) and read(). `complete`, if given, fills in what is known only once the
-    model has been read (such as the SHA-256 of the files it was made from). Returns the manifest as
-    written, with the model's SHA-256.
+    model has been read (such as the SHA-256 of the files it was made from). With `sidecar` (a file
+    and the name it will have beside `out`), the model goes into that file instead (the sidecar
+    layout). Returns the manifest as written, with the model's SHA-256.
     """
     stub_size = stub.seek(0, 2)
     archive = find_pyinstaller_archive(stub, stub_size)
@@ -326,21 +389,31 @@ def write_bundle(
     stub.seek(0)
     _copy(stub, out, stub_size)
 
-    model_offset = align_up(stub_size)
-    out.write(b"\0" * (model_offset - stub_size))
+    if sidecar is None:
+        model_offset = align_up(stub_size)
+        out.write(b"\0" * (model_offset - stub_size))
+        model_out = out
+    else:
+        model_offset, model_out = 0, sidecar[0]
     digest = hashlib.sha256()
     model.seek(0)
-    copied = _copy(model, out, manifest.model.size, digest, on_progress)
+    copied = _copy(model, model_out, manifest.model.size, digest, on_progress)
     if copied != manifest.model.size:
         raise BundleError(f"the model changed while it was being copied ({copied:,} bytes read)")
 
     manifest = dataclasses.replace(
         manifest, model=dataclasses.replace(manifest.model, sha256=digest.hexdigest())
     )
+    if sidecar is not None:
+        manifest = dataclasses.replace(
+            manifest,
+            format_version=SIDECAR_FORMAT_VERSION,
+            sidecar=Sidecar(name=sidecar[1], size=manifest.model.size, sha256=manifest.model.sha256),
+        )
     if complete is not None:
         manifest = complete(manifest)
     manifest_bytes = manifest.to_json()
-    manifest_offset = model_offset + manifest.model.size
+    manifest_offset = model_offset + manifest.model.size if sidecar is None else stub_size
     out.write(manifest_bytes)
 
     archive_offset = manifest_offset + len(manifest_bytes)
@@ -356,15 +429,46 @@ def write_bundle(
         archive_offset=archive_offset,
         archive_size=archive_size,
         bundle_size=archive_offset + archive_size + TRAILER_SIZE,
+        format_version=manifest.format_version,
+        flags=FLAG_SIDECAR if sidecar is not None else 0,
     )
     out.write(trailer.pack())
     return manifest
 
 
+class ModelRegion:
+    """A read-only view of the model inside an existing bundle (or its sidecar), for repacking."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._file = open(bundle.model_path, "rb")
+        self._start, self.size = bundle.model_offset, bundle.model_size
+        self._pos = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else (self.size + offset if whence == 2 else self._pos + offset)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self._pos if n < 0 else min(n, self.size - self._pos)
+        self._file.seek(self._start + self._pos)
+        data = self._file.read(max(n, 0))
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ModelRegion:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 def hash_model(bundle: Bundle, on_progress: ProgressCallback | None = None) -> str:
     """SHA-256 of the embedded model, read back from the bundle."""
     digest = hashlib.sha256()
-    with open(bundle.path, "rb") as f:
+    with open(bundle.model_path, "rb") as f:
         f.seek(bundle.model_offset)
         _copy(f, None, bundle.model_size, digest, on_progress)
     return digest.hexdigest()

@@ -37,6 +37,7 @@ class _UserErrors(click.Command):
     "Without --chat the runtime serves, and on a machine without a display it says so and suggests --chat.",
 )
 @click.option("--info", is_flag=True, help="Print the bundle's manifest and the CPU features and kernels in use, then exit.")
+@click.option("--license", "show_license", is_flag=True, help="Print the model's licence as the bundle records it, then exit.")
 @click.option("--verify", is_flag=True, help="Check the embedded model's SHA-256 before starting.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on; if it is taken and not given here, the next free one.")
@@ -102,8 +103,11 @@ def run(ctx: click.Context, **options: object) -> None:
       ./model.run --info                   # what is inside, which CPU kernels load
       ./model.run -m other.gguf            # another model, same runtime
     """
-    from runtime import modes
+    from runtime import model_source, modes
 
+    if options.pop("show_license"):
+        click.echo(model_source.licence_text(model_source.resolve(options["model"], ctx.obj["own"])))  # type: ignore[arg-type]
+        return
     explicit_port = ctx.get_parameter_source("port") is not click.core.ParameterSource.DEFAULT
     modes.dispatch(ctx.obj["own"], ctx.obj["started"], modes.RunOptions(explicit_port=explicit_port, **options))  # type: ignore[arg-type]
 

@@ -74,7 +74,7 @@ def resolve(model: Path | None, own: OwnBundle) -> ModelSource:
 
 def _from_bundle(bundle: Bundle) -> ModelSource:
     return ModelSource(
-        location=ModelLocation(path=bundle.path.resolve(), offset=bundle.model_offset),
+        location=ModelLocation(path=bundle.model_path.resolve(), offset=bundle.model_offset),
         name=bundle.manifest.name,
         bundle=bundle,
     )
@@ -89,3 +89,17 @@ def verify(bundle: Bundle) -> None:
             "download or build it again"
         )
 
+
+
+def licence_text(source: ModelSource) -> str:
+    """What the bundle records about the model's licence: the GGUF's `general.license` and the licence file."""
+    if source.bundle is None:
+        return f"{source.location.path.name} is a plain GGUF; its licence is in its metadata (general.license) or where you got it"
+    manifest = source.bundle.manifest
+    stated = manifest.metadata.get("license")
+    lines = [f"Model: {manifest.name}", f"Licence (GGUF general.license): {stated or 'not stated'}"]
+    if manifest.license_text:
+        lines += ["", manifest.license_text.rstrip("\n")]
+    elif not stated:
+        lines.append("The bundle carries no licence information; ask whoever gave it to you under which terms you may use it.")
+    return "\n".join(lines)
