@@ -23,8 +23,9 @@ whose readers ignore unknown keys; version 1 readers took any new key for damage
 told to update instead. Version 1 bundles (no `source`) still read.
 
 The sidecar layout (`llamabox build --sidecar`) keeps the GGUF in a file of its own beside the
-executable (NAME.gguf next to NAME.run or NAME.exe): the executable is the stub, the manifest, the
-archive copy and the trailer, with FLAG_SIDECAR set and model_offset/model_size describing the GGUF's
+executable (NAME.gguf next to NAME.run or NAME.exe): the executable is the stub, the manifest and the
+trailer (no archive copy: the stub's own archive is only a manifest away from the end; the trailer's
+archive fields point at it), with FLAG_SIDECAR set and model_offset/model_size describing the GGUF's
 region in the sidecar (offset 0, the whole file). Its manifest names the sidecar (`sidecar`: name,
 size, SHA-256). Such bundles are written as format 3, so that a version 2 runtime, which would look
 for the model inside the executable, says to update instead; bundles with the model inside stay
@@ -337,10 +338,11 @@ def _check_sidecar(bundle: Bundle, sidecar: Sidecar) -> None:
 
 
 def _check_layout(path: Path, t: Trailer, sidecar: bool = False) -> None:
-    regions = [] if sidecar else [(t.model_offset, t.model_size)]
+    if sidecar:  # the stub's own archive, then the manifest
+        regions = [(t.archive_offset, t.archive_size), (t.manifest_offset, t.manifest_size)]
+    else:
+        regions = [(t.model_offset, t.model_size), (t.manifest_offset, t.manifest_size), (t.archive_offset, t.archive_size)]
     regions += [
-        (t.manifest_offset, t.manifest_size),
-        (t.archive_offset, t.archive_size),
         (t.bundle_size - TRAILER_SIZE, TRAILER_SIZE),
     ]
     ends = [start + size for start, size in regions]
@@ -418,8 +420,13 @@ def write_bundle(
 
     archive_offset = manifest_offset + len(manifest_bytes)
     archive_size = archive[1] - archive[0]
-    stub.seek(archive[0])
-    _copy(stub, out, archive_size)
+    if sidecar is None:
+        stub.seek(archive[0])
+        _copy(stub, out, archive_size)
+    else:
+        # Only the manifest follows the stub: its own archive is found at once, and needs no copy.
+        archive_offset = archive[0]
+    end = manifest_offset + len(manifest_bytes) + (archive_size if sidecar is None else 0)
 
     trailer = Trailer(
         model_offset=model_offset,
@@ -428,7 +435,7 @@ def write_bundle(
         manifest_size=len(manifest_bytes),
         archive_offset=archive_offset,
         archive_size=archive_size,
-        bundle_size=archive_offset + archive_size + TRAILER_SIZE,
+        bundle_size=end + TRAILER_SIZE,
         format_version=manifest.format_version,
         flags=FLAG_SIDECAR if sidecar is not None else 0,
     )

@@ -73,8 +73,8 @@ def test_sidecar_layout(sidecar_bundle: Path, smollm2: Path, stub: Path) -> None
     assert m.sidecar == bundle_format.Sidecar("smol.gguf", smollm2.stat().st_size, m.model.sha256)
     assert t.flags & bundle_format.FLAG_SIDECAR and t.format_version == m.format_version == 3
     assert opened.model_path == sidecar and (t.model_offset, t.model_size) == (0, smollm2.stat().st_size)
-    # The executable holds no weights: the stub, the manifest, the archive copy and the trailer.
-    assert sidecar_bundle.stat().st_size < 2 * stub.stat().st_size + 64 * 1024
+    # The executable holds no weights, nor an archive copy: the stub, the manifest and the trailer.
+    assert sidecar_bundle.stat().st_size < stub.stat().st_size + 64 * 1024
     assert sidecar_bundle.read_bytes()[: stub.stat().st_size] == stub.read_bytes()
 
 
@@ -301,3 +301,16 @@ def test_stubs_listing(stub_dir: Path) -> None:
     empty = stub_dir / "none"
     empty.mkdir()
     assert "No stubs in" in llamabox("stubs", "--stub-dir", empty).stdout
+
+
+# --- the Windows loader's C runtime ---
+
+
+def test_windows_crt_follows_llama_dll_imports() -> None:
+    from runtime.engine.loader import windows_crt_name
+
+    msvc = b"MZ\x90\x00...KERNEL32.dll\x00api-ms-win-crt-stdio-l1-1-0.dll\x00VCRUNTIME140.dll\x00"
+    mingw = b"MZ\x90\x00...KERNEL32.dll\x00msvcrt.dll\x00libgcc_s_seh-1.dll\x00"
+    assert windows_crt_name(msvc) == "ucrtbase"
+    assert windows_crt_name(mingw) == "msvcrt"
+    assert windows_crt_name(b"MZ...UCRTBASE.DLL\x00") == "ucrtbase"

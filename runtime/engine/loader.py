@@ -4,6 +4,13 @@ llama.cpp can load a model from an open FILE* positioned at the GGUF (llama_mode
 and then memory-maps the weights straight from that file, so a bundle's model is never copied.
 llama-cpp-python's LlamaModel only loads from a path; this subclass, the one reach into its private
 module, loads from a file region and keeps the FILE open as long as the model lives.
+
+The FILE must come from the C runtime that llama.cpp itself uses: llama.cpp reads it, seeks it and
+asks that runtime for its OS handle to map it, and a FILE from another C runtime crashes it. On
+Linux and macOS there is one libc. On Windows, llama.dll built with MSVC uses the universal C runtime
+(ucrtbase.dll, imported through the api-ms-win-crt-* names) and one built with MinGW uses msvcrt.dll;
+which one is read from llama.dll's imports. Seeks are 64-bit everywhere (fseeko, _fseeki64) and
+Windows paths are opened as wide strings (_wfopen), so any path and any offset work.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
+import sys
 from typing import Any
 
 import llama_cpp
@@ -19,11 +28,44 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from runtime.model_source import ModelLocation
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"))
-_libc.fopen.argtypes, _libc.fopen.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_void_p
-_libc.fseeko.argtypes, _libc.fseeko.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int
-_libc.fclose.argtypes, _libc.fclose.restype = [ctypes.c_void_p], ctypes.c_int
 _SEEK_SET = 0
+
+
+def windows_crt_name(dll: bytes) -> str:
+    """The C runtime a Windows DLL's bytes import: 'msvcrt' (MinGW builds) or 'ucrtbase' (MSVC builds)."""
+    lowered = dll.lower()
+    if b"msvcrt.dll" in lowered and b"api-ms-win-crt-" not in lowered and b"ucrtbase.dll" not in lowered:
+        return "msvcrt"
+    return "ucrtbase"
+
+
+class _CRuntime:
+    """fopen / 64-bit fseek / fclose of the C runtime llama.cpp uses."""
+
+    def __init__(self) -> None:
+        if sys.platform == "win32":
+            dll_path = getattr(llama_cpp.llama_cpp._lib, "_name", None)
+            with open(dll_path, "rb") as f:
+                lib = ctypes.CDLL(windows_crt_name(f.read()))
+            self._open, self._seek = lib._wfopen, lib._fseeki64
+            self._open.argtypes = [ctypes.c_wchar_p, ctypes.c_wchar_p]
+        else:
+            lib = ctypes.CDLL(ctypes.util.find_library("c"))
+            self._open, self._seek = lib.fopen, lib.fseeko
+            self._open.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        self._open.restype = ctypes.c_void_p
+        self._seek.argtypes, self._seek.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int
+        self.close = lib.fclose
+        self.close.argtypes, self.close.restype = [ctypes.c_void_p], ctypes.c_int
+
+    def open(self, path: str) -> int | None:
+        return self._open(path, "rb") if sys.platform == "win32" else self._open(os.fsencode(path), b"rb")
+
+    def seek(self, fp: int, offset: int) -> bool:
+        return self._seek(fp, offset, _SEEK_SET) == 0
+
+
+_libc = _CRuntime()
 
 # The private shape this module relies on: checked at import, so a llama-cpp-python upgrade that
 # changes it fails loudly here rather than deep inside a load.
@@ -42,12 +84,12 @@ class InPlaceModel(internals.LlamaModel):
         self.custom_samplers: list[Any] = []
         self.model = None
 
-        fp = _libc.fopen(str(location.path).encode(), b"rb")
+        fp = _libc.open(str(location.path))
         if not fp:
             raise ValueError(f"cannot open {location.path}")
-        self._exit_stack.callback(_libc.fclose, fp)
+        self._exit_stack.callback(_libc.close, fp)
         model = None
-        if _libc.fseeko(fp, location.offset, _SEEK_SET) == 0:
+        if _libc.seek(fp, location.offset):
             with suppress_stdout_stderr(disable=verbose):
                 model = llama_cpp.llama_model_load_from_file_ptr(fp, params)
         if model is None:
