@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,9 @@ from bundler import targets
 from runtime import bundle_format
 from runtime.errors import LlamaboxError
 from runtime.platform_tag import STUB_INFO_NAME
-from tests.conftest import damaged_copy, llamabox
+from tests.conftest import ROOT, damaged_copy, llamabox
 from tests.test_bundler_cli import assert_user_error, no_leftovers
+from tests.test_hub_sources import only, sparse_gguf, wait_until, writing_unnamed_file
 from tests.tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.slow
@@ -314,3 +317,31 @@ def test_windows_crt_follows_llama_dll_imports() -> None:
     assert windows_crt_name(msvc) == "ucrtbase"
     assert windows_crt_name(mingw) == "msvcrt"
     assert windows_crt_name(b"MZ...UCRTBASE.DLL\x00") == "ucrtbase"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="O_TMPFILE and /proc are Linux's")
+def test_sigterm_during_sidecar_build_leaves_neither_file(stub: Path, tmp_path: Path) -> None:
+    model = sparse_gguf(tmp_path / "big.gguf", 1_500_000_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from bundler.cli import main; main()", "build", model, "-o", out / "big.run", "--stub", stub,
+         "--sidecar"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_until(lambda: writing_unnamed_file(process.pid, out), process, "the output was being written")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    only(out)
+
+
+def test_repack_for_another_platform(bundle: Path, stub_dir: Path, tmp_path: Path) -> None:
+    result = llamabox("repack", bundle, "-o", tmp_path / "m", "--platform", "windows-x86_64", "--stub-dir", stub_dir)
+    assert result.returncode == 0, result.stderr
+    opened = bundle_format.open_bundle(tmp_path / "m.exe")
+    assert opened.manifest.platform == "windows-x86_64"
+    assert bundle_format.hash_model(opened) == bundle_format.open_bundle(bundle).manifest.model.sha256
+    result = llamabox("repack", bundle, "-o", tmp_path / "n", "--platform", "macos-arm64", "--stub-dir", stub_dir)
+    assert_user_error(result, "no stub for macos-arm64")
