@@ -95,10 +95,12 @@ def _available(directory: Path) -> str:
 
 
 def output_name(output: Path, platform: str) -> Path:
-    """The output path following the target's conventions: a Windows executable ends with .exe."""
-    if platform.startswith("windows-") and output.suffix.lower() != ".exe":
-        return output.with_name(output.name + ".exe")
-    return output
+    """The output path following the target's conventions: a Windows executable ends with .exe (for .run too)."""
+    if not platform.startswith("windows-") or output.suffix.lower() == ".exe":
+        return output
+    if output.suffix.lower() == ".run":
+        return output.with_suffix(".exe")
+    return output.with_name(output.name + ".exe")
 
 
 def sidecar_path(output: Path) -> Path:

@@ -133,6 +133,14 @@ def test_sidecar_names() -> None:
     assert targets.sidecar_path(Path("qwen2.5")) == Path("qwen2.5.gguf")
 
 
+def test_output_names() -> None:
+    assert targets.output_name(Path("m"), "windows-x86_64") == Path("m.exe")
+    assert targets.output_name(Path("m.run"), "windows-x86_64") == Path("m.exe")
+    assert targets.output_name(Path("m.EXE"), "windows-x86_64") == Path("m.EXE")
+    assert targets.output_name(Path("qwen2.5"), "windows-x86_64") == Path("qwen2.5.exe")
+    assert targets.output_name(Path("m"), "macos-arm64") == Path("m")
+
+
 def test_windows_size_limit() -> None:
     five_gb = 5 * 10**9
     with pytest.raises(LlamaboxError, match="Windows will not start.*--sidecar"):
