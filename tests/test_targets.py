@@ -23,6 +23,7 @@ from runtime import bundle_format
 from runtime.errors import LlamaboxError
 from runtime.platform_tag import STUB_INFO_NAME
 from tests.conftest import ROOT, damaged_copy, llamabox
+from tests.split_gguf import split_gguf
 from tests.test_bundler_cli import assert_user_error, no_leftovers
 from tests.test_hub_sources import only, sparse_gguf, wait_until, writing_unnamed_file
 from tests.tiny_gguf import write_tiny_gguf
@@ -353,3 +354,17 @@ def test_repack_for_another_platform(bundle: Path, stub_dir: Path, tmp_path: Pat
     assert bundle_format.hash_model(opened) == bundle_format.open_bundle(bundle).manifest.model.sha256
     result = llamabox("repack", bundle, "-o", tmp_path / "n", "--platform", "macos-arm64", "--stub-dir", stub_dir)
     assert_user_error(result, "no stub for macos-arm64")
+
+
+def test_split_model_into_a_sidecar(smollm2: Path, stub: Path, tmp_path: Path, reference_answer: str) -> None:
+    (tmp_path / "parts").mkdir()
+    parts = split_gguf(smollm2, tmp_path / "parts", 3, stem="smol")
+    out = tmp_path / "split.run"
+    result = llamabox("build", parts[0], "-o", out, "--stub", stub, "--sidecar")
+    assert result.returncode == 0, result.stderr
+    manifest = bundle_format.open_bundle(out).manifest
+    assert manifest.sidecar is not None and len(manifest.source.files) == 3
+    assert (tmp_path / "split.gguf").stat().st_size == manifest.sidecar.size
+    answer = run_prompt(out, "-p", PROMPT, *GREEDY)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout == reference_answer
