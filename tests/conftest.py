@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -83,18 +84,25 @@ class Server:
         return self.process.pid
 
 
-def start_server(executable: Path, *args: str, timeout: float = 120) -> Server:
-    """Start an executable in server mode and wait until /health answers."""
-    process = subprocess.Popen(
-        [str(executable), "--nobrowser", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_server(
+    executable: Path, *args: str, timeout: float = 120, log: Path | None = None, env: dict[str, str] | None = None
+) -> Server:
+    """Start an executable in server mode and wait until /health answers.
+
+    stderr is a pipe, or the file `log` (for --verbose, which writes more than a pipe holds unread).
+    """
+    with open(log, "w") if log else contextlib.nullcontext(subprocess.PIPE) as stderr:
+        process = subprocess.Popen(
+            [str(executable), "--nobrowser", *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
     for line in process.stdout:
-        match = re.search(r"chat:\s+(http://[\d.]+:(\d+)/)", line)
+        match = re.search(r"chat:\s+(http://(?:\[[0-9a-f:]+\]|[\d.]+):(\d+)/)", line)
         if match:
             server = Server(process=process, url=match.group(1), port=int(match.group(2)))
             break
@@ -102,7 +110,7 @@ def start_server(executable: Path, *args: str, timeout: float = 120) -> Server:
             break
     else:
         process.kill()
-        raise AssertionError(f"server did not start: {process.stderr.read() if process.stderr else ''}")
+        raise AssertionError(f"server did not start: {log.read_text()[-2000:] if log else process.stderr.read() if process.stderr else ''}")
     while time.monotonic() < deadline:
         try:
             if httpx.get(server.url + "health", timeout=2).status_code == 200:

@@ -12,26 +12,13 @@ import httpx
 import ollama
 import pytest
 
+from tests.api_samples import PERSON, WEATHER
 from tests.conftest import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
 CATS = "Write one sentence about cats."
 CAT_CHAT = [{"role": "user", "content": CATS}]
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]},
-    },
-}
 # Ollama has no tool_choice; a client that must have a call holds the answer to the call's shape with `format`
 # (SmolLM2-135M rarely calls a tool on its own).
 WEATHER_CALL = {

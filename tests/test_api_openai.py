@@ -9,25 +9,12 @@ import httpx
 import openai
 import pytest
 
+from tests.api_samples import PERSON, WEATHER
 from tests.conftest import Server
 
 pytestmark = pytest.mark.slow
 
 CATS = [{"role": "user", "content": "Write one sentence about cats."}]
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]},
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ the flags a user would give and probed over HTTP, with the official clients wher
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,43 +144,12 @@ def test_key_check_in_process() -> None:
 # --- the bundled executable ---------------------------------------------------------------------
 
 
-def launch(executable: Path, *args: str, log: Path, env: dict[str, str] | None = None, timeout: float = 120) -> Server:
-    """Like conftest's start_server, but stderr goes to a file (--verbose writes more than a pipe holds) and
-    IPv6 URLs are recognised."""
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [str(executable), "--nobrowser", *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(r"chat:\s+(http://(?:\[[0-9a-f:]+\]|[\d.]+):(\d+)/)", line)
-        if match:
-            server = Server(process=process, url=match.group(1), port=int(match.group(2)))
-            break
-    else:
-        process.kill()
-        raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(server.url + "health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    stop_server(server)
-    raise AssertionError("server never became healthy")
-
-
 @pytest.fixture(scope="module")
 def keyed(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
     """A server with a key, an extra host name, one CORS origin and the access log; and its stderr file."""
     log = tmp_path_factory.mktemp("keyed") / "stderr.txt"
     args = ["--temp", "0", "--port", str(free_port()), "--api-key", KEY, "--allowed-host", "box.example", "--cors", ORIGIN, "--verbose"]
-    running = launch(bundle, *args, log=log)
+    running = start_server(bundle, *args, log=log)
     yield running, log
     stop_server(running)
 
@@ -340,7 +307,7 @@ def test_ipv6_loopback(bundle: Path, tmp_path: Path) -> None:
     if not _has_ipv6_loopback():
         pytest.skip("this machine has no IPv6 loopback (::1)")
     port = free_port()
-    running = launch(bundle, "--host", "::1", "--port", str(port), log=tmp_path / "stderr.txt", env={"LLAMABOX_API_KEY": KEY})
+    running = start_server(bundle, "--host", "::1", "--port", str(port), log=tmp_path / "stderr.txt", env={"LLAMABOX_API_KEY": KEY})
     try:
         assert running.url == f"http://[::1]:{port}/"
         assert httpx.get(running.url + "health").status_code == 200
