@@ -17,7 +17,7 @@ from bundler.sources import Fetched, fetch
 from bundler.splits import MergedGGUF, split_name
 from bundler.targets import check_stub, check_windows_size, sidecar_path
 from runtime import __version__, bundle_format
-from runtime.bundle_format import INLINE_FORMAT_VERSION, SIDECAR_FORMAT_VERSION, Manifest, ModelEntry
+from runtime.bundle_format import INLINE_FORMAT_VERSION, Manifest, ModelEntry
 from runtime.errors import LlamaboxError, ModelFileError
 
 # Given the total byte count, returns a context manager yielding a callback for bytes done.
@@ -46,7 +46,7 @@ def build_bundle(
     arguments and the output path are checked before anything is downloaded, and the model before
     anything is written.
     """
-    stub_info = check_stub(stub, platform, SIDECAR_FORMAT_VERSION if sidecar else INLINE_FORMAT_VERSION)
+    stub_info = check_stub(stub, platform)
     default_args = _split_args(args)
     license_text = read_license_file(license_file) if license_file is not None else None
     check_output(output, force)
@@ -104,7 +104,7 @@ def repack_bundle(
     """
     opened = bundle_format.open_bundle(old)
     keep_sidecar = opened.manifest.sidecar is not None if sidecar is None else sidecar
-    stub_info = check_stub(stub, platform, SIDECAR_FORMAT_VERSION if keep_sidecar else INLINE_FORMAT_VERSION)
+    stub_info = check_stub(stub, platform)
     default_args = opened.manifest.default_args if args is None else _split_args(args)
     if output.resolve() == old.resolve():
         raise LlamaboxError(f"{output} is the bundle being repacked; write the new one to another file")

@@ -51,8 +51,12 @@ def select_stub(platform: str | None, stub: Path | None, stub_dir: Path | None) 
     return path
 
 
-def check_stub(path: Path, platform: str | None, needs_format: int = bundle_format.INLINE_FORMAT_VERSION) -> StubInfo:
-    """Read the stub and refuse it if it is for another platform or another bundle format."""
+def check_stub(path: Path, platform: str | None) -> StubInfo:
+    """Read the stub and refuse it if it is for another platform or another bundle format.
+
+    Stubs built before build.py recorded the format are taken: they read format 2, and a format 3
+    (sidecar) bundle on one of them tells its user to update llamabox.
+    """
     info = stubs.read_stub(path)
     if platform is not None and info.platform != platform:
         raise StubError(f"{path.name} is a stub for {info.platform}, not {platform}; give the {platform} stub")
@@ -64,8 +68,6 @@ def check_stub(path: Path, platform: str | None, needs_format: int = bundle_form
             f"{bundle_format.FORMAT_VERSION}; use a stub built by the same llamabox version ({info.runtime_version} "
             "built it)"
         )
-    if reads is not None and reads < needs_format:
-        raise StubError(f"{path.name} cannot read bundle format {needs_format}; build a newer stub")
     return info
 
 
