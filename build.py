@@ -70,6 +70,11 @@ def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
 
 # A spec rather than command-line options, because only a spec can turn off compression.
 SPEC = """\
+import os
+import shutil
+import subprocess
+import sys
+
 from PyInstaller.utils.hooks import collect_submodules
 
 from bundler.glibc import record_min_glibc
@@ -84,6 +89,22 @@ a = Analysis(
 )
 # Every file is collected now and packed below: measure their glibc needs into the description first.
 record_min_glibc({info!r}, [src for _dest, src, kind in a.binaries + a.datas if kind != "SYMLINK"])
+
+
+def debug_stripped(entry):
+    # libpython is built with debug information: 30 MB, of which 6.5 MB is code, unpacked at every start.
+    # Only it: wheels' libraries patched by auditwheel (NumPy's OpenBLAS) break when stripped.
+    dest, src, kind = entry
+    if kind != "BINARY" or not os.path.basename(dest).startswith("libpython") or not sys.platform.startswith("linux"):
+        return entry
+    if shutil.which("strip") is None:
+        return entry
+    copy = os.path.join({work!r}, os.path.basename(dest))
+    subprocess.run(["strip", "--strip-debug", "-o", copy, src], check=True)
+    return (dest, copy, kind)
+
+
+a.binaries = [debug_stripped(entry) for entry in a.binaries]
 exe = EXE(
     PYZ(a.pure),
     a.scripts,
@@ -193,6 +214,7 @@ def main() -> None:
             # Found by PyInstaller in optional imports of llama-cpp-python and others; never used by the runtime.
             excludes=list(EXCLUDED_MODULES),
             name=stub_file_name(platform_name),
+            work=str(work),
             cdict={kind: compress for kind in ("EXTENSION", "DATA", "BINARY", "EXECUTABLE")},
         )
     )
