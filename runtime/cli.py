@@ -51,7 +51,7 @@ class _UserErrors(click.Command):
     "--allowed-host",
     "allowed_hosts",
     multiple=True,
-    help="Accept requests for this host name too (repeatable); by default only the listening address and localhost, against DNS rebinding.",
+    help="Accept requests for this host name too (repeatable); by default only IP addresses and localhost, against DNS rebinding.",
 )
 @click.option("--cors", "cors_origins", multiple=True, help="Let web pages from this origin call the API (repeatable; * for any) [default: none].")
 @click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens for each request (0: the model's own).")

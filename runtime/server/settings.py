@@ -14,7 +14,7 @@ class Access:
     """Who may talk to the server (guard.py enforces it)."""
 
     api_key: str | None = None  # every API route wants it as a Bearer token or x-api-key
-    allowed_hosts: tuple[str, ...] = ()  # Host header values accepted besides the listening address and localhost
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP addresses and localhost
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API; none by default
     access_log: bool = False  # one line per request on stderr
 
