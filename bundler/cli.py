@@ -137,25 +137,20 @@ def build(
     chosen = targets.select_stub(platform, stub, stub_dir)
     if platform is not None:
         output = targets.output_name(output, platform)
-    try:
-        with interruptible():
-            manifest = build_bundle(
-                model,
-                output,
-                chosen,
-                revision=revision,
-                name=name,
-                args=default_args,
-                force=force,
-                progress=_progress_bar,
-                platform=platform,
-                sidecar=sidecar,
-                license_file=license_file,
-            )
-    except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        click.echo(f"\nError: interrupted ({signal.Signals(signum).name}); {output} was not written", err=True)
-        sys.exit(128 + signum)
+    with _writing(output):
+        manifest = build_bundle(
+            model,
+            output,
+            chosen,
+            revision=revision,
+            name=name,
+            args=default_args,
+            force=force,
+            progress=_progress_bar,
+            platform=platform,
+            sidecar=sidecar,
+            license_file=license_file,
+        )
     _report_written(output, manifest)
     if not manifest.metadata.get("license") and not manifest.license_text:
         click.echo(
@@ -226,17 +221,23 @@ def repack(
     chosen = targets.select_stub(platform, stub, stub_dir)
     if platform is not None:
         output = targets.output_name(output, platform)
+    with _writing(output):
+        manifest = repack_bundle(
+            old, output, chosen, platform=platform, args=default_args, sidecar=sidecar, force=force, progress=_progress_bar
+        )
+    _report_written(output, manifest)
+
+
+@contextlib.contextmanager
+def _writing(output: Path) -> Iterator[None]:
+    """Write `output` under SIGINT/SIGTERM handling: cut short, say nothing was written and exit 128+signal."""
     try:
         with interruptible():
-            manifest = repack_bundle(
-                old, output, chosen, platform=platform, args=default_args, sidecar=sidecar, force=force,
-                progress=_progress_bar,
-            )
+            yield
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         click.echo(f"\nError: interrupted ({signal.Signals(signum).name}); {output} was not written", err=True)
         sys.exit(128 + signum)
-    _report_written(output, manifest)
 
 
 @cli.command("stubs")
