@@ -1,4 +1,4 @@
-"""Build the llamabox runtime stub for this platform with PyInstaller (onefile).
+"""Build the llamabox runtime stub for this platform with PyInstaller.
 
     python build.py                 # -> dist/stubs/llamabox-runtime-<platform>
     python build.py --dist DIR      # somewhere else
@@ -6,6 +6,11 @@
 
 The stub is model-independent: rebuild it only when the runtime changes. It carries Python,
 llama-cpp-python with every CPU variant library, the HTTP server and the chat page.
+
+On Linux and macOS the stub is the launcher layout (runtime/bundle_format.py): PyInstaller builds the
+runtime as one folder, packed as .tar.gz behind a POSIX sh launcher (runtime/launcher.sh) that unpacks it
+once per runtime build into a cache and runs it from there. On Windows it is a PyInstaller onefile
+executable, which unpacks itself at every start.
 
 On Linux x86-64, once scripts/setup.sh (as root) has prepared it, the stub is built by
 scripts/build_portable.sh inside a Debian 11 root, so that it needs glibc 2.31 at most; without
@@ -17,11 +22,15 @@ stub's description (`min_glibc`) and, with --max-glibc, refuses a stub that need
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.metadata
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -29,11 +38,19 @@ import llama_cpp
 import PyInstaller.__main__
 
 from bundler import glibc
-from runtime import __version__
+from runtime import __version__, bundle_format
 from runtime.backends import CPU_VARIANT_GLOB, GPU_BACKENDS, module_file_name
 from runtime.bundle_format import FORMAT_VERSION
 from runtime.kernel_proof import model as proof_model
-from runtime.packaged import BACKENDS_DIR_NAME, PROOF_MODEL_NAME, TEMPLATES_DIR_NAME, backend_dir
+from runtime.packaged import (
+    BACKENDS_DIR_NAME,
+    COMPLETE_MARKER,
+    FILE_LIST_NAME,
+    PROBE_NAME,
+    PROOF_MODEL_NAME,
+    TEMPLATES_DIR_NAME,
+    backend_dir,
+)
 from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
 
 ROOT = Path(__file__).resolve().parent
@@ -68,7 +85,7 @@ def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
     return core, variants + gpus
 
 
-# A spec rather than command-line options, because only a spec can turn off compression.
+# A spec rather than command-line options: for the stripping hook, and the onedir/onefile split below.
 SPEC = """\
 import os
 import shutil
@@ -92,19 +109,26 @@ record_min_glibc({info!r}, [src for _dest, src, kind in a.binaries + a.datas if 
 
 
 def debug_stripped(entry):
-    # libpython is built with debug information: 30 MB, of which 6.5 MB is code, unpacked at every start.
-    # Only it: wheels' libraries patched by auditwheel (NumPy's OpenBLAS) break when stripped.
+    # Python itself is built with debug information: libpython is 30 MB of which 6.5 MB is code, its extension
+    # modules 14.7 MB of which 4.6 MB. Only those: wheels' libraries patched by auditwheel (NumPy's OpenBLAS)
+    # break when stripped.
     dest, src, kind = entry
-    if kind != "BINARY" or not os.path.basename(dest).startswith("libpython") or not sys.platform.startswith("linux"):
+    ours = os.path.basename(dest).startswith("libpython") or (kind == "EXTENSION" and "lib-dynload" in src)
+    if kind not in ("BINARY", "EXTENSION") or not ours or not sys.platform.startswith("linux"):
         return entry
     if shutil.which("strip") is None:
         return entry
-    copy = os.path.join({work!r}, os.path.basename(dest))
+    copy = os.path.join({work!r}, "stripped", dest)
+    os.makedirs(os.path.dirname(copy), exist_ok=True)
     subprocess.run(["strip", "--strip-debug", "-o", copy, src], check=True)
     return (dest, copy, kind)
 
 
 a.binaries = [debug_stripped(entry) for entry in a.binaries]
+"""
+
+# The one-file stub (Windows): everything in the executable, unpacked at every start.
+ONEFILE_SPEC = """\
 exe = EXE(
     PYZ(a.pure),
     a.scripts,
@@ -114,8 +138,14 @@ exe = EXE(
     name={name!r},
     console=True,
     upx=False,
-    cdict={cdict!r},
+    cdict={{kind: True for kind in ("EXTENSION", "DATA", "BINARY", "EXECUTABLE")}},
 )
+"""
+
+# The one-folder runtime that the launcher stub carries (Linux, macOS).
+ONEDIR_SPEC = """\
+exe = EXE(PYZ(a.pure), a.scripts, [], exclude_binaries=True, name={name!r}, console=True, upx=False)
+COLLECT(exe, a.binaries, a.datas, name={name!r}, upx=False)
 """
 
 
@@ -151,15 +181,68 @@ def check_glibc(stub: Path, limit: glibc.Version | None) -> None:
     )
 
 
+LAUNCHER_TEMPLATE = ROOT / "runtime" / "launcher.sh"
+# Where the launcher unpacks the runtime when LLAMABOX_CACHE is not set (runtime.packaged.cache_dir agrees).
+CACHE_HOMES = {"macos": "$HOME/Library/Caches", "linux": "${XDG_CACHE_HOME:-$HOME/.cache}"}
+PROBE_SCRIPT = "#!/bin/sh\n# Run by the launcher: it fails where this folder may not run programs (noexec).\n"
+
+
+def pack_runtime(folder: Path) -> tuple[bytes, int]:
+    """The one-folder runtime as .tar.gz (reproducible: sorted, fixed owners and times), and its unpacked size.
+
+    Adds the file list the runtime checks itself against at start (FILE_LIST_NAME), the launcher's noexec
+    probe, and COMPLETE_MARKER as the last member, so that a cut unpacking is never taken for a whole one.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
+    (folder / FILE_LIST_NAME).write_text(json.dumps(sizes, indent=0, sort_keys=True) + "\n")
+    (folder / PROBE_NAME).write_text(PROBE_SCRIPT)
+    (folder / PROBE_NAME).chmod(0o755)
+    (folder / COMPLETE_MARKER).write_text("")
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+    members = sorted(p for p in folder.rglob("*") if p.name != COMPLETE_MARKER) + [folder / COMPLETE_MARKER]
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=mtime) as zipped:
+        with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in members:
+                info = tar.gettarinfo(str(path), arcname=path.relative_to(folder).as_posix())
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mtime = mtime
+                info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
+                if info.isfile():
+                    with open(path, "rb") as data:
+                        tar.addfile(info, data)
+                else:
+                    tar.addfile(info)
+    return buffer.getvalue(), sum(sizes.values())
+
+
+def write_launcher_stub(folder: Path, stub: Path, description: dict[str, object], platform_name: str) -> None:
+    """The launcher-layout stub: runtime/launcher.sh filled in, then the packed runtime."""
+    payload, unpacked = pack_runtime(folder)
+    internal = folder / "_internal"
+    needed = [folder.name] + [
+        p.relative_to(folder).as_posix() for p in [*internal.glob("libpython*"), internal / "base_library.zip"] if p.is_file()
+    ]
+    fields = {
+        "EXECUTABLE": folder.name,
+        "UNPACKED_MB": f"{unpacked / 1e6:.0f}",
+        "NEEDED_FILES": " ".join(needed),
+        "CACHE_HOME": CACHE_HOMES[platform_name.split("-")[0]],
+    }
+    header = bundle_format.launcher_header(LAUNCHER_TEMPLATE.read_text(), fields, payload, description)
+    partial = stub.with_name(stub.name + ".partial")
+    with open(partial, "wb") as out:
+        out.write(header)
+        out.write(payload)
+    partial.chmod(0o755)
+    partial.replace(stub)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dist", type=Path, default=ROOT / "dist" / "stubs", help="output directory")
-    parser.add_argument(
-        "--uncompressed",
-        action="store_true",
-        help="store libraries uncompressed: about 0.3 s faster start (the onefile bootloader unpacks them "
-        "at every start), 2.5x larger stub, and the bundle carries the stub's archive twice",
-    )
     parser.add_argument(
         "--host",
         action="store_true",
@@ -177,32 +260,29 @@ def main() -> None:
 
     if not args.host and portable_ready():
         command = [str(PORTABLE_SCRIPT), "--dist", str(args.dist.resolve())]
-        command += ["--uncompressed"] if args.uncompressed else []
         os.execv(command[0], command)
 
     platform_name = current_platform()
+    launcher = not platform_name.startswith("windows-")
     core, backend_modules = llama_cpp_libraries()
     work = ROOT / "build" / "pyinstaller"
     work.mkdir(parents=True, exist_ok=True)
     info = work / STUB_INFO_NAME
-    info.write_text(
-        json.dumps(
-            {
-                "platform": platform_name,
-                "runtime_version": __version__,
-                "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
-                "cpu_variants": [p.name for p in backend_modules if "-cpu-" in p.name],
-                "gpu_backends": [p.name for p in backend_modules if "-cpu-" not in p.name],
-                "bundle_format": FORMAT_VERSION,
-            },
-            indent=2,
-        )
-    )
+    description = {
+        "platform": platform_name,
+        "runtime_version": __version__,
+        "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+        "cpu_variants": [p.name for p in backend_modules if "-cpu-" in p.name],
+        "gpu_backends": [p.name for p in backend_modules if "-cpu-" not in p.name],
+        "bundle_format": FORMAT_VERSION,
+        "layout": "launcher" if launcher else "onefile",
+    }
+    info.write_text(json.dumps(description, indent=2))
     # The kernel self-test's model (runtime/kernel_proof/model.py), so that the stub needs no GGUF writer.
     proof = work / PROOF_MODEL_NAME
     proof.unlink(missing_ok=True)
     proof_model.ensure(proof)
-    compress = not args.uncompressed
+    name = stub_file_name(platform_name)
     spec = work / "llamabox-runtime.spec"
     spec.write_text(
         SPEC.format(
@@ -213,14 +293,21 @@ def main() -> None:
             datas=[(str(info), "."), (str(ROOT / TEMPLATES_DIR_NAME), TEMPLATES_DIR_NAME), (str(proof), ".")],
             # Found by PyInstaller in optional imports of llama-cpp-python and others; never used by the runtime.
             excludes=list(EXCLUDED_MODULES),
-            name=stub_file_name(platform_name),
             work=str(work),
-            cdict={kind: compress for kind in ("EXTENSION", "DATA", "BINARY", "EXECUTABLE")},
         )
+        + (ONEDIR_SPEC if launcher else ONEFILE_SPEC).format(name=name)
     )
     started = time.monotonic()
-    PyInstaller.__main__.run([str(spec), "--noconfirm", "--log-level=WARN", f"--distpath={args.dist}", f"--workpath={work}"])
-    stub = args.dist / stub_file_name(platform_name)
+    pyinstaller_dist = work / "dist" if launcher else args.dist
+    PyInstaller.__main__.run(
+        [str(spec), "--noconfirm", "--log-level=WARN", f"--distpath={pyinstaller_dist}", f"--workpath={work}"]
+    )
+    stub = args.dist / name
+    if launcher:
+        args.dist.mkdir(parents=True, exist_ok=True)
+        # record_min_glibc (in the spec) added min_glibc to the description: the launcher carries it too.
+        write_launcher_stub(pyinstaller_dist / name, stub, json.loads(info.read_text()), platform_name)
+        shutil.rmtree(pyinstaller_dist / name)
     print(f"Built {stub} ({stub.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.0f} s")
     if platform_name.startswith("linux-"):
         check_glibc(stub, args.max_glibc)

@@ -10,13 +10,17 @@ glibc the stub starts on. build.py records it in the stub's description; the tes
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
 import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from runtime import bundle_format
 
 ELF_MAGIC = b"\x7fELF"
 _SHT_GNU_VERNEED = 0x6FFFFFFE
@@ -134,15 +138,28 @@ def record_min_glibc(info: str, files: list[str]) -> None:
 
 
 def stub_needs(stub: Path) -> list[ElfNeeds]:
-    """What each ELF file of a PyInstaller onefile stub needs: the bootloader first, then its archive's files."""
-    return [ElfNeeds(name, glibc_needed(data)) for name, data in _stub_elf_files(stub)]
+    """What each ELF file of a stub needs: a launcher stub's runtime files, or a onefile stub's bootloader and archive."""
+    return [ElfNeeds(name, glibc_needed(data)) for name, data in elf_files(stub)]
 
 
 def highest(needs: list[ElfNeeds]) -> Version | None:
     return max((n.glibc for n in needs if n.glibc), default=None)
 
 
-def _stub_elf_files(stub: Path) -> Iterator[tuple[str, bytes]]:
+def elf_files(stub: Path) -> Iterator[tuple[str, bytes]]:
+    """(name, contents) of each ELF file in a stub: "(bootloader)" first, then the libraries by their path
+    in the runtime's folder (as PyInstaller names them: libpython3.11.so.1.0, llama_cpp/lib/libllama.so)."""
+    with open(stub, "rb") as f:
+        header = bundle_format.read_stub_header(f)
+        if header is not None:  # the launcher layout: the runtime's files are in its .tar.gz payload
+            f.seek(header.payload_offset)
+            with tarfile.open(fileobj=io.BytesIO(f.read(header.payload_size)), mode="r:gz") as tar:
+                for member in tar:
+                    data = tar.extractfile(member).read() if member.isfile() else b""  # type: ignore[union-attr]
+                    if data.startswith(ELF_MAGIC):
+                        top_level = "/" not in member.name  # the one-folder build's executable: its bootloader
+                        yield "(bootloader)" if top_level else member.name.removeprefix("_internal/"), data
+            return
     from PyInstaller.archive.readers import CArchiveReader
 
     yield "(bootloader)", stub.read_bytes()

@@ -58,9 +58,14 @@ def read_stub(path: Path) -> StubInfo:
 
 
 def description(path: Path) -> dict[str, object] | None:
-    """The description build.py put into a stub's archive, also of the stub a bundle carries (the
-    archive's copy at the bundle's end); None if there is none."""
+    """The description build.py wrote into a stub, also of the stub a bundle carries: in the launcher's last
+    line (launcher layout), else in the PyInstaller archive (for a bundle, the archive's copy at its end);
+    None if there is none."""
     try:
+        with open(path, "rb") as f:
+            header = bundle_format.read_stub_header(f)
+        if header is not None:
+            return header.description
         return json.loads(CArchiveReader(str(path)).extract(STUB_INFO_NAME))
     except (ArchiveReadError, KeyError, ValueError, TypeError, OSError):
         return None

@@ -1,13 +1,28 @@
 """The llamabox bundle format: the one definition, used by the bundler to write and the runtime to read.
 
-A bundle is a runtime stub (a PyInstaller onefile executable) with a model appended:
+A bundle is a runtime stub with a model appended. Two kinds of stub, so two layouts:
+
+The launcher layout (Linux, macOS; format 4). The stub is a POSIX sh launcher (runtime/launcher.sh, filled
+in by build.py) followed by the runtime itself, a PyInstaller one-folder build packed as .tar.gz (the
+payload). The launcher unpacks the payload once per runtime build into a cache folder and runs it from
+there (see the launcher's own comments); the runtime then maps the model from the bundle.
+
+    offset 0            the launcher script, padded to a multiple of ALIGNMENT; its last line,
+                        `# llamabox-stub: {JSON}`, describes the stub (StubHeader)
+    payload_offset      the runtime payload (.tar.gz); the trailer's archive fields point at it
+    model_offset        the GGUF, byte for byte, at a multiple of ALIGNMENT (4096), so llama.cpp
+                        can memory-map the weights straight from the bundle
+    manifest_offset     the manifest: UTF-8 JSON describing the model and the build
+    bundle_size - 72    the trailer: fixed size, little-endian, ends with TRAILER_MAGIC
+
+The one-file layout (Windows; formats 2 and 3). The stub is a PyInstaller onefile executable, which
+unpacks everything at every start:
 
     offset 0            the stub, unchanged: bootloader + its archive (PKG) + whatever follows it
-    model_offset        the GGUF, byte for byte, at a multiple of ALIGNMENT (4096), so llama.cpp
-                        can memory-map the weights straight from the executable
-    manifest_offset     the manifest: UTF-8 JSON describing the model and the build
+    model_offset        the GGUF, at a multiple of ALIGNMENT
+    manifest_offset     the manifest
     archive_offset      a second copy of the stub's PyInstaller archive, ending with its cookie
-    bundle_size - 72    the trailer: fixed size, little-endian, ends with TRAILER_MAGIC
+    bundle_size - 72    the trailer
 
 Why the archive copy: PyInstaller's bootloader finds its archive by scanning the file backwards
 from the end for the archive's cookie, and computes the archive's start from the cookie
@@ -15,21 +30,23 @@ from the end for the archive's cookie, and computes the archive's start from the
 through the whole model. With a copy of the archive near the end, the scan stops after the
 72-byte trailer. If a download is cut short, the copy and the trailer are gone but the scan
 still finds the stub's original archive, so the runtime starts and can say what is wrong.
+The launcher layout needs no copy: the launcher knows where its payload is.
 
 The manifest may gain keys: readers ignore keys they do not know (at any depth), so adding a field
 needs no new format version. FORMAT_VERSION changes only when an older runtime could no longer
 read a new bundle correctly. Version 2 added `source` (where the model came from) and is the first
 whose readers ignore unknown keys; version 1 readers took any new key for damage, so they must be
-told to update instead. Version 1 bundles (no `source`) still read.
+told to update instead. Version 1 bundles (no `source`) still read. Version 4 is the launcher layout,
+whose runtime region comes before the model (older readers would call that damage).
 
 The sidecar layout (`llamabox build --sidecar`) keeps the GGUF in a file of its own beside the
 executable (NAME.gguf next to NAME.run or NAME.exe): the executable is the stub, the manifest and the
 trailer (no archive copy: the stub's own archive is only a manifest away from the end; the trailer's
 archive fields point at it), with FLAG_SIDECAR set and model_offset/model_size describing the GGUF's
 region in the sidecar (offset 0, the whole file). Its manifest names the sidecar (`sidecar`: name,
-size, SHA-256). Such bundles are written as format 3, so that a version 2 runtime, which would look
-for the model inside the executable, says to update instead; bundles with the model inside stay
-format 2. Windows will not start an executable over 4 GB; the sidecar layout is the way around that.
+size, SHA-256). One-file sidecar bundles are written as format 3, so that a version 2 runtime, which
+would look for the model inside the executable, says to update instead; one-file bundles with the model
+inside stay format 2. Windows will not start an executable over 4 GB; the sidecar layout is the way around that.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,9 +64,10 @@ from typing import Any, BinaryIO
 
 from runtime.errors import BundleError, IncompleteBundleError
 
-FORMAT_VERSION = 3  # the newest format this code reads
-INLINE_FORMAT_VERSION = 2  # written for bundles holding their model
-SIDECAR_FORMAT_VERSION = 3  # written for bundles whose model is in a sidecar file
+FORMAT_VERSION = 4  # the newest format this code reads
+INLINE_FORMAT_VERSION = 2  # written for one-file-layout bundles holding their model
+SIDECAR_FORMAT_VERSION = 3  # written for one-file-layout bundles whose model is in a sidecar file
+LAUNCHER_FORMAT_VERSION = 4  # written for launcher-layout bundles, with their model or a sidecar
 FLAG_SIDECAR = 1
 ALIGNMENT = 4096
 GGUF_MAGIC = b"GGUF"
@@ -69,6 +88,11 @@ _STUB_TAIL_MAX = 64 << 10
 _STUB_SEARCH_LIMIT = 512 << 20
 
 COPY_CHUNK = 8 << 20
+
+# The launcher layout: the stub starts with these bytes, and its last launcher line describes it.
+LAUNCHER_MAGIC = b"#!/bin/sh\n# llamabox launcher"
+_STUB_HEADER_PREFIX = b"\n# llamabox-stub: "
+_LAUNCHER_SEARCH = 64 << 10  # the launcher script is a few KiB
 
 ProgressCallback = Callable[[int], None]
 
@@ -219,6 +243,66 @@ def align_up(offset: int, alignment: int = ALIGNMENT) -> int:
     return -(-offset // alignment) * alignment
 
 
+@dataclass(frozen=True)
+class StubHeader:
+    """What the launcher of a launcher-layout stub (or bundle) says about itself."""
+
+    payload_offset: int
+    payload_size: int
+    runtime_id: str  # names the runtime's cache folder: the start of the payload's SHA-256
+    description: dict[str, Any]  # the stub's description (build.py's llamabox_stub.json)
+
+    @property
+    def payload_end(self) -> int:
+        return self.payload_offset + self.payload_size
+
+
+def launcher_header(template: str, fields: dict[str, str], payload: bytes, description: dict[str, Any]) -> bytes:
+    """The launcher for `payload`: `template` (runtime/launcher.sh) with its @NAME@ fields filled in,
+    a last line describing the stub, padded with newlines to where the payload starts."""
+    runtime_id = hashlib.sha256(payload).hexdigest()[:16]
+    offset = ALIGNMENT
+    while True:  # the offsets are written into the text whose length they depend on
+        values = {
+            **fields,
+            "RUNTIME_ID": runtime_id,
+            "PAYLOAD_BLOCKS_BEFORE": str(offset // ALIGNMENT),
+            "PAYLOAD_BLOCKS": str(align_up(len(payload)) // ALIGNMENT),
+            "PAYLOAD_END": str(offset + len(payload)),
+        }
+        text = template
+        for key, value in values.items():
+            text = text.replace(f"@{key}@", value)
+        left = re.search(r"@[A-Z_]+@", text)
+        if left:
+            raise ValueError(f"the launcher template's field {left.group()} was not given")
+        header = StubHeader(offset, len(payload), runtime_id, description)
+        line = json.dumps(dataclasses.asdict(header), sort_keys=True, separators=(",", ":"))
+        data = text.encode("utf-8").rstrip(b"\n") + _STUB_HEADER_PREFIX + line.encode("utf-8") + b"\n"
+        if not data.startswith(LAUNCHER_MAGIC):
+            raise ValueError("the launcher template must start with " + LAUNCHER_MAGIC.decode())
+        if len(data) <= offset:
+            return data + b"\n" * (offset - len(data))
+        offset = align_up(len(data))
+
+
+def read_stub_header(f: BinaryIO) -> StubHeader | None:
+    """The launcher's description of a launcher-layout stub or bundle; None for any other file."""
+    f.seek(0)
+    head = f.read(_LAUNCHER_SEARCH)
+    if not head.startswith(LAUNCHER_MAGIC):
+        return None
+    at = head.find(_STUB_HEADER_PREFIX)
+    if at == -1:
+        return None
+    line = head[at + len(_STUB_HEADER_PREFIX) :].split(b"\n", 1)[0]
+    try:
+        raw = json.loads(line.decode("utf-8"))
+        return StubHeader(**_known_fields(StubHeader, raw))
+    except (UnicodeDecodeError, ValueError, TypeError):
+        return None
+
+
 def find_pyinstaller_archive(f: BinaryIO, end: int) -> tuple[int, int] | None:
     """(start, end) of the PyInstaller archive whose cookie lies last before `end`, or None."""
     window_start = max(0, end - _COOKIE_SEARCH_WINDOW)
@@ -296,7 +380,7 @@ def open_bundle(path: Path) -> Bundle:
                     "the file was modified; download or build it again"
                 )
             sidecar_layout = bool(trailer.flags & FLAG_SIDECAR)
-            _check_layout(path, trailer, sidecar_layout)
+            _check_layout(path, trailer, sidecar_layout, trailer.format_version >= LAUNCHER_FORMAT_VERSION)
             f.seek(trailer.manifest_offset)
             manifest = Manifest.from_json(f.read(trailer.manifest_size))
             if sidecar_layout != (manifest.sidecar is not None):
@@ -337,9 +421,11 @@ def _check_sidecar(bundle: Bundle, sidecar: Sidecar) -> None:
         raise BundleError(f"{sidecar.name} is not a GGUF model; copy the model file of {name} again")
 
 
-def _check_layout(path: Path, t: Trailer, sidecar: bool = False) -> None:
-    if sidecar:  # the stub's own archive, then the manifest
+def _check_layout(path: Path, t: Trailer, sidecar: bool = False, launcher: bool = False) -> None:
+    if sidecar:  # the stub's own archive (or payload), then the manifest
         regions = [(t.archive_offset, t.archive_size), (t.manifest_offset, t.manifest_size)]
+    elif launcher:  # the runtime payload, then the model
+        regions = [(t.archive_offset, t.archive_size), (t.model_offset, t.model_size), (t.manifest_offset, t.manifest_size)]
     else:
         regions = [(t.model_offset, t.model_size), (t.manifest_offset, t.manifest_size), (t.archive_offset, t.archive_size)]
     regions += [
@@ -356,12 +442,21 @@ def _explain_missing_trailer(path: Path, f: BinaryIO, size: int) -> BundleError:
     f.seek(0)
     if f.read(4) == GGUF_MAGIC:
         return BundleError(f"{path.name} is a GGUF model, not a llamabox bundle; bundle it with `llamabox build`")
+    header = read_stub_header(f)
+    if header is not None:
+        if header.payload_end <= size < header.payload_end + ALIGNMENT:
+            return BundleError(f"{path.name} is a runtime stub without a model; run it with -m MODEL.gguf")
+        return _incomplete(path, size)
     archive = _first_pyinstaller_archive(f, min(size, _STUB_SEARCH_LIMIT))
     if archive is None:
         return BundleError(f"{path.name} is not a llamabox bundle")
     if size - archive[1] < _STUB_TAIL_MAX:
         # The stub's archive is followed only by ELF section headers: a stub without a model.
         return BundleError(f"{path.name} is a runtime stub without a model; run it with -m MODEL.gguf")
+    return _incomplete(path, size)
+
+
+def _incomplete(path: Path, size: int) -> IncompleteBundleError:
     return IncompleteBundleError(
         f"{path.name} is incomplete ({size:,} bytes, its end is missing): the download or copy was cut "
         "short; copy or download it again"
@@ -377,7 +472,8 @@ def write_bundle(
     complete: Callable[[Manifest], Manifest] | None = None,
     sidecar: tuple[BinaryIO, str] | None = None,
 ) -> Manifest:
-    """Write stub + model + manifest + archive copy + trailer to `out`, hashing the model as it goes.
+    """Write stub + model + manifest (+ archive copy, for a one-file stub) + trailer to `out`, hashing the
+    model as it goes.
 
     `model` needs only seek(0) and read(). `complete`, if given, fills in what is known only once the
     model has been read (such as the SHA-256 of the files it was made from). With `sidecar` (a file
@@ -385,9 +481,18 @@ def write_bundle(
     layout). Returns the manifest as written, with the model's SHA-256.
     """
     stub_size = stub.seek(0, 2)
-    archive = find_pyinstaller_archive(stub, stub_size)
-    if archive is None:
-        raise BundleError("the stub has no PyInstaller archive")
+    header = read_stub_header(stub)
+    if header is not None:
+        if header.payload_end != stub_size:
+            raise BundleError(f"the stub is {stub_size:,} bytes but its launcher says {header.payload_end:,}; build it again")
+        archive: tuple[int, int] | None = (header.payload_offset, header.payload_end)
+        version = LAUNCHER_FORMAT_VERSION
+    else:
+        archive = find_pyinstaller_archive(stub, stub_size)
+        if archive is None:
+            raise BundleError("the stub is neither a llamabox launcher nor a PyInstaller executable")
+        version = INLINE_FORMAT_VERSION if sidecar is None else SIDECAR_FORMAT_VERSION
+    copy_archive = header is None and sidecar is None
     stub.seek(0)
     _copy(stub, out, stub_size)
 
@@ -404,13 +509,11 @@ def write_bundle(
         raise BundleError(f"the model changed while it was being copied ({copied:,} bytes read)")
 
     manifest = dataclasses.replace(
-        manifest, model=dataclasses.replace(manifest.model, sha256=digest.hexdigest())
+        manifest, format_version=version, model=dataclasses.replace(manifest.model, sha256=digest.hexdigest())
     )
     if sidecar is not None:
         manifest = dataclasses.replace(
-            manifest,
-            format_version=SIDECAR_FORMAT_VERSION,
-            sidecar=Sidecar(name=sidecar[1], size=manifest.model.size, sha256=manifest.model.sha256),
+            manifest, sidecar=Sidecar(name=sidecar[1], size=manifest.model.size, sha256=manifest.model.sha256)
         )
     if complete is not None:
         manifest = complete(manifest)
@@ -418,15 +521,16 @@ def write_bundle(
     manifest_offset = model_offset + manifest.model.size if sidecar is None else stub_size
     out.write(manifest_bytes)
 
-    archive_offset = manifest_offset + len(manifest_bytes)
     archive_size = archive[1] - archive[0]
-    if sidecar is None:
+    end = manifest_offset + len(manifest_bytes)
+    if copy_archive:
         stub.seek(archive[0])
         _copy(stub, out, archive_size)
+        archive_offset, end = end, end + archive_size
     else:
-        # Only the manifest follows the stub: its own archive is found at once, and needs no copy.
+        # The launcher knows where its payload is, and a one-file stub's own archive is only a manifest
+        # away from a sidecar bundle's end: neither needs a copy.
         archive_offset = archive[0]
-    end = manifest_offset + len(manifest_bytes) + (archive_size if sidecar is None else 0)
 
     trailer = Trailer(
         model_offset=model_offset,
@@ -436,7 +540,7 @@ def write_bundle(
         archive_offset=archive_offset,
         archive_size=archive_size,
         bundle_size=end + TRAILER_SIZE,
-        format_version=manifest.format_version,
+        format_version=version,
         flags=FLAG_SIDECAR if sidecar is not None else 0,
     )
     out.write(trailer.pack())

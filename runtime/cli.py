@@ -128,5 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     own: OwnBundle = own_bundle()
     args = [*own.default_args, *(sys.argv[1:] if argv is None else argv)]
-    prog = Path(sys.argv[0]).name if packaged.is_frozen() else "python -m runtime"
+    own_file = packaged.own_file()
+    prog = own_file.name if own_file is not None else "python -m runtime"
     run.main(args=args, prog_name=prog, obj={"own": own, "started": started})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +38,12 @@ class OwnBundle:
 
 
 def own_bundle() -> OwnBundle:
-    """Open the executable this process runs from as a bundle (only when frozen by PyInstaller)."""
-    if not packaged.is_frozen():
+    """Open the file the user ran as a bundle (only when frozen by PyInstaller)."""
+    own = packaged.own_file()
+    if own is None:
         return OwnBundle(None, LlamaboxError("no model given: run with -m MODEL.gguf (or a .run bundle)"))
     try:
-        return OwnBundle(bundle_format.open_bundle(Path(sys.executable)), None)
+        return OwnBundle(bundle_format.open_bundle(own), None)
     except LlamaboxError as exc:
         return OwnBundle(None, exc)
 

@@ -154,6 +154,14 @@ def print_info(source: ModelSource, machine: hardware.Hardware) -> None:
         click.echo(f"Model: {source.location.path}")
     for line in machine.lines():
         click.echo(line)
+    started = packaged.launch()
+    if started is not None and started.temporary:
+        click.echo(f"Runtime: unpacked for this run only in {started.runtime_dir} (the cache could not be used)")
+    elif started is not None:
+        click.echo(
+            f"Runtime: unpacked once in {started.runtime_dir.resolve()}, kept for later starts "
+            f"(remove {started.runtime_dir.parent} to free the space; LLAMABOX_CACHE places it)"
+        )
 
 
 def _manifest_dict(source: ModelSource) -> dict[str, Any]:

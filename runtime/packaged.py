@@ -1,16 +1,21 @@
 """What the packaged runtime is: frozen by PyInstaller or run from a checkout, and where its files are.
 
-A stub built by build.py unpacks its files into one directory (PyInstaller's `sys._MEIPASS`): the
-backend libraries in ggml-backends/, the chat page in templates/, the kernel self-test's model and
-the stub's description file. From a checkout, the same things come from the source tree, pip's
-install of llama-cpp-python and the user's cache. Every other module asks here.
+A stub built by build.py has its files in one directory (PyInstaller's `sys._MEIPASS`): the backend
+libraries in ggml-backends/, the chat page in templates/, the kernel self-test's model and the stub's
+description file. On Linux and macOS that directory is in the runtime folder the launcher unpacked once
+(runtime/launcher.sh), which tells the runtime through the environment which file the user ran; a
+onefile stub (Windows) unpacks into a new directory at every start and is itself the file the user ran.
+From a checkout, the same things come from the source tree, pip's install of llama-cpp-python and the
+user's cache. Every other module asks here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.platform_tag import STUB_INFO_NAME
@@ -19,12 +24,47 @@ from runtime.platform_tag import STUB_INFO_NAME
 BACKENDS_DIR_NAME = "ggml-backends"
 TEMPLATES_DIR_NAME = "templates"
 PROOF_MODEL_NAME = "kernel-proof.gguf"
+# Files build.py adds at the top of the launcher stub's runtime folder.
+FILE_LIST_NAME = ".llamabox-files"  # each file's size, checked at start (runtime.runtime_cache)
+PROBE_NAME = ".llamabox-probe"  # run by the launcher: fails where the folder may not run programs
+COMPLETE_MARKER = ".llamabox-complete"  # the payload's last member: present only after a whole unpacking
+# What the launcher tells the runtime it starts.
+BUNDLE_ENV = "LLAMABOX_BUNDLE"
+RUNTIME_DIR_ENV = "LLAMABOX_RUNTIME_DIR"
+TEMPORARY_ENV = "LLAMABOX_RUNTIME_TEMPORARY"
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def is_frozen() -> bool:
     return bool(getattr(sys, "frozen", False))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the launcher started this runtime."""
+
+    bundle: Path  # the file the user ran
+    runtime_dir: Path  # where the runtime was unpacked
+    temporary: bool  # unpacked for this run only (the cache could not be used): removed at exit
+
+
+@functools.cache
+def launch() -> Launch | None:
+    """What the launcher said (read once, then taken out of the environment); None without a launcher."""
+    bundle, folder = os.environ.pop(BUNDLE_ENV, None), os.environ.pop(RUNTIME_DIR_ENV, None)
+    temporary = os.environ.pop(TEMPORARY_ENV, "0") == "1"
+    if not is_frozen() or not bundle or not folder:
+        return None
+    return Launch(Path(bundle), Path(folder), temporary)
+
+
+def own_file() -> Path | None:
+    """The file the user ran (a bundle or a stub); None from a checkout."""
+    if not is_frozen():
+        return None
+    started = launch()
+    return started.bundle if started is not None else Path(sys.executable)
 
 
 def _unpacked() -> Path:

@@ -29,6 +29,21 @@ def fake_stub(archive_payload: bytes = b"PKG-CONTENTS" * 10, after: bytes = b"EL
     return bootloader + archive_payload + cookie + after
 
 
+LAUNCHER_TEMPLATE = (Path(__file__).resolve().parent.parent / "runtime" / "launcher.sh").read_text()
+LAUNCHER_FIELDS = {"EXECUTABLE": "rt", "UNPACKED_MB": "1", "NEEDED_FILES": "rt", "CACHE_HOME": "$HOME/.cache"}
+
+
+def fake_launcher_stub(payload: bytes = b"\x1f\x8b-TAR-GZ" * 1000) -> bytes:
+    """The real launcher script, filled in, then a payload (not a real .tar.gz: the format does not look inside)."""
+    return bundle_format.launcher_header(LAUNCHER_TEMPLATE, LAUNCHER_FIELDS, payload, {"platform": "linux-x86_64"}) + payload
+
+
+@pytest.fixture(params=["onefile", "launcher"])
+def stub(request: pytest.FixtureRequest) -> bytes:
+    """Each kind of stub, for what both layouts must do alike."""
+    return fake_stub() if request.param == "onefile" else fake_launcher_stub()
+
+
 def manifest(size: int = len(MODEL)) -> Manifest:
     return Manifest(
         name="test",
@@ -66,40 +81,74 @@ def test_layout_model_aligned_and_archive_copied_last(tmp_path: Path) -> None:
     assert bundle_format.find_pyinstaller_archive(io.BytesIO(data), len(data)) == (t.archive_offset, len(data) - TRAILER_SIZE)
 
 
-def test_manifest_round_trip_and_hash(tmp_path: Path) -> None:
+def test_launcher_layout_payload_then_model_and_no_copy(tmp_path: Path) -> None:
+    stub = fake_launcher_stub()
+    path = write(tmp_path, stub)
+    data = path.read_bytes()
+    bundle = bundle_format.open_bundle(path)
+    t = bundle.trailer
+    header = bundle_format.read_stub_header(io.BytesIO(data))
+    assert header is not None and header.description == {"platform": "linux-x86_64"}
+    assert data[: len(stub)] == stub and header.payload_end == len(stub)
+    assert (t.archive_offset, t.archive_size) == (header.payload_offset, header.payload_size)
+    assert header.payload_offset % ALIGNMENT == 0 and t.model_offset == bundle_format.align_up(len(stub))
+    assert data[t.model_offset : t.model_offset + t.model_size] == MODEL
+    assert t.manifest_offset + t.manifest_size == len(data) - TRAILER_SIZE  # no archive copy
+    assert t.format_version == bundle.manifest.format_version == bundle_format.LAUNCHER_FORMAT_VERSION
+    # The launcher's own numbers: where dd starts reading, in 4 KiB blocks, and the size a whole stub has at least.
+    text = data[: header.payload_offset].decode()
+    assert f"skip={header.payload_offset // ALIGNMENT}\n" in text and f"end={header.payload_end}\n" in text
+    assert f"id={header.runtime_id}\n" in text
+
+
+def test_launcher_cut_inside_its_runtime_is_incomplete(tmp_path: Path) -> None:
+    path = write(tmp_path, fake_launcher_stub())
+    header = bundle_format.read_stub_header(io.BytesIO(path.read_bytes()))
+    assert header is not None
+    path.write_bytes(path.read_bytes()[: header.payload_offset + 100])
+    with pytest.raises(IncompleteBundleError, match="incomplete.*cut short"):
+        bundle_format.open_bundle(path)
+
+
+def test_launcher_template_fields_must_all_be_given() -> None:
+    with pytest.raises(ValueError, match="@CACHE_HOME@"):
+        bundle_format.launcher_header(LAUNCHER_TEMPLATE, {k: v for k, v in LAUNCHER_FIELDS.items() if k != "CACHE_HOME"}, b"x", {})
+
+
+def test_manifest_round_trip_and_hash(tmp_path: Path, stub: bytes) -> None:
     import hashlib
 
-    bundle = bundle_format.open_bundle(write(tmp_path))
+    bundle = bundle_format.open_bundle(write(tmp_path, stub))
     assert bundle.manifest.model.sha256 == hashlib.sha256(MODEL).hexdigest()
     assert bundle.manifest.default_args == ["--temp", "0"]
     assert bundle_format.hash_model(bundle) == bundle.manifest.model.sha256
 
 
-def test_same_inputs_give_identical_bytes(tmp_path: Path) -> None:
+def test_same_inputs_give_identical_bytes(tmp_path: Path, stub: bytes) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    assert write(tmp_path / "a").read_bytes() == write(tmp_path / "b").read_bytes()
+    assert write(tmp_path / "a", stub).read_bytes() == write(tmp_path / "b", stub).read_bytes()
 
 
 @pytest.mark.parametrize("cut", [1, TRAILER_SIZE, 5000, len(MODEL) // 4])
-def test_truncated_bundle_is_reported_as_incomplete(tmp_path: Path, cut: int) -> None:
-    path = write(tmp_path)
+def test_truncated_bundle_is_reported_as_incomplete(tmp_path: Path, stub: bytes, cut: int) -> None:
+    path = write(tmp_path, stub)
     data = path.read_bytes()
     path.write_bytes(data[:-cut])
     with pytest.raises(IncompleteBundleError, match="incomplete.*cut short"):
         bundle_format.open_bundle(path)
 
 
-def test_bare_stub_is_told_apart_from_a_broken_bundle(tmp_path: Path) -> None:
+def test_bare_stub_is_told_apart_from_a_broken_bundle(tmp_path: Path, stub: bytes) -> None:
     path = tmp_path / "stub"
-    path.write_bytes(fake_stub())
+    path.write_bytes(stub)
     with pytest.raises(BundleError, match="stub without a model") as info:
         bundle_format.open_bundle(path)
     assert not isinstance(info.value, IncompleteBundleError)
 
 
-def test_flipped_model_byte_passes_open_but_fails_hash(tmp_path: Path) -> None:
-    path = write(tmp_path)
+def test_flipped_model_byte_passes_open_but_fails_hash(tmp_path: Path, stub: bytes) -> None:
+    path = write(tmp_path, stub)
     bundle = bundle_format.open_bundle(path)
     data = bytearray(path.read_bytes())
     data[bundle.model_offset + 100] ^= 0xFF
@@ -108,16 +157,16 @@ def test_flipped_model_byte_passes_open_but_fails_hash(tmp_path: Path) -> None:
     assert bundle_format.hash_model(reopened) != reopened.manifest.model.sha256
 
 
-def test_appended_bytes_are_detected(tmp_path: Path) -> None:
-    path = write(tmp_path)
+def test_appended_bytes_are_detected(tmp_path: Path, stub: bytes) -> None:
+    path = write(tmp_path, stub)
     with open(path, "ab") as f:
         f.write(b"junk")
     with pytest.raises(BundleError):
         bundle_format.open_bundle(path)
 
 
-def test_damaged_manifest(tmp_path: Path) -> None:
-    path = write(tmp_path)
+def test_damaged_manifest(tmp_path: Path, stub: bytes) -> None:
+    path = write(tmp_path, stub)
     bundle = bundle_format.open_bundle(path)
     data = bytearray(path.read_bytes())
     data[bundle.trailer.manifest_offset] = ord("X")
@@ -138,7 +187,7 @@ def test_gguf_and_other_files_are_not_bundles(tmp_path: Path) -> None:
 
 
 def test_stub_without_archive_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="no PyInstaller archive"):
+    with pytest.raises(BundleError, match="neither a llamabox launcher nor a PyInstaller executable"):
         bundle_format.write_bundle(io.BytesIO(), io.BytesIO(b"not a stub"), io.BytesIO(MODEL), manifest())
 
 

@@ -75,7 +75,7 @@ def test_sidecar_layout(sidecar_bundle: Path, smollm2: Path, stub: Path) -> None
     opened = bundle_format.open_bundle(sidecar_bundle)
     m, t = opened.manifest, opened.trailer
     assert m.sidecar == bundle_format.Sidecar("smol.gguf", smollm2.stat().st_size, m.model.sha256)
-    assert t.flags & bundle_format.FLAG_SIDECAR and t.format_version == m.format_version == 3
+    assert t.flags & bundle_format.FLAG_SIDECAR and t.format_version == m.format_version == bundle_format.LAUNCHER_FORMAT_VERSION
     assert opened.model_path == sidecar and (t.model_offset, t.model_size) == (0, smollm2.stat().st_size)
     # The executable holds no weights, nor an archive copy: the stub, the manifest and the trailer.
     assert sidecar_bundle.stat().st_size < stub.stat().st_size + 64 * 1024
@@ -94,7 +94,7 @@ def test_sidecar_verify_and_inspect(sidecar_bundle: Path) -> None:
     assert "in smol.gguf" in result.stdout
     result = llamabox("inspect", sidecar_bundle)
     assert result.returncode == 0, result.stderr
-    assert "in the sidecar smol.gguf" in result.stdout and "format 3" in result.stdout
+    assert "in the sidecar smol.gguf" in result.stdout and "format 4" in result.stdout
     assert json.loads(llamabox("inspect", "--json", sidecar_bundle).stdout)["sidecar"]["name"] == "smol.gguf"
 
 
@@ -216,7 +216,7 @@ def test_repack_with_new_args_answers_the_same(bundle: Path, tmp_path: Path, stu
     result = llamabox("repack", again, "-o", inline, "--stub", stub, "--inline")
     assert result.returncode == 0, result.stderr
     opened = bundle_format.open_bundle(inline)
-    assert opened.manifest.sidecar is None and opened.manifest.format_version == 2
+    assert opened.manifest.sidecar is None and opened.manifest.format_version == bundle_format.LAUNCHER_FORMAT_VERSION
     assert bundle_format.hash_model(opened) == old_m.model.sha256
 
 

@@ -1,0 +1,96 @@
+"""The runtime's unpacked files: checked before use, unpacked again when damaged, a temporary copy removed.
+
+The launcher (runtime/launcher.sh) unpacks the runtime once per build into <cache>/runtime/<id> (a link to
+the folder it unpacked into, made last so that a half-unpacked folder is never used) and starts it from
+there at every later start. It checks only what Python needs to start; this module, run first by the
+runtime, checks every file's size against the list build.py packed with it (a few hundred stat calls,
+about a millisecond). Sizes, not hashes: hashing 130 MB would cost most of what the cache saves, and
+what goes wrong in a cache folder in practice is files deleted or cut short, not flipped bits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from runtime.packaged import FILE_LIST_NAME, Launch
+
+RETRY_ENV = "LLAMABOX_RUNTIME_RETRY"
+_STALE_SECONDS = 3600  # a folder no link names, left by an unpacking that was killed
+
+
+def prepare(started: Launch | None) -> None:
+    """Check the unpacked runtime; when damaged, remove it and start the bundle again (the launcher unpacks it anew)."""
+    if started is None:
+        return
+    if started.temporary:
+        atexit.register(shutil.rmtree, started.runtime_dir, ignore_errors=True)
+    problem = damage(started.runtime_dir)
+    if problem is None:
+        os.environ.pop(RETRY_ENV, None)
+        if not started.temporary:
+            sweep(started.runtime_dir.parent)
+        return
+    if os.environ.get(RETRY_ENV):
+        sys.exit(
+            f"llamabox: the runtime unpacked in {started.runtime_dir} is damaged ({problem}) even after unpacking "
+            f"it again; remove {started.runtime_dir.parent} and start again, or set LLAMABOX_CACHE to another folder"
+        )
+    print(f"llamabox: the runtime unpacked in {started.runtime_dir} is damaged ({problem}); unpacking it again", file=sys.stderr)
+    discard(started.runtime_dir)
+    os.environ[RETRY_ENV] = "1"
+    bundle = str(started.bundle)
+    os.execv(bundle, [bundle, *sys.argv[1:]])
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with the unpacked runtime in `folder` (a missing file, a wrong size), or None."""
+    try:
+        sizes = json.loads((folder / FILE_LIST_NAME).read_text())
+    except (OSError, ValueError):
+        return f"{FILE_LIST_NAME} is missing or unreadable"
+    for name, size in sizes.items():
+        try:
+            actual = os.stat(folder / name).st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} is {actual:,} bytes instead of {size:,}"
+    return None
+
+
+def discard(folder: Path) -> None:
+    """Take a damaged runtime out of use (its link first, so no start picks it up), then remove it."""
+    real = folder.resolve()
+    if folder.is_symlink():
+        folder.unlink(missing_ok=True)
+    trash = real.with_name(f".trash-{real.name}-{os.getpid()}")
+    try:
+        real.rename(trash)
+    except OSError:
+        trash = real
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep(runtimes: Path) -> None:
+    """Remove what killed unpackings and discarded runtimes left in `runtimes`: folders no link names."""
+    try:
+        entries = list(os.scandir(runtimes))
+    except OSError:
+        return
+    linked = {os.readlink(e.path) for e in entries if e.is_symlink()}
+    now = time.time()
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir() or entry.name in linked:
+            continue
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS
+        except OSError:
+            continue
+        if old or entry.name.startswith(".trash-"):
+            shutil.rmtree(entry.path, ignore_errors=True)
