@@ -444,7 +444,7 @@ def _explain_missing_trailer(path: Path, f: BinaryIO, size: int) -> BundleError:
         return BundleError(f"{path.name} is a GGUF model, not a llamabox bundle; bundle it with `llamabox build`")
     header = read_stub_header(f)
     if header is not None:
-        if header.payload_end <= size < header.payload_end + ALIGNMENT:
+        if size == header.payload_end:  # build.py writes the stub with nothing after its payload
             return BundleError(f"{path.name} is a runtime stub without a model; run it with -m MODEL.gguf")
         return _incomplete(path, size)
     archive = _first_pyinstaller_archive(f, min(size, _STUB_SEARCH_LIMIT))

@@ -90,7 +90,7 @@ if [ -n "$cache" ] && mkdir -p "$runtimes" 2>/dev/null && can_run_in "$runtimes"
         # Published by creating a symbolic link, which is atomic: of two first starts at once, one link wins; the
         # other start removes its own copy and runs the winner's. A damaged copy's link is replaced.
         [ -L "$runtimes/$id" ] && ! usable "$runtimes/$id" && rm -f "$runtimes/$id"
-        ln -s "${fresh##*/}" "$runtimes/$id" 2>/dev/null || rm -rf "$fresh"
+        ln -sn "${fresh##*/}" "$runtimes/$id" 2>/dev/null || rm -rf "$fresh"  # -n: never into the winner's folder
         if usable "$runtimes/$id"; then
             launch "$runtimes/$id" 0 "$@"
         fi

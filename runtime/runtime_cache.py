@@ -18,10 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.packaged import FILE_LIST_NAME, Launch
+from runtime.packaged import COMPLETE_MARKER, FILE_LIST_NAME, Launch
 
 RETRY_ENV = "LLAMABOX_RUNTIME_RETRY"
-_STALE_SECONDS = 3600  # a folder no link names, left by an unpacking that was killed
+# Folders no link names: a whole copy whose link the launcher replaced (it found the copy damaged) once it is
+# older than a start takes to link it; anything else (an unpacking killed half-way) once surely abandoned.
+_REPLACED_SECONDS = 60
+_ABANDONED_SECONDS = 3600
 
 
 def prepare(started: Launch | None) -> None:
@@ -44,8 +47,8 @@ def prepare(started: Launch | None) -> None:
     print(f"llamabox: the runtime unpacked in {started.runtime_dir} is damaged ({problem}); unpacking it again", file=sys.stderr)
     discard(started.runtime_dir)
     os.environ[RETRY_ENV] = "1"
-    bundle = str(started.bundle)
-    os.execv(bundle, [bundle, *sys.argv[1:]])
+    # Through sh, as the launcher is a shell script: also when the bundle is not executable (`sh model.run`).
+    os.execv("/bin/sh", ["/bin/sh", str(started.bundle), *sys.argv[1:]])
 
 
 def damage(folder: Path) -> str | None:
@@ -78,7 +81,7 @@ def discard(folder: Path) -> None:
 
 
 def sweep(runtimes: Path) -> None:
-    """Remove what killed unpackings and discarded runtimes left in `runtimes`: folders no link names."""
+    """Remove what replaced, discarded and killed unpackings left in `runtimes`: folders no link names."""
     try:
         entries = list(os.scandir(runtimes))
     except OSError:
@@ -86,11 +89,12 @@ def sweep(runtimes: Path) -> None:
     linked = {os.readlink(e.path) for e in entries if e.is_symlink()}
     now = time.time()
     for entry in entries:
-        if entry.is_symlink() or not entry.is_dir() or entry.name in linked:
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False) or entry.name in linked:
             continue
         try:
-            old = now - entry.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS
+            age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        if old or entry.name.startswith(".trash-"):
+        whole = os.path.exists(os.path.join(entry.path, COMPLETE_MARKER))
+        if entry.name.startswith(".trash-") or age > _ABANDONED_SECONDS or (whole and age > _REPLACED_SECONDS):
             shutil.rmtree(entry.path, ignore_errors=True)
