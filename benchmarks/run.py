@@ -253,18 +253,11 @@ def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
         copies.append(timed(["cp", str(model), str(workdir / f"copy{i}.gguf")]))
         builds.append(timed([*llamabox, "build", str(model), "-o", str(workdir / f"b{i}.run"), "--stub", str(stub)]))
     bundle = workdir / "b0.run"
-    # The same runtime with its libraries stored uncompressed (build.py --uncompressed).
-    subprocess.run([sys.executable, str(ROOT / "build.py"), "--uncompressed", "--dist", str(workdir / "u")], check=True, stdout=subprocess.DEVNULL)
-    fast_stub = next((workdir / "u").iterdir())
-    fast = build_bundle(model, fast_stub, workdir / "fast.run")
     return {
         "stub_mb": stub.stat().st_size / 1e6,
         "overhead_mb": (bundle.stat().st_size - model.stat().st_size) / 1e6,
         "build_s": statistics.median(builds),
         "cp_s": statistics.median(copies),
-        "fast_stub_mb": fast_stub.stat().st_size / 1e6,
-        "fast_overhead_mb": (fast.stat().st_size - model.stat().st_size) / 1e6,
-        "fast_start": start_times([str(fast), "--nobrowser"], 5),
         "start": start_times([str(bundle), "--nobrowser"], 5),
     }
 
@@ -302,8 +295,6 @@ def report(ours: Target, native: Target, variants: dict[str, tuple[float, float]
         f"| `llamabox build` (median of 3) | {costs['build_s']:.2f} s |",
         f"| `cp` of the same GGUF (median of 3) | {costs['cp_s']:.2f} s |",
         f"| repeated start to /health, default stub (5 runs) | {summary(costs['start'])} s |",
-        f"| repeated start to /health, `build.py --uncompressed` stub (5 runs) | {summary(costs['fast_start'])} s |",
-        f"| `--uncompressed` stub size / bundle minus GGUF | {costs['fast_stub_mb']:.1f} MB / {costs['fast_overhead_mb']:.1f} MB |",
         "",
         f"| CPU variant (llamabox, {on}) | decode tok/s | prompt tok/s |",
         "|---|---|---|",
