@@ -1,22 +1,35 @@
-"""Where a bundle's start-up time and size go, side by side with native llama.cpp (issue 12, first step).
+"""Where a bundle's start-up time and size go, side by side with native llama.cpp (issue 12).
 
     python benchmarks/startup.py                  # SmolLM2, 5 interleaved runs, prints the table
     python benchmarks/startup.py --runs 9 --write # ... and writes its section of BENCHMARKS.md
     python benchmarks/startup.py --stub PATH      # measure another runtime stub (default: build.py's)
+    python benchmarks/startup.py --before OLD     # ... and an older stub beside it: issue 12's "before" column
+
+Two kinds of stub (runtime/bundle_format.py): the launcher layout (Linux, macOS: a sh launcher and a .tar.gz
+of the one-folder runtime, unpacked once per runtime build into $LLAMABOX_CACHE/runtime/<id>), and the
+PyInstaller onefile layout (Windows, and Linux before issue 12: everything unpacked into $TMPDIR at every
+start). Either may be given to --stub or --before; `--before` is meant for a onefile stub built from an older
+commit (`git worktree add /tmp/old COMMIT && cd /tmp/old && python build.py --dist /tmp/before-stub`).
 
 Measures, in one run on this machine, with the same model, context and threads on every side:
-  1. repeated start to the first `/health` answering 200: the bundle, the same runtime run from the
-     checkout (`python -m runtime -m MODEL`, no PyInstaller unpacking), and native llama-server;
-     interleaved, median (min–max);
-  2. a first start: a fresh copy of the bundle, a fresh $TMPDIR (where PyInstaller unpacks) and a fresh
-     $LLAMABOX_CACHE (so the CPU-kernel self-test runs again); the page cache is not dropped;
+  1. repeated start to the first `/health` answering 200: the bundle (and the --before bundle), the same
+     runtime run from the checkout (`python -m runtime -m MODEL`, nothing unpacked), and native
+     llama-server; interleaved, median (min–max). Every llamabox side gets one private $LLAMABOX_CACHE for
+     the whole run (the user's cache is left alone) and one untimed warm-up start first, so a launcher
+     bundle's runtime is already unpacked and the CPU-kernel verdicts are cached, as for a user's second
+     start;
+  2. a first start of each bundle: a fresh copy, a fresh $TMPDIR (where a onefile stub unpacks) and an
+     empty $LLAMABOX_CACHE (where a launcher unpacks the runtime, and where the CPU-kernel self-test's
+     verdict is kept, so the self-test runs again); the page cache is not dropped. Its `llamabox:` lines
+     on stderr are kept, and what the launcher left in the cache is measured;
   3. `BUNDLE -p Hi -n 8 --temp 0` wall time against native `llama-completion -cnv -st` (one chat turn,
      then exit) with the same flags, and the checkout;
   4. bundle size minus GGUF size, and the stub's size;
-  5. where the bundle's start goes: `--version` (bootloader unpacking + Python start + the CLI's imports)
-     against the checkout's `--version`; the runtime's phases from the checkout (imports, CPU-kernel
-     choice, model load, server imports); `python -X importtime` top 10 (cumulative); and what the
-     PyInstaller stub unpacks at every start, grouped, from its own table of contents.
+  5. where the bundle's start goes: `--version` of each bundle against the checkout's `--version` (and, for
+     a launcher bundle, its cached runtime run directly, without the launcher); the runtime's phases from
+     the checkout (imports, CPU-kernel choice, model load, server imports); `python -X importtime` top 10
+     (cumulative); and what each stub unpacks, grouped: a launcher stub's payload (once per runtime build)
+     from its tar listing, a onefile stub's archive (at every start) from PyInstaller's table of contents.
 Native programs are built (once, cached) by benchmarks/native.py; llama-completion is built here if missing.
 """
 
@@ -24,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import os
 import re
@@ -31,6 +45,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -47,10 +62,12 @@ from benchmarks.native import llama_server  # noqa: E402
 from benchmarks.run import build_bundle, free_port, summary  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
+from runtime.bundle_format import read_stub_header  # noqa: E402
 from runtime.cpu_features import cpu_info  # noqa: E402
 
 SECTION_START = "<!-- startup: benchmarks/startup.py --write rewrites this section -->"
 SECTION_END = "<!-- /startup -->"
+DIRECT = "bundle's cached runtime, no launcher"
 PYTHON = sys.executable
 
 
@@ -100,6 +117,25 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     return time.monotonic() - started
 
 
+# The bundler refuses a stub whose runtime reads another bundle format than it writes (bundler.targets.check_stub):
+# an older onefile stub says format 2 or 3. For it, the bundler writes the onefile layout (format 2, with the
+# archive copy at the end), which such a runtime reads, so the --before bundle is built with that check left out.
+BUILD_WITHOUT_FORMAT_CHECK = """
+import bundler.assemble
+from bundler import stubs
+bundler.assemble.check_stub = lambda path, platform: stubs.read_stub(path)
+from bundler.cli import main
+main()
+"""
+
+
+def build_before_bundle(model: Path, stub: Path, out: Path) -> Path:
+    """`llamabox build MODEL -o OUT --stub STUB` for an older stub (see BUILD_WITHOUT_FORMAT_CHECK)."""
+    subprocess.run([PYTHON, "-c", BUILD_WITHOUT_FORMAT_CHECK, "build", str(model), "-o", str(out), "--stub", str(stub)],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out
+
+
 def llama_completion() -> Path:
     """Native llama-completion next to native.py's llama-server, built here if missing (a minute or two, once)."""
     server = llama_server()
@@ -113,45 +149,79 @@ def llama_completion() -> Path:
 
 # -- 5. what the stub unpacks -------------------------------------------------------------------
 
+# Paths as a onefile stub's table of contents names them (`numpy/...`, `libpython3.11.so.1.0`) or as a launcher
+# stub's payload does (the same under `_internal/`, the executable at the top).
 GROUPS = [
-    ("NumPy + OpenBLAS + libgfortran", re.compile(r"^numpy")),
-    ("libpython", re.compile(r"^libpython")),
-    ("CPU variants (ggml-backends/)", re.compile(r"^ggml-backends/")),
-    ("libcrypto + libssl", re.compile(r"^(libcrypto|libssl)")),
+    ("NumPy + OpenBLAS + libgfortran", re.compile(r"^(_internal/)?(numpy|libgfortran|libquadmath|libscipy_openblas)")),
+    ("libpython", re.compile(r"^(_internal/)?libpython")),
+    ("CPU variants (ggml-backends/)", re.compile(r"^(_internal/)?ggml-backends/")),
+    ("libcrypto + libssl", re.compile(r"^(_internal/)?(libcrypto|libssl)")),
     ("PYZ (pure-Python archive)", re.compile(r"^PYZ")),
-    ("llama.cpp (libllama, libggml)", re.compile(r"^llama_cpp/lib/")),
-    ("Python extension modules (lib-dynload)", re.compile(r"^python3\.\d+/lib-dynload/")),
+    ("llama.cpp (libllama, libggml)", re.compile(r"^(_internal/)?llama_cpp/lib/")),
+    ("Python extension modules (lib-dynload)", re.compile(r"^(_internal/)?python3\.\d+/lib-dynload/")),
     ("templates + chat page", re.compile(r"(^|/)(templates|ui)/")),
-    ("kernel self-test model", re.compile(r"^kernel-proof")),
-    ("other shared libraries (libstdc++, libsqlite3, libreadline, libgomp, ...)", re.compile(r"^lib[^/]*\.so")),
+    ("kernel self-test model", re.compile(r"^(_internal/)?kernel-proof")),
+    ("other shared libraries (libstdc++, libsqlite3, libreadline, libgomp, ...)", re.compile(r"^(_internal/)?lib[^/]*\.so")),
 ]
+EXECUTABLE_GROUP = "the executable (one-folder bootloader + PYZ, the pure-Python archive)"
 
 
-def unpacked_groups(stub: Path) -> tuple[list[tuple[str, int, int, int, int, int]], int, int]:
-    """[(group, files, compressed bytes, unpacked bytes, both again after `strip --strip-unneeded`)], total
-    compressed, total unpacked: what the bootloader writes to its temporary directory at every start ('b'
-    binaries, 'x' data files, 'z' the PYZ archive). The stripped sizes (zlib level 9, as PyInstaller
-    compresses) say what carrying the libraries without their symbol tables would buy."""
-    from PyInstaller.archive.readers import CArchiveReader
+def group_of(name: str) -> str:
+    return next((label for label, pattern in GROUPS if pattern.search(name)), "other")
 
-    reader = CArchiveReader(str(stub))
-    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
-    with tempfile.TemporaryDirectory(prefix="llamabox-strip-") as tmp:
-        for name, (_offset, length, unpacked, _compressed, kind) in reader.toc.items():
-            if kind not in "bxzZ":  # 'm'/'s'/'o' entries run from memory, never written out
+
+def unpacked_groups(stub: Path) -> dict[str, object]:
+    """What `stub` unpacks, grouped: {"kind": "launcher" or "onefile", "rows": [(group, files, compressed bytes,
+    unpacked bytes)] (largest first), "compressed", "unpacked", "files": totals, "links": symbolic links,
+    "archive": the bytes the stub carries for it}.
+
+    A launcher stub (runtime/bundle_format.py's read_stub_header): its payload, one .tar.gz unpacked once per
+    runtime build into the cache; gzip compresses the tar as one stream, so a group's "compressed" is an
+    estimate, each file compressed alone with zlib at level 9 (the payload's own size is "archive"). A onefile
+    stub: PyInstaller's table of contents, what the bootloader writes to its temporary directory at every
+    start ('b' binaries, 'x' data files, 'z' the PYZ archive), each entry compressed on its own (zlib 9).
+    No columns for stripping any more: build.py strips libpython and lib-dynload of their debug information,
+    `strip --strip-unneeded` takes 4.5 MB more off the 94 MB of the payload (half of it from NumPy's
+    auditwheel-patched libraries, which break when stripped)."""
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    links = 0
+    with open(stub, "rb") as f:
+        header = read_stub_header(f)
+        if header is not None:
+            kind = "launcher"
+            f.seek(header.payload_offset)
+            payload = f.read(header.payload_size)
+            archive = len(payload)
+            with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
+                for member in tar:
+                    if member.issym() or member.islnk():
+                        links += 1
+                    if not member.isfile():
+                        continue
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    data = extracted.read()
+                    top_level_program = "/" not in member.name and not member.name.startswith(".") and member.mode & 0o111
+                    group = EXECUTABLE_GROUP if top_level_program else group_of(member.name)
+                    for i, value in enumerate((1, len(zlib.compress(data, 9)), len(data))):
+                        groups[group][i] += value
+    if header is None:
+        from PyInstaller.archive.readers import CArchiveReader
+
+        kind = "onefile"
+        reader = CArchiveReader(str(stub))
+        archive = 0
+        for name, (_offset, length, unpacked, _compressed, entry_kind) in reader.toc.items():
+            archive += length
+            if entry_kind == "n":
+                links += 1
+            if entry_kind not in "bxzZ":  # 'm'/'s'/'o' entries run from memory, never written out
                 continue
-            group = next((label for label, pattern in GROUPS if pattern.search(name)), "other")
-            stripped_length, stripped_size = length, unpacked
-            if kind == "b":
-                copy = Path(tmp) / "lib"
-                copy.write_bytes(reader.extract(name))
-                if subprocess.run(["strip", "--strip-unneeded", str(copy)], capture_output=True).returncode == 0:
-                    data = copy.read_bytes()
-                    stripped_length, stripped_size = min(length, len(zlib.compress(data, 9))), len(data)
-            for i, value in enumerate((1, length, unpacked, stripped_length, stripped_size)):
-                groups[group][i] += value
+            for i, value in enumerate((1, length, unpacked)):
+                groups[group_of(name)][i] += value
     rows = sorted(((g, *v) for g, v in groups.items()), key=lambda r: -r[3])
-    return rows, sum(r[2] for r in rows), sum(r[3] for r in rows)  # type: ignore[misc]
+    return {"kind": kind, "rows": rows, "files": sum(r[1] for r in rows), "compressed": sum(r[2] for r in rows),
+            "unpacked": sum(r[3] for r in rows), "links": links, "archive": archive}
 
 
 # -- 5. the runtime's phases, from the checkout ------------------------------------------------
@@ -205,11 +275,41 @@ def import_times(top: int = 10) -> tuple[list[tuple[str, float, float]], float]:
 
 # -- the measurement ---------------------------------------------------------------------------
 
+def rotated(names: list[str], run: int) -> list[str]:
+    """`names` in the order of interleaved run `run`: each side goes first in turn."""
+    return names[run % len(names):] + names[: run % len(names)]
+
+
+def folder_size(folder: Path) -> tuple[int, int]:
+    """(bytes, files) of the regular files under `folder`, following no links."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def cached_runtime(stub: Path, cache: Path) -> list[str] | None:
+    """How the launcher of a launcher-layout `stub` runs its runtime from `cache` (for `--version` without the
+    launcher): [program]; None for a onefile stub."""
+    with open(stub, "rb") as f:
+        header = read_stub_header(f)
+        if header is None:
+            return None
+        f.seek(0)
+        launcher = f.read(header.payload_offset).decode("utf-8", "replace")
+    executable = re.search(r"^exe=(\S+)$", launcher, re.MULTILINE)
+    assert executable is not None, "the launcher names no executable (exe=...)"
+    return [str(cache / "runtime" / header.runtime_id / executable.group(1))]
+
+
 def measure(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
     model = (args.model or default_model_path()).resolve()
     stub = (args.stub or default_stub_path()).resolve()
     if not stub.exists():
         subprocess.run(["nice", PYTHON, str(ROOT / "build.py"), "--dist", str(stub.parent)], check=True)
+    stubs = {"bundle": stub}
+    if args.before:
+        stubs["before"] = args.before.resolve()
+        if not stubs["before"].is_file():
+            raise SystemExit(f"--before {stubs['before']}: no such stub")
     server_bin, completion_bin = llama_server(), llama_completion()
     threads, ctx, runs = str(args.threads), str(args.ctx), args.runs
     uptime_before = Path("/proc/loadavg").read_text().split()[:3]
@@ -218,92 +318,136 @@ def measure(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
     with tempfile.TemporaryDirectory(prefix="llamabox-startup-") as tmp:
         work = Path(tmp)
         print("Building the bundle...", file=sys.stderr)
-        bundle = build_bundle(model, stub, work / "bench.run")
+        # Copies of the stubs, so that a stub rebuilt while this runs cannot mix two builds into one table.
+        for name, path in list(stubs.items()):
+            (work / "stubs" / name).mkdir(parents=True)
+            stubs[name] = Path(shutil.copy2(path, work / "stubs" / name / path.name))
+        bundles = {"bundle": build_bundle(model, stubs["bundle"], work / "bundle.run")}
+        if "before" in stubs:
+            bundles["before"] = build_before_bundle(model, stubs["before"], work / "before.run")
         common = ["-c", ctx, "--threads", threads]
+        # One cache for every timed llamabox start (never the user's): where a launcher bundle's runtime is
+        # unpacked by the warm-up start below, and where the CPU-kernel verdicts are kept.
+        warm_cache = work / "cache"
+        warm = {**os.environ, "LLAMABOX_CACHE": str(warm_cache)}
 
-        def bundle_server(port: int) -> list[str]:
-            return [str(bundle), "--nobrowser", "--port", str(port), "-np", "1", *common]
+        def serve_args(port: int) -> list[str]:
+            return ["--nobrowser", "--port", str(port), "-np", "1", *common]
 
-        def checkout_server(port: int) -> list[str]:
-            return [PYTHON, "-m", "runtime", "-m", str(model), "--nobrowser", "--port", str(port), "-np", "1", *common]
+        servers = {name: (lambda port, b=b: [str(b), *serve_args(port)]) for name, b in bundles.items()}
+        servers["checkout (python -m runtime)"] = lambda port: [PYTHON, "-m", "runtime", "-m", str(model), *serve_args(port)]
+        servers["native llama-server"] = lambda port: [str(server_bin), "-m", str(model), "--port", str(port), "-c", ctx,
+                                                       "--threads", threads, "-np", "1", "--no-webui"]
 
-        def native_server(port: int) -> list[str]:
-            return [str(server_bin), "-m", str(model), "--port", str(port), "-c", ctx, "--threads", threads, "-np", "1", "--no-webui"]
+        # 2. First start: nothing of this bundle in $TMPDIR or in the llamabox cache (the launcher unpacks the
+        # runtime, the kernel self-test runs); then the next start, which finds both.
+        firsts: dict[str, dict[str, object]] = {}
+        for name, bundle in bundles.items():
+            print(f"First start ({name})...", file=sys.stderr)
+            fresh = work / f"fresh-{name}"
+            (fresh / "tmp").mkdir(parents=True)
+            first_bundle = fresh / "first start.run"
+            shutil.copyfile(bundle, first_bundle)
+            first_bundle.chmod(0o755)
+            env = {**os.environ, "TMPDIR": str(fresh / "tmp"), "LLAMABOX_CACHE": str(fresh / "cache")}
+            port = free_port()
+            first = Start([str(first_bundle), *serve_args(port)], port, env)
+            cached = folder_size(fresh / "cache" / "runtime") if (fresh / "cache" / "runtime").is_dir() else (0, 0)
+            port = free_port()
+            second = Start([str(first_bundle), *serve_args(port)], port, env)
+            ours = [(at, line.replace(str(fresh / "cache"), "$LLAMABOX_CACHE")) for at, line in first.lines if line.startswith("llamabox:")]
+            # The launcher says so before it unpacks; the runtime's next line comes once it has started.
+            preparing = next((i for i, (_, line) in enumerate(ours) if "preparing the runtime" in line), None)
+            unpacking = ours[preparing + 1][0] - ours[preparing][0] if preparing is not None and preparing + 1 < len(ours) else None
+            firsts[name] = {"first": first.ready_after, "next": second.ready_after, "cache_runtime": cached,
+                            "lines": [line for _, line in ours], "preparing_to_next_line": unpacking}
+        results["first"] = firsts
 
-        # 2. First start: nothing of this bundle in $TMPDIR or in the llamabox cache (the kernel self-test runs).
-        print("First start...", file=sys.stderr)
-        fresh = work / "fresh"
-        (fresh / "tmp").mkdir(parents=True)
-        first_bundle = fresh / "first start.run"
-        shutil.copyfile(bundle, first_bundle)
-        first_bundle.chmod(0o755)
-        env = {**os.environ, "TMPDIR": str(fresh / "tmp"), "LLAMABOX_CACHE": str(fresh / "cache")}
-        port = free_port()
-        first = Start([str(first_bundle), "--nobrowser", "--port", str(port), "-np", "1", *common], port, env)
-        port = free_port()
-        second = Start([str(first_bundle), "--nobrowser", "--port", str(port), "-np", "1", *common], port, env)
-        results["first"] = (first.ready_after, second.ready_after, [line for _, line in first.lines if line.startswith("llamabox:")])
-
-        # 1. Repeated start to /health, interleaved (order rotates every run).
-        print("Repeated starts...", file=sys.stderr)
-        servers = {"bundle": bundle_server, "checkout (python -m runtime)": checkout_server, "native llama-server": native_server}
-        starts: dict[str, list[float]] = defaultdict(list)
-        bundle_loaded: list[tuple[float, float]] = []
-        bundle_health_after_loaded: list[float] = []
+        # 1. Repeated start to /health, interleaved (order rotates every run), after one untimed start of each.
+        print("Warm-up starts...", file=sys.stderr)
         names = list(servers)
+        for name in names:
+            port = free_port()
+            Start(servers[name](port), port, warm)
+        print("Repeated starts...", file=sys.stderr)
+        starts: dict[str, list[float]] = defaultdict(list)
+        loaded: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        health_after_loaded: dict[str, list[float]] = defaultdict(list)
         for run in range(runs):
-            for name in names[run % 3:] + names[: run % 3]:
+            for name in rotated(names, run):
                 port = free_port()
-                start = Start(servers[name](port), port)
+                start = Start(servers[name](port), port, warm)
                 starts[name].append(start.ready_after)
-                if name == "bundle" and (loaded := start.loaded()):
-                    bundle_loaded.append(loaded)
-                    bundle_health_after_loaded.append(start.ready_after - loaded[0])
+                if name in bundles and (at := start.loaded()):
+                    loaded[name].append(at)
+                    health_after_loaded[name].append(start.ready_after - at[0])
             print(f"  run {run + 1}/{runs}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in starts.items()), file=sys.stderr)
         results["starts"] = starts
+        results["loaded"] = loaded
+        results["health_after_loaded"] = health_after_loaded
 
         # 3. One prompt, then exit.
         print("-p Hi -n 8 ...", file=sys.stderr)
-        one_shot = {
-            "bundle": [str(bundle), "-p", "Hi", "-n", "8", "--temp", "0", *common],
-            "checkout (python -m runtime)": [PYTHON, "-m", "runtime", "-m", str(model), "-p", "Hi", "-n", "8", "--temp", "0", *common],
-            "native llama-completion": [str(completion_bin), "-m", str(model), "-p", "Hi", "-n", "8", "--temp", "0", "-c", ctx,
-                                        "-t", threads, "-cnv", "-st"],
-        }
+        prompt = ["-p", "Hi", "-n", "8", "--temp", "0"]
+        one_shot = {name: [str(b), *prompt, *common] for name, b in bundles.items()}
+        one_shot["checkout (python -m runtime)"] = [PYTHON, "-m", "runtime", "-m", str(model), *prompt, *common]
+        one_shot["native llama-completion"] = [str(completion_bin), "-m", str(model), *prompt, "-c", ctx, "-t", threads, "-cnv", "-st"]
         prompts: dict[str, list[float]] = defaultdict(list)
-        names = list(one_shot)
         for run in range(runs):
-            for name in names[run % 3:] + names[: run % 3]:
-                prompts[name].append(timed(one_shot[name]))
+            for name in rotated(list(one_shot), run):
+                prompts[name].append(timed(one_shot[name], warm))
         results["prompt"] = prompts
 
-        # 5. --version: the bootloader's unpacking + Python's start + the CLI's imports, against the checkout.
+        # 5. --version: each stub's own cost (launcher + one-folder bootloader, or onefile unpacking) + Python's
+        # start + the CLI's imports, against the checkout; a launcher bundle's runtime also run straight from the
+        # cache with the environment the launcher gives it, which leaves the launcher's own cost.
         print("--version ...", file=sys.stderr)
+        version = {name: ([str(b), "--version"], warm) for name, b in bundles.items()}
+        direct = cached_runtime(stubs["bundle"], warm_cache)
+        if direct is not None:
+            launched = {"LLAMABOX_BUNDLE": str(bundles["bundle"]), "LLAMABOX_RUNTIME_DIR": str(Path(direct[0]).parent),
+                        "LLAMABOX_RUNTIME_TEMPORARY": "0"}
+            version[DIRECT] = ([*direct, "--version"], {**warm, **launched})
+        version["checkout (python -m runtime)"] = ([PYTHON, "-m", "runtime", "--version"], warm)
+        version["python -S -c pass (venv)"] = ([PYTHON, "-S", "-c", "pass"], warm)
         versions: dict[str, list[float]] = defaultdict(list)
-        for _run in range(runs):
-            versions["bundle"].append(timed([str(bundle), "--version"]))
-            versions["checkout (python -m runtime)"].append(timed([PYTHON, "-m", "runtime", "--version"]))
-            versions["python -c pass (venv)"].append(timed([PYTHON, "-S", "-c", "pass"]))
+        for run in range(runs):
+            for name in rotated(list(version), run):
+                versions[name].append(timed(*version[name]))
         results["version"] = versions
-        results["bundle_loaded"] = bundle_loaded
-        results["bundle_health_after_loaded"] = bundle_health_after_loaded
-        results["sizes"] = (bundle.stat().st_size, model.stat().st_size, stub.stat().st_size)
+        results["sizes"] = {name: {"bundle": b.stat().st_size, "stub": stubs[name].stat().st_size} for name, b in bundles.items()}
+        results["model_size"] = model.stat().st_size
+        print("What the stubs unpack...", file=sys.stderr)
+        unpacked = {name: unpacked_groups(path) for name, path in stubs.items()}
+        results["unpacked"] = unpacked
+        built = {name: datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc) for name, path in stubs.items()}
 
     print("Runtime phases and imports (checkout)...", file=sys.stderr)
     results["phases"] = checkout_phases(model, args.ctx, args.threads, runs)
     results["imports"] = import_times()
-    results["unpacked"] = unpacked_groups(stub)
     uptime_after = Path("/proc/loadavg").read_text().split()[:3]
     cpu = cpu_info()
+
+    def described(name: str) -> str:
+        size = results["sizes"][name]["stub"] / 1e6  # type: ignore[index]
+        return f"{stubs[name].name} ({size:.1f} MB, {unpacked[name]['kind']} layout, built {built[name]:%Y-%m-%d %H:%M} UTC)"
+
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu.name}, {os.cpu_count()} logical CPUs",
         "load average (1, 5, 15 min)": f"{' '.join(uptime_before)} before, {' '.join(uptime_after)} after (a shared machine)",
         "model": f"{model.name} ({model.stat().st_size / 1e6:.1f} MB), `-c {ctx} --threads {threads} -np 1` everywhere",
-        "stub": f"{stub.name} ({stub.stat().st_size / 1e6:.1f} MB, built {datetime.datetime.fromtimestamp(stub.stat().st_mtime, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+        "stub": described("bundle") + ": the \"bundle\" column",
+    }
+    if "before" in stubs:
+        meta["before"] = described("before") + ": the \"before\" column"
+    meta |= {
         "native": "llama-server and llama-completion from benchmarks/native.py (same vendored llama.cpp, our patches, GGML_NATIVE=ON)",
-        "method": f"{runs} interleaved runs (order rotated), median (min–max); page cache warm except where said",
-        "reproduce": f"`python benchmarks/startup.py --runs {runs}" + (" --stub STUB" if args.stub else "") + "`",
+        "method": f"{runs} interleaved runs (order rotated), median (min–max), after one untimed warm-up start of each side; "
+                  "page cache warm and the runtime already unpacked except where said",
+        "reproduce": f"`python benchmarks/startup.py --runs {runs}" + (" --stub STUB" if args.stub else "")
+                     + (" --before OLD_STUB" if args.before else "") + "`"
+                     + (" (OLD_STUB: `python build.py` in a worktree of the older commit, see the script's docstring)" if args.before else ""),
     }
     return report(results, meta), results
 
@@ -312,59 +456,115 @@ def ratio(a: list[float], b: list[float]) -> str:
     return f"{statistics.median(a) / statistics.median(b):.2f}×"
 
 
+def table(header: list[str], rows: list[list[str]], keep: list[bool] | None = None) -> list[str]:
+    """A Markdown table; `keep` drops columns (such as "before" when there is no --before)."""
+    keep = keep or [True] * len(header)
+    pick = [i for i, k in enumerate(keep) if k]
+    return ["| " + " | ".join(header[i] for i in pick) + " |", "|" + "---|" * len(pick)] + [
+        "| " + " | ".join(row[i] for i in pick) + " |" for row in rows
+    ]
+
+
+def unpacked_table(name: str, u: dict) -> list[str]:  # type: ignore[type-arg]
+    mb = 1e6
+    if u["kind"] == "launcher":
+        title = (f"what the {name}'s runtime unpacks once (launcher payload: {u['archive'] / mb:.1f} MB .tar.gz; {u['unpacked'] / mb:.1f} MB "
+                 f"in {u['files']} files and {u['links']} links, into `$LLAMABOX_CACHE/runtime/<id>` at its first start)")
+        compressed = "compressed MB (zlib 9, each file alone: an estimate)"
+    else:
+        title = (f"what the {name} stub unpacks at every start (onefile, PyInstaller's table of contents; {u['compressed'] / mb:.1f} MB "
+                 f"compressed, {u['unpacked'] / mb:.1f} MB written to `$TMPDIR`)")
+        compressed = "compressed MB"
+    rows = [[group, str(files), f"{length / mb:.1f}", f"{size / mb:.1f}"] for group, files, length, size in u["rows"]]
+    rows.append(["all", str(u["files"]), f"{u['compressed'] / mb:.1f}", f"{u['unpacked'] / mb:.1f}"])
+    return table([title, "files", compressed, "unpacked MB"], rows)
+
+
 def report(r: dict, meta: dict[str, str]) -> str:  # type: ignore[type-arg]
-    starts, prompts, versions = r["starts"], r["prompt"], r["version"]
+    starts, prompts, versions, sizes, firsts = r["starts"], r["prompt"], r["version"], r["sizes"], r["first"]
+    has_before = "before" in sizes
     native_start = starts["native llama-server"]
     native_prompt = prompts["native llama-completion"]
-    bundle_size, model_size, stub_size = r["sizes"]
-    first, second, first_lines = r["first"]
+    checkout = "checkout (python -m runtime)"
     target_start = max(1.5 * statistics.median(native_start), statistics.median(native_start) + 0.2)
+
+    def both(cell: object) -> list[str]:  # the bundle's and the before bundle's cells of one row
+        return [cell("bundle"), cell("before") if has_before else ""]  # type: ignore[operator]
+
+    def first_cell(name: str) -> str:
+        return f"{firsts[name]['first']:.2f} (the next start: {firsts[name]['next']:.2f})"
+
+    def overhead(name: str) -> str:
+        return f"{(sizes[name]['bundle'] - r['model_size']) / 1e6:.1f}"
+
     lines = [f"- {k}: {v}" for k, v in meta.items()]
-    lines += [
-        "",
-        "| issue 12 metric | bundle | checkout (no unpacking) | native | bundle / native | target |",
-        "|---|---|---|---|---|---|",
-        f"| repeated start to `/health` (s) | {summary(starts['bundle'])} | {summary(starts['checkout (python -m runtime)'])} | "
-        f"{summary(native_start)} (llama-server) | {ratio(starts['bundle'], native_start)} | ≤ {target_start:.2f} s |",
-        f"| first start: fresh copy, fresh `$TMPDIR` and `$LLAMABOX_CACHE` (s) | {first:.2f} (the next start: {second:.2f}) | | | | ≤ 2.5 s |",
-        f"| `-p Hi -n 8 --temp 0` wall time (s) | {summary(prompts['bundle'])} | {summary(prompts['checkout (python -m runtime)'])} | "
-        f"{summary(native_prompt)} (llama-completion -cnv -st) | {ratio(prompts['bundle'], native_prompt)} | "
-        f"≤ {1.5 * statistics.median(native_prompt):.2f} s |",
-        f"| bundle size minus GGUF size (MB) | {(bundle_size - model_size) / 1e6:.1f} | | | | ≤ 50 |",
-        f"| runtime stub size (MB) | {stub_size / 1e6:.1f} | | | | ≤ 45 |",
-        "",
-        f"First start's own lines on stderr: {'; '.join(f'`{line}`' for line in first_lines) or '(none)'}",
-        "",
-        "| where the bundle's start goes | seconds |",
-        "|---|---|",
-        f"| `--version`: bundle (bootloader unpacks everything, Python starts, CLI imports) | {summary(versions['bundle'])} |",
-        f"| `--version`: checkout (Python starts, CLI imports; no unpacking) | {summary(versions['checkout (python -m runtime)'])} |",
-        f"| `python -S -c pass` (the venv's bare interpreter start) | {summary(versions['python -c pass (venv)'])} |",
-        f"| ⇒ unpacking, the bootloader's own cost (bundle − checkout `--version`, medians) | "
-        f"{statistics.median(versions['bundle']) - statistics.median(versions['checkout (python -m runtime)']):.2f} |",
+    lines += [""] + table(
+        ["issue 12 metric", "bundle", "before", "checkout (nothing unpacked)", "native", "bundle / native", "before / native", "target"],
+        [
+            ["repeated start to `/health` (s)", *both(lambda n: summary(starts[n])), summary(starts[checkout]),
+             f"{summary(native_start)} (llama-server)", *both(lambda n: ratio(starts[n], native_start)), f"≤ {target_start:.2f} s"],
+            ["first start: fresh copy, fresh `$TMPDIR`, empty `$LLAMABOX_CACHE` (s)", *both(first_cell), "", "", "", "", "≤ 2.5 s"],
+            ["`-p Hi -n 8 --temp 0` wall time (s)", *both(lambda n: summary(prompts[n])), summary(prompts[checkout]),
+             f"{summary(native_prompt)} (llama-completion -cnv -st)", *both(lambda n: ratio(prompts[n], native_prompt)),
+             f"≤ {1.5 * statistics.median(native_prompt):.2f} s"],
+            ["bundle size minus GGUF size (MB)", *both(overhead), "", "", "", "", "≤ 50"],
+            ["runtime stub size (MB)", *both(lambda n: f"{sizes[n]['stub'] / 1e6:.1f}"), "", "", "", "", "≤ 45"],
+        ],
+        [True, True, has_before, True, True, True, has_before, True],
+    )
+    lines.append("")
+    for name, first in firsts.items():
+        cached_bytes, cached_files = first["cache_runtime"]
+        left = f" It left {cached_bytes / 1e6:.1f} MB in {cached_files} files in `$LLAMABOX_CACHE/runtime/`." if cached_files else ""
+        if first["preparing_to_next_line"] is not None:
+            left += (f" From the launcher's \"preparing\" line to the runtime's next line (unpacking, then the runtime's start): "
+                     f"{first['preparing_to_next_line']:.2f} s.")
+        lines.append(f"First start's own lines on stderr ({name}): {'; '.join(f'`{line}`' for line in first['lines']) or '(none)'}.{left}")
+        lines.append("")
+
+    def med(name: str) -> float:
+        return statistics.median(versions[name])
+
+    rows = [
+        ["`--version`: bundle (the launcher finds the runtime in the cache and execs it; one-folder bootloader, Python starts, "
+         "CLI imports; nothing unpacked)" if r["unpacked"]["bundle"]["kind"] == "launcher" else
+         "`--version`: bundle (onefile: the bootloader unpacks everything, Python starts, CLI imports)", summary(versions["bundle"])],
     ]
-    if r["bundle_loaded"]:
-        at = [a for a, _ in r["bundle_loaded"]]
-        inside = [x for _, x in r["bundle_loaded"]]
-        lines += [
-            f"| bundle serving: exec → Python's `main()` (bootloader + interpreter + first imports; = loaded line − its own figure) | "
-            f"{summary([a - x for a, x in r['bundle_loaded']])} |",
-            f"| bundle serving: `main()` → \"loaded in X s\" line (engine + server imports, kernel choice, fork, model load, bind) | {summary(inside)} |",
-            f"| bundle serving: loaded line → first `/health` 200 (app, uvicorn start) | {summary(r['bundle_health_after_loaded'])} |",
-            f"| bundle serving: exec → loaded line | {summary(at)} |",
+    if DIRECT in versions:
+        rows.append(["`--version`: the bundle's runtime run straight from the cache (no launcher; the environment the launcher sets)",
+                     summary(versions[DIRECT])])
+    if has_before:
+        rows.append([f"`--version`: before ({r['unpacked']['before']['kind']}: the bootloader unpacks everything into `$TMPDIR`, Python starts, "
+                     "CLI imports)", summary(versions["before"])])
+    rows += [
+        ["`--version`: checkout (Python starts, CLI imports; nothing unpacked)", summary(versions[checkout])],
+        ["`python -S -c pass` (the venv's bare interpreter start)", summary(versions["python -S -c pass (venv)"])],
+    ]
+    if DIRECT in versions:
+        rows.append(["⇒ the launcher's own cost (bundle − its runtime run straight from the cache, `--version` medians)",
+                     f"{med('bundle') - med(DIRECT):.3f}"])
+    what = {"launcher": "launcher + one-folder bootloader, nothing unpacked", "onefile": "unpacking at every start, the onefile bootloader's own cost"}
+    for name in ("bundle", "before") if has_before else ("bundle",):
+        rows.append([f"⇒ the {name} stub's own cost: {what[r['unpacked'][name]['kind']]} ({name} − checkout `--version`, medians)",
+                     f"{med(name) - med(checkout):.3f}"])
+    for name, loaded in r["loaded"].items():
+        at = [a for a, _ in loaded]
+        rows += [
+            [f"{name} serving: exec → Python's `main()` (launcher or bootloader + interpreter + first imports; = loaded line − its own figure)",
+             summary([a - x for a, x in loaded])],
+            [f"{name} serving: `main()` → \"loaded in X s\" line (engine + server imports, kernel choice, fork, model load, bind)",
+             summary([x for _, x in loaded])],
+            [f"{name} serving: loaded line → first `/health` 200 (app, uvicorn start)", summary(r["health_after_loaded"][name])],
+            [f"{name} serving: exec → loaded line", summary(at)],
         ]
-    lines += ["", "| runtime phases, from the checkout (in-process, fresh interpreter each run) | seconds |", "|---|---|"]
-    lines += [f"| {name} | {summary(values)} |" for name, values in r["phases"].items()]
+    lines += table(["where the bundle's start goes", "seconds"], rows)
+    lines += [""] + table(["runtime phases, from the checkout (in-process, fresh interpreter each run)", "seconds"],
+                          [[name, summary(values)] for name, values in r["phases"].items()])
     imports, total = r["imports"]
-    lines += ["", f"| `python -X importtime`, top 10 cumulative (all runtime imports for serving: {total:.2f} s) | cumulative s | self s |", "|---|---|---|"]
-    lines += [f"| `{name}` | {cum:.3f} | {own:.3f} |" for name, cum, own in imports]
-    rows, compressed, unpacked = r["unpacked"]
-    lines += ["", f"| what the stub unpacks at every start (PyInstaller TOC; {compressed / 1e6:.1f} MB compressed, {unpacked / 1e6:.1f} MB written) "
-              "| files | compressed MB | unpacked MB | stripped: compressed MB | stripped: unpacked MB |", "|---|---|---|---|---|---|"]
-    lines += [f"| {group} | {files} | {length / 1e6:.1f} | {size / 1e6:.1f} | {s_length / 1e6:.1f} | {s_size / 1e6:.1f} |"
-              for group, files, length, size, s_length, s_size in rows]
-    lines.append(f"| all | {sum(r[1] for r in rows)} | {compressed / 1e6:.1f} | {unpacked / 1e6:.1f} | {sum(r[4] for r in rows) / 1e6:.1f} | "
-                 f"{sum(r[5] for r in rows) / 1e6:.1f} |")
+    lines += [""] + table([f"`python -X importtime`, top 10 cumulative (all runtime imports for serving: {total:.2f} s)", "cumulative s", "self s"],
+                          [[f"`{name}`", f"{cum:.3f}", f"{own:.3f}"] for name, cum, own in imports])
+    for name, u in r["unpacked"].items():
+        lines += [""] + unpacked_table(name, u)
     return "\n".join(lines)
 
 
@@ -387,6 +587,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="GGUF to measure (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--stub", type=Path, help="runtime stub to bundle (default: build.py's, built if missing)")
+    parser.add_argument("--before", type=Path, metavar="STUB",
+                        help="an older runtime stub (such as a onefile one) measured beside --stub: the \"before\" column")
     parser.add_argument("--runs", type=int, default=5, help="interleaved runs of each timed command (default 5)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="--threads for every side (default: all CPUs)")
     parser.add_argument("--ctx", type=int, default=4096, help="context size for every side (default 4096)")
