@@ -11,7 +11,6 @@ order, up to a bound; each request's pieces go to its own queue, which its reade
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import ctypes
 import queue
@@ -129,6 +128,8 @@ class _AsyncStream(_Stream):
     """The same for an asyncio reader: waits without holding a thread (the engine thread wakes it)."""
 
     def __init__(self, request: _Request, cancel: Callable[[_Request], None]) -> None:
+        import asyncio  # here, not at the top: -p and --chat never stream to asyncio, and it costs them 10 ms
+
         super().__init__(request, cancel)
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
         self._ready = ready
