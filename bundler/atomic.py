@@ -5,7 +5,8 @@ once it is complete (linkat through /proc/self/fd): if the process dies, even of
 frees the blocks and nothing remains. Where that is not possible (another OS, a file system without
 O_TMPFILE, no /proc) it is a hidden `.NAME.XXXX.partial` beside the output, locked while it is being
 written: SIGINT and SIGTERM unwind through `interruptible()` and delete it, and after a SIGKILL the
-next build into that directory deletes it (its lock is free once its writer is gone).
+next build into that directory deletes it (its lock is free once its writer is gone). A full disk is
+one more way for a write to fail: the error says so, how much room there is, and what to do.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,6 +29,8 @@ from runtime.errors import LlamaboxError
 _PROC_FD = Path("/proc/self/fd")
 # O_TMPFILE is refused with one of these where the file system or kernel lacks it.
 _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
+# A full disk, or a user's quota used up.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 class Interrupted(BaseException):
@@ -89,20 +93,48 @@ def _unnamed_file(directory: Path) -> int | None:
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             return None
-        raise LlamaboxError(f"cannot write to {directory}: {exc.strerror}") from None
+        raise _write_error(directory, exc, f"cannot write to {directory}") from None
 
 
 @contextlib.contextmanager
 def _unnamed(fd: int, path: Path, force: bool, mode: int) -> Iterator[BinaryIO]:
-    with os.fdopen(fd, "wb") as f:
+    f = os.fdopen(fd, "wb")
+    try:
         try:
             yield f
             f.flush()
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), mode)
             _link(f.fileno(), path, force)
-        except OSError as exc:
-            raise LlamaboxError(f"writing {path} failed: {exc.strerror or exc}") from None
+        finally:
+            _close(f)  # closing the unnamed file frees its blocks, whatever happened
+    except OSError as exc:
+        raise _write_error(path.parent, exc, f"writing {path} failed") from None
+
+
+def _close(f: BinaryIO) -> None:
+    """Close `f`. Closing flushes what is still buffered; if that fails, the file is incomplete, an error is on its
+    way already, and an OSError from here would only replace it (a full disk fails every flush, not just the first)."""
+    with contextlib.suppress(OSError):
+        f.close()
+
+
+def _write_error(directory: Path, exc: OSError, what: str) -> LlamaboxError:
+    """The one-line error for `exc`, raised while writing into `directory`: for a full disk, say so and what to do."""
+    if exc.errno in _DISK_FULL:
+        problem = "the disk is full" if exc.errno == errno.ENOSPC else "your disk quota is used up"
+        return LlamaboxError(
+            f"{what}: {problem} ({_free(directory)} free in {directory}); nothing was written: free some space there, "
+            "or write the output to another disk with -o"
+        )
+    return LlamaboxError(f"{what}: {exc.strerror or exc}")
+
+
+def _free(directory: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB"
+    except OSError:
+        return "no space"
 
 
 def _link(fd: int, path: Path, force: bool) -> None:
@@ -143,19 +175,22 @@ def _named(path: Path, mode: int) -> Iterator[BinaryIO]:
     try:
         fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".partial")
     except OSError as exc:
-        raise LlamaboxError(f"cannot write to {directory}: {exc.strerror}") from None
+        raise _write_error(directory, exc, f"cannot write to {directory}") from None
     tmp = Path(tmp_name)
+    f = os.fdopen(fd, "wb")
     try:
-        with os.fdopen(fd, "wb") as f:
+        try:
             _lock(f.fileno())
             yield f
             f.flush()
             os.fsync(f.fileno())
+        finally:
+            _close(f)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise LlamaboxError(f"writing {path} failed: {exc.strerror or exc}") from None
+        raise _write_error(directory, exc, f"writing {path} failed") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -3,8 +3,10 @@
 Everything the library offers is used as it is: its cache (HF_HUB_CACHE, shared with every other
 tool that uses it), its progress bars, its token (HF_TOKEN or `hf auth login`), its endpoint
 (HF_ENDPOINT), offline mode (HF_HUB_OFFLINE=1) and its retries: a transfer cut mid-file is resumed
-from where it stopped with an HTTP range request, up to five times in a row. Nothing here writes
-anywhere but that cache.
+from where it stopped with an HTTP range request, up to five times in a row. One thing is added: when
+the network stays away for longer than that, the bytes already downloaded are kept in the cache and
+the next build resumes from them (see `_resumable_download` for why huggingface_hub cannot do that
+itself). Nothing here writes anywhere but that cache.
 
 A repository is named OWNER/REPO[:QUANT] (one GGUF, or one split model, picked by its quantization)
 or hf://OWNER/REPO/PATH.gguf (one file, or the first part of a split model).
@@ -13,10 +15,17 @@ or hf://OWNER/REPO/PATH.gguf (one file, or the first part of a split model).
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import importlib.util
+import inspect
+import os
 import posixpath
 import re
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import click
 
@@ -55,7 +64,7 @@ def fetch(spec: str, revision: str | None) -> Fetched:
     else:
         parts = choose_parts(repo, files, quant, _where(revision, online))
     click.echo(f"{repo}: {_list_parts(parts)}, commit {commit[:12]}{'' if online else ' (offline, from the cache)'}", err=True)
-    local = [_download(repo, part, revision, commit) for part in parts]
+    local = [_download(repo, part, revision, commit, online) for part in parts]
     from huggingface_hub import constants
 
     source = Source(
@@ -225,11 +234,15 @@ def _cached_listing(repo: str, revision: str | None, problem: Exception) -> tupl
     )
 
 
-def _download(repo: str, path: str, revision: str | None, commit: str) -> Path:
+def _download(repo: str, path: str, revision: str | None, commit: str, online: bool) -> Path:
     """The local path of `path` in the cache, downloading it first if needed (with huggingface_hub's progress bar)."""
     from huggingface_hub import hf_hub_download
 
     with _hub_errors(repo, path=path, revision=revision):
+        if online:
+            _resumable_download(repo, path, commit)
+        # Links the file into the cache's snapshot (and records the branch or tag), or downloads it itself
+        # where _resumable_download left it alone.
         local = Path(hf_hub_download(repo_id=repo, filename=path, revision=revision))
     # The cache keeps files at snapshots/COMMIT/PATH: the commit the file came from.
     snapshot = local
@@ -241,6 +254,153 @@ def _download(repo: str, path: str, revision: str | None, commit: str) -> Path:
             "or pin a commit with --revision"
         )
     return local
+
+
+def _resumable_download(repo: str, path: str, commit: str) -> None:
+    """Download `path` at `commit` into huggingface_hub's cache so that a transfer the network cut for good resumes
+    on the next build; does nothing if the file is cached, or stored with Xet and hf_xet is installed.
+
+    Written by hand because huggingface_hub cannot do it: since 2.x (huggingface_hub PR 4228) its
+    `_download_to_tmp_and_move` downloads into `blobs/ETAG.RANDOM.incomplete`, a name unique to that call, and
+    deletes it on every failure, so each call starts from zero (its issue 4196). Only that part is replaced:
+    huggingface_hub's own `http_get` still does the transfer (Range requests, five retries within a build, its
+    progress bar), into `blobs/ETAG.incomplete` (the name older huggingface_hub versions resumed from) under
+    the same lock file as its own downloads; once complete it becomes the blob `blobs/ETAG`, and hf_hub_download
+    then only links it into the snapshot. The partial file is kept when the network or the Hub fails, and
+    deleted on anything else (interrupts, a full disk). A resumed file is checked against the SHA-256 the Hub
+    gives as its ETag.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    http_get = _http_get_with_resume()
+    if http_get is None or isinstance(try_to_load_from_cache(repo, path, revision=commit), str):
+        return
+    url = hf_hub_url(repo, path, revision=commit)
+    meta = get_hf_file_metadata(url)
+    if meta.etag is None or (meta.xet_file_data is not None and _xet_available()):
+        return  # hf_hub_download says what is wrong, or downloads with hf_xet
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    cache = Path(constants.HF_HUB_CACHE).expanduser().resolve()
+    folder = repo_folder_name(repo_id=repo, repo_type="model")
+    blob = cache / folder / "blobs" / meta.etag
+    if blob.exists():
+        return
+    headers = build_hf_headers()
+    if _host(meta.location) != _host(url):
+        headers.pop("authorization", None)  # a signed CDN address: the token stays with the Hub, as in hf_hub_download
+
+    def get(f: BinaryIO, done: int) -> None:
+        http_get(meta.location, f, resume_size=done, headers=headers, expected_size=meta.size, displayed_filename=path)
+
+    lock = cache / ".locks" / folder / f"{meta.etag}.lock"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        if blob.exists():  # another build finished it meanwhile
+            return
+        partial = blob.with_name(blob.name + ".incomplete")
+        if _fill(partial, get, meta.size, f"{path} from {repo}", cache):
+            _check_resumed(partial, meta.etag, f"{path} from {repo}")
+        os.replace(partial, blob)
+
+
+def _fill(partial: Path, get: Callable[[BinaryIO, int], None], size: int | None, what: str, cache: Path) -> bool:
+    """Complete `partial` with `get(file, bytes already there)`; whether it resumed bytes an earlier build left."""
+    done = partial.stat().st_size if partial.exists() else 0
+    if size is not None and done > size:  # not the start of this file: begin again
+        done = 0
+    if size is not None:
+        _check_room(cache, size - done, what)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            f.truncate(done)
+            f.seek(done)
+            get(f, done)
+    except BaseException as exc:
+        kept = partial.stat().st_size if partial.exists() else 0
+        if not _network_failure(exc) or kept == 0:
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise ModelFileError(_cache_full(cache, what)) from None
+        if _network_failure(exc) and kept > 0 and _status(exc) not in _NOT_TRANSIENT:
+            total = f" of {size / 1e6:,.1f}" if size is not None else ""
+            raise ModelFileError(
+                f"the download of {what} was interrupted ({_short(exc)}) with {kept / 1e6:,.1f}{total} MB done; "
+                "run the same command again to resume it"
+            ) from None
+        raise
+    return done > 0
+
+
+# HTTP answers that another try will not change: left to _hub_errors' messages (the partial file is kept).
+_NOT_TRANSIENT = {400, 401, 403, 404, 410, 416}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _network_failure(exc: BaseException) -> bool:
+    """A transfer the network or the Hub cut short (what a later try can resume), not a local problem."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(exc, (_TransportError, HfHubHTTPError))
+
+
+def _check_room(cache: Path, needed: int, what: str) -> None:
+    """Refuse to start a download that cannot fit (huggingface_hub itself only warns)."""
+    try:
+        free = shutil.disk_usage(cache).free
+    except OSError:
+        return
+    if free < needed:
+        raise ModelFileError(_cache_full(cache, what, f" ({needed / 1e6:,.1f} MB needed, {free / 1e6:,.1f} MB free)"))
+
+
+def _cache_full(cache: Path, what: str, room: str = "") -> str:
+    return (
+        f"the disk holding the Hugging Face cache {cache} is full{room}, so {what} cannot be downloaded; free some "
+        "space there, or set HF_HUB_CACHE to a folder on a disk with room, and run the command again"
+    )
+
+
+def _check_resumed(partial: Path, etag: str, what: str) -> None:
+    """Check a download resumed from an earlier build against the Hub's SHA-256 (the ETag of files stored with LFS)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", etag):
+        return
+    digest = hashlib.sha256()
+    with open(partial, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != etag:
+        partial.unlink(missing_ok=True)
+        raise ModelFileError(
+            f"{what} did not come out whole when its download was resumed (its SHA-256 differs from the Hub's); "
+            "the partial download was deleted: run the command again to download it afresh"
+        )
+
+
+def _http_get_with_resume() -> Callable[..., None] | None:
+    """huggingface_hub's http_get, if it still takes what resuming needs (else None: builds do not resume downloads)."""
+    try:
+        from huggingface_hub.file_download import http_get
+    except ImportError:  # pragma: no cover
+        return None
+    wanted = {"resume_size", "headers", "expected_size", "displayed_filename"}
+    return http_get if wanted <= set(inspect.signature(http_get).parameters) else None
+
+
+def _xet_available() -> bool:
+    """Whether huggingface_hub downloads files stored with Xet through hf_xet (its own transfer, not http_get)."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc
 
 
 @contextlib.contextmanager
@@ -300,6 +460,8 @@ def _hub_errors(repo: str, path: str | None = None, revision: str | None = None)
             f"downloading {what} failed ({_short(exc)}); run the command again (files already downloaded are kept)"
         ) from None
     except OSError as exc:  # a download cut short for good, or a full disk while writing the cache
+        if exc.errno in _DISK_FULL:
+            raise ModelFileError(_cache_full(Path(constants.HF_HUB_CACHE), what)) from None
         raise ModelFileError(
             f"downloading {what} failed ({exc.strerror or _short(exc)}); run the command again "
             "(files already downloaded are kept)"

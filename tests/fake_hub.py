@@ -13,8 +13,9 @@ RevisionNotFound, EntryNotFound (404, with X-Repo-Commit), GatedRepo (401 withou
 token that has no access). No Xet headers, so downloads take the plain HTTP path.
 
 Faults for tests: `cut(path, after)` ends the next transfer of a file after `after` bytes (the client
-sees the connection close mid-body), `outage(path)` answers 503 to its other GETs, `throttle(path, delay)`
-sleeps `delay` seconds after each MiB sent. Every request is logged in `requests`.
+sees the connection close mid-body), `outage(path)` answers 503 to its other GETs, `drop(path)` closes
+the connection of its other GETs before answering (the network gone: logged with status 0),
+`throttle(path, delay)` sleeps `delay` seconds after each MiB sent. Every request is logged in `requests`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ class FakeHub:
     requests: list[Request] = field(default_factory=list)
     _cuts: dict[str, int] = field(default_factory=dict)
     _outages: set[str] = field(default_factory=set)
+    _drops: set[str] = field(default_factory=set)
     _throttles: dict[str, float] = field(default_factory=dict)
     _etags: dict[Path, str] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
@@ -86,6 +89,9 @@ class FakeHub:
 
     def outage(self, path: str, on: bool = True) -> None:
         (self._outages.add if on else self._outages.discard)(path)
+
+    def drop(self, path: str, on: bool = True) -> None:
+        (self._drops.add if on else self._drops.discard)(path)
 
     def throttle(self, path: str, delay: float | None) -> None:
         if delay is None:
@@ -202,6 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
         cut = self.fake.take_cut(file) if body else None
         if body and cut is None and file in self.fake._outages:
             return self._error(503, None, "Service unavailable")
+        if body and cut is None and file in self.fake._drops:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return 0
         size = local.stat().st_size
         start = _range_start(self.headers.get("Range"))
         headers = {
@@ -242,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if cut is not None:  # end the connection mid-body: the client has fewer bytes than Content-Length
             self.close_connection = True
-            self.connection.shutdown(2)
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _error(self, status: int, code: str | None, message: str, extra: dict[str, str] | None = None) -> int:
         headers = {"X-Error-Message": message, **(extra or {})}

@@ -274,22 +274,100 @@ def test_cut_transfer_resumes_with_a_range_request(hub: FakeHub, hf: dict[str, s
     assert bundle_format.open_bundle(tmp_path / "x.run").manifest.model.sha256 == sha256(smollm2)
 
 
-def test_network_failure_is_one_line_and_the_next_try_works(hub: FakeHub, hf: dict[str, str], stub: Path,
-                                                            tmp_path: Path) -> None:
-    """The transfer is cut and the Hub then fails: no output, nothing half-downloaded kept; the next try succeeds."""
+def cache_blobs(env: dict[str, str], repo: str = REPO) -> Path:
+    """Where huggingface_hub's cache keeps the files of `repo` (named by their ETag, here their SHA-256)."""
+    return Path(env["HF_HUB_CACHE"]) / f"models--{repo.replace('/', '--')}" / "blobs"
+
+
+def range_start(request) -> int:
+    assert request.range is not None and request.range.startswith("bytes=") and request.range.endswith("-"), request
+    return int(request.range.removeprefix("bytes=").removesuffix("-"))
+
+
+@pytest.mark.parametrize("fault", ["network gone", "Hub failing"])
+def test_download_cut_for_good_resumes_on_the_next_build(hub: FakeHub, hf: dict[str, str], stub: Path, smollm2: Path,
+                                                         tmp_path: Path, fault: str) -> None:
+    """The transfer is cut after 30 MB and then every try fails (the connection closes unanswered through all of
+    huggingface_hub's retries, or the Hub answers 503): a one-line error, no output, the downloaded bytes kept in
+    the cache. The next build asks only for the rest, and the bundle holds the model byte for byte."""
     out = tmp_path / "out"
     out.mkdir()
-    hub.cut(REAL, after=10_000_000)
-    hub.outage(REAL)
+    hub.cut(REAL, after=30_000_000)
+    fail = hub.drop if fault == "network gone" else hub.outage
+    fail(REAL)
     try:
+        started = time.monotonic()
         line = error_line(build(hf, f"{REPO}:Q4_1", out / "x.run", stub))
+        failed_after = time.monotonic() - started
     finally:
-        hub.outage(REAL, on=False)
-    assert "run the command again" in line
+        fail(REAL, on=False)
+    assert f"Error: the download of {REAL} from {REPO} was interrupted (" in line, line
+    assert line.endswith(" MB done; run the same command again to resume it"), line
     only(out)
-    assert incomplete_downloads(hf) == []
+    [partial] = incomplete_downloads(hf)
+    kept = partial.stat().st_size
+    assert partial == cache_blobs(hf) / f"{hub.etag(smollm2)}.incomplete"
+    assert 0 < kept <= 30_000_000 and f"with {kept / 1e6:,.1f} of 98.4 MB done" in line, line
+    first, *retries = hub.gets(REAL)
+    assert first.range is None and retries and all(range_start(r) == kept for r in retries)
+    if fault == "network gone":  # huggingface_hub tried again (a second apart) before giving up: no answer each time
+        assert len(retries) >= 3 and {r.status for r in retries} == {0} and failed_after > len(retries) - 1
+
+    hub.clear_log()
     result = build(hf, f"{REPO}:Q4_1", out / "x.run", stub)
     assert result.returncode == 0, result.stderr
+    [resumed] = hub.gets(REAL)
+    assert (range_start(resumed), resumed.status) == (kept, 206)
+    assert bundle_format.open_bundle(out / "x.run").manifest.model.sha256 == sha256(smollm2)
+    assert llamabox(hf, "verify", out / "x.run").returncode == 0
+    assert incomplete_downloads(hf) == [] and sha256(cache_blobs(hf) / hub.etag(smollm2)) == sha256(smollm2)
+    only(out, "x.run")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_download_killed_resumes_on_the_next_build(hub: FakeHub, hf: dict[str, str], stub: Path, smollm2: Path,
+                                                  tmp_path: Path) -> None:
+    """A build killed mid-download (SIGKILL: no cleanup runs) leaves its bytes in the cache, and the next resumes."""
+    hub.throttle(REAL, 0.05)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from bundler.cli import main; main()", "build", f"{REPO}:Q4_1", "-o",
+             tmp_path / "x.run", "--stub", stub], cwd=ROOT, env=hf, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        partial = cache_blobs(hf) / f"{hub.etag(smollm2)}.incomplete"
+        wait_until(lambda: partial.exists() and partial.stat().st_size >= 20 << 20, process, "20 MiB were downloaded")
+        process.kill()
+        process.communicate(timeout=60)
+    finally:
+        hub.throttle(REAL, None)
+    kept = partial.stat().st_size
+    transfer_ended(hub, REAL)
+    hub.clear_log()
+    result = build(hf, f"{REPO}:Q4_1", tmp_path / "x.run", stub)
+    assert result.returncode == 0, result.stderr
+    [resumed] = hub.gets(REAL)
+    assert range_start(resumed) == kept and resumed.status == 206
+    assert bundle_format.open_bundle(tmp_path / "x.run").manifest.model.sha256 == sha256(smollm2)
+
+
+def test_damaged_partial_download_is_not_bundled(hub: FakeHub, hf: dict[str, str], stub: Path, smollm2: Path,
+                                                 tmp_path: Path) -> None:
+    """Resumed bytes that do not add up to the Hub's SHA-256 are refused and deleted; the next build starts afresh."""
+    blobs = cache_blobs(hf)
+    blobs.mkdir(parents=True)
+    start = bytearray(smollm2.read_bytes()[: 10 << 20])
+    start[5 << 20] ^= 0x01
+    partial = blobs / f"{hub.etag(smollm2)}.incomplete"
+    partial.write_bytes(start)
+    line = error_line(build(hf, f"{REPO}:Q4_1", tmp_path / "x.run", stub))
+    assert line.endswith("the partial download was deleted: run the command again to download it afresh"), line
+    assert range_start(hub.gets(REAL)[0]) == 10 << 20
+    assert not partial.exists() and not (blobs / hub.etag(smollm2)).exists() and not (tmp_path / "x.run").exists()
+    hub.clear_log()
+    result = build(hf, f"{REPO}:Q4_1", tmp_path / "x.run", stub)
+    assert result.returncode == 0, result.stderr
+    assert [r.range for r in hub.gets(REAL)] == [None]
+    assert bundle_format.open_bundle(tmp_path / "x.run").manifest.model.sha256 == sha256(smollm2)
 
 
 def test_unreachable_hub(hf: dict[str, str], stub: Path, tmp_path: Path) -> None:
@@ -401,6 +479,14 @@ def writing_unnamed_file(pid: int, directory: Path) -> bool:
     return any(link.startswith(f"{directory}/#") and link.endswith("(deleted)") for link in links)
 
 
+def transfer_ended(hub: FakeHub, path: str, timeout: float = 30) -> None:
+    """Wait until the fake Hub logs the transfer of `path` a killed client left (it notices only at its next write)."""
+    deadline = time.monotonic() + timeout
+    while not hub.gets(path):
+        assert time.monotonic() < deadline, f"the transfer of {path} never ended on the server"
+        time.sleep(0.05)
+
+
 def wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -440,11 +526,12 @@ def test_sigterm_while_downloading_leaves_nothing(hub: FakeHub, hf: dict[str, st
             [sys.executable, "-c", "from bundler.cli import main; main()", "build", f"{REPO}:Q4_1", "-o", out / "x.run",
              "--stub", stub], cwd=ROOT, env=hf, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        wait_until(lambda: bool(incomplete_downloads(hf)), process, "the download started")
+        wait_until(lambda: any(p.stat().st_size for p in incomplete_downloads(hf)), process, "the download started")
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
         hub.throttle(REAL, None)
+    transfer_ended(hub, REAL)  # so that no later test sees it in the log
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert stderr.strip().splitlines()[-1].startswith("Error: interrupted (SIGTERM)")
     only(out)
