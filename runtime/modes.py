@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
     with engine:
         if options.prompt is not None:
             run_prompt(engine, options.prompt, options.sampling)
+            exit_without_teardown()
         elif options.chat:
             from runtime import terminal_chat
 
@@ -144,6 +146,15 @@ def run_prompt(engine: Engine, text: str, sampling: Sampling) -> None:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def exit_without_teardown() -> None:
+    """Leave once the answer is out, without freeing llama.cpp's model, context and threads one by one and
+    without Python's own teardown: the OS takes the memory back at once. That is about 30 ms of a 0.4 s
+    `-p` run. Only the model's process does this (the supervisor, when there is one, exits normally)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def print_info(source: ModelSource, machine: hardware.Hardware) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import sys
 from typing import Any
@@ -49,8 +48,8 @@ class _CRuntime:
                 lib = ctypes.CDLL(windows_crt_name(f.read()))
             self._open, self._seek = lib._wfopen, lib._fseeki64
             self._open.argtypes = [ctypes.c_wchar_p, ctypes.c_wchar_p]
-        else:
-            lib = ctypes.CDLL(ctypes.util.find_library("c"))
+        else:  # the process's own symbols: its one libc, without find_library's run of ldconfig at every start
+            lib = ctypes.CDLL(None)
             self._open, self._seek = lib.fopen, lib.fseeko
             self._open.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
         self._open.restype = ctypes.c_void_p
