@@ -78,10 +78,7 @@ def build_bundle(
 
         stub_file = stack.enter_context(open(stub, "rb"))
         advance = stack.enter_context(progress(size))
-        side = None
-        if sidecar_out is not None:
-            side = (stack.enter_context(atomic_write(sidecar_out, force=force, mode=0o644)), sidecar_out.name)
-        out = stack.enter_context(atomic_write(output, force=force, mode=0o755))
+        out, side = _outputs(stack, output, sidecar_out, force)
         return bundle_format.write_bundle(out, stub_file, model, manifest, advance, complete, side)
 
 
@@ -139,11 +136,20 @@ def repack_bundle(
         model = stack.enter_context(bundle_format.ModelRegion(opened))
         stub_file = stack.enter_context(open(stub, "rb"))
         advance = stack.enter_context(progress(opened.model_size))
-        side = None
-        if sidecar_out is not None:
-            side = (stack.enter_context(atomic_write(sidecar_out, force=force, mode=0o644)), sidecar_out.name)
-        out = stack.enter_context(atomic_write(output, force=force, mode=0o755))
+        out, side = _outputs(stack, output, sidecar_out, force)
         return bundle_format.write_bundle(out, stub_file, model, manifest, advance, check_hash, side)  # type: ignore[arg-type]
+
+
+def _outputs(stack: ExitStack, output: Path, sidecar: Path | None, force: bool) -> tuple[BinaryIO, tuple[BinaryIO, str] | None]:
+    """The executable's file and the sidecar's (with its name), each appearing only when written whole.
+
+    The sidecar is entered last so that it is named first: an executable that appears always finds its
+    sidecar beside it (were naming the executable then to fail, a stray .gguf would remain, never a
+    bundle without its model)."""
+    out = stack.enter_context(atomic_write(output, force=force, mode=0o755))
+    if sidecar is None:
+        return out, None
+    return out, (stack.enter_context(atomic_write(sidecar, force=force, mode=0o644)), sidecar.name)
 
 
 def read_license_file(path: Path) -> str:

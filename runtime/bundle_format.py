@@ -52,6 +52,7 @@ inside stay format 2. Windows will not start an executable over 4 GB; the sideca
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -593,14 +594,25 @@ def _can_copy_in_kernel(f: BinaryIO) -> bool:
     return hasattr(os, "copy_file_range")
 
 
-def _copy_in_kernel(src: BinaryIO, dst: BinaryIO, size: int) -> int:
-    """Copy without passing the bytes through Python (and reflinked where the file system can)."""
+# copy_file_range refuses with these where it cannot copy between the two files (Linux 5.19 and later refuse
+# copies between different file systems, EXDEV): the bytes then go through Python.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def _copy_in_kernel(src: BinaryIO, dst: BinaryIO, size: int) -> int | None:
+    """Copy without passing the bytes through Python (and reflinked where the file system can); None where the
+    kernel cannot copy between these two files and nothing was copied."""
     dst.flush()
     src_fd, dst_fd = src.fileno(), dst.fileno()
     src_pos, dst_pos = src.tell(), dst.tell()
     done = 0
     while done < size:
-        n = os.copy_file_range(src_fd, dst_fd, size - done, src_pos + done, dst_pos + done)
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, size - done, src_pos + done, dst_pos + done)
+        except OSError as exc:
+            if done == 0 and exc.errno in _NO_KERNEL_COPY:
+                return None
+            raise
         if n == 0:
             break
         done += n
@@ -618,7 +630,9 @@ def _copy(
 ) -> int:
     """Copy `size` bytes from src's position to dst (or nowhere), updating the digest; bytes copied."""
     if dst is not None and digest is None and on_progress is None and _can_copy_in_kernel(src) and _can_copy_in_kernel(dst):
-        return _copy_in_kernel(src, dst, size)
+        copied = _copy_in_kernel(src, dst, size)
+        if copied is not None:
+            return copied
     done = 0
     while done < size:
         chunk = src.read(min(COPY_CHUNK, size - done))
