@@ -30,9 +30,10 @@ usable() {
 }
 
 launch() {
-    dir=$1 temporary=$2
+    LLAMABOX_BUNDLE=$self LLAMABOX_RUNTIME_DIR=$1 LLAMABOX_RUNTIME_TEMPORARY=$2
+    export LLAMABOX_BUNDLE LLAMABOX_RUNTIME_DIR LLAMABOX_RUNTIME_TEMPORARY
     shift 2
-    LLAMABOX_BUNDLE=$self LLAMABOX_RUNTIME_DIR=$dir LLAMABOX_RUNTIME_TEMPORARY=$temporary exec "$dir/$exe" "$@"
+    exec "$LLAMABOX_RUNTIME_DIR/$exe" "$@"
 }
 
 # Whether programs may run from folder $1 (not on a noexec file system) and it can be written.
@@ -60,6 +61,7 @@ check_can_unpack() {
 # Unpack into a new folder under $1; print its path.
 unpack() {
     into=$(mktemp -d "$1/$id.XXXXXX" 2>/dev/null) || return 1
+    chmod 755 "$into"  # mktemp's 700 would keep the other users of a shared LLAMABOX_CACHE out
     dd if="$self" bs=4096 skip="$skip" count="$blocks" 2>/dev/null | gzip -dc 2>/dev/null | (cd "$into" && tar -xf - 2>/dev/null)
     # The archive's last member is .llamabox-complete: a cut or failed unpacking lacks it.
     if [ -f "$into/.llamabox-complete" ]; then

@@ -56,7 +56,8 @@ def launch() -> Launch | None:
     temporary = os.environ.pop(TEMPORARY_ENV, "0") == "1"
     if not is_frozen() or not bundle or not folder:
         return None
-    return Launch(Path(bundle), Path(folder), temporary)
+    # The real file, not a link to it: a sidecar is looked for beside the real file.
+    return Launch(Path(os.path.realpath(bundle)), Path(folder), temporary)
 
 
 def own_file() -> Path | None:

@@ -186,6 +186,8 @@ def test_odd_paths_a_read_only_bundle_and_no_network(bundle: Path, tmp_path: Pat
     # Found through PATH, run through sh from its folder, and with no network at all.
     answered(run([copy.name, *PROMPT], {**env, "PATH": f"{folder}{os.pathsep}{env['PATH']}"}), reference)
     answered(run(["sh", copy.name, *PROMPT], env, cwd=folder), reference)
+    if shutil.which("bash"):  # macOS's /bin/sh is bash in POSIX mode; Debian's is dash
+        answered(run(["bash", "--posix", copy.name, *PROMPT], env, cwd=folder), reference)
     if os.geteuid() == 0 and shutil.which("unshare"):
         answered(run(["unshare", "-n", copy, *PROMPT], env), reference)
     if os.geteuid() == 0:  # the bundle on a read-only mount
