@@ -4,7 +4,13 @@ from runtime import packaged, runtime_cache
 
 runtime_cache.prepare(packaged.launch())  # first: a damaged unpacked runtime must not go on loading
 
+import os  # noqa: E402
+
 from runtime import openblas  # noqa: E402
+
+# ggml's abort runs gdb on the process for a backtrace: a screen of noise for users (and gdb's own errors under the
+# runtime's library path). The supervisor says in one line what died and what to do.
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 openblas.keep_idle()  # before anything imports NumPy
 

@@ -212,3 +212,13 @@ def test_closing_mid_stream_stops_the_engine_cleanly(smollm2: Path) -> None:
     engine.close()
     assert list(stream)[-1].finish_reason == "cancelled"
     engine.close()  # twice is harmless
+
+
+def test_a_model_without_a_tokenizer_is_refused_not_aborted(tmp_path: Path) -> None:
+    """llama.cpp loads a GGUF without a vocabulary, then aborts the process at the first tokenization."""
+    from runtime.errors import ModelFileError
+    from runtime.kernel_proof import model as proof_model
+
+    path = proof_model.ensure(tmp_path / "no-tokenizer.gguf")
+    with pytest.raises(ModelFileError, match="holds no tokenizer"):
+        Engine(ModelLocation(path=path), EngineOptions(ctx_size=256, parallel=1, threads=1))

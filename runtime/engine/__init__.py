@@ -113,6 +113,12 @@ class Engine:
         except ValueError as exc:
             raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
         metadata = self._model.metadata()
+        if metadata.get("tokenizer.ggml.model", "none") in ("none", "no_vocab"):
+            # llama.cpp loads such a model, then aborts the process at the first tokenization.
+            raise ModelFileError(
+                f"{location.path.name} holds no tokenizer (tokenizer.ggml.model), so it cannot read or write text; "
+                "use a GGUF converted with its tokenizer"
+            )
         self.metadata: dict[str, str] = metadata  # the GGUF's key-value metadata, as llama.cpp reads it
         self.chat_template = metadata.get("tokenizer.chat_template")
         self.model_name = metadata.get("general.name") or location.path.stem
