@@ -25,6 +25,7 @@ RETRY_ENV = "LLAMABOX_RUNTIME_RETRY"
 # older than a start takes to link it; anything else (an unpacking killed half-way) once surely abandoned.
 _REPLACED_SECONDS = 60
 _ABANDONED_SECONDS = 3600
+_temporary: Path | None = None  # the runtime unpacked for this run only
 
 
 def prepare(started: Launch | None) -> None:
@@ -32,7 +33,9 @@ def prepare(started: Launch | None) -> None:
     if started is None:
         return
     if started.temporary:
-        atexit.register(shutil.rmtree, started.runtime_dir, ignore_errors=True)
+        global _temporary
+        _temporary = started.runtime_dir
+        atexit.register(remove_temporary)
     problem = damage(started.runtime_dir)
     if problem is None:
         os.environ.pop(RETRY_ENV, None)
@@ -49,6 +52,15 @@ def prepare(started: Launch | None) -> None:
     os.environ[RETRY_ENV] = "1"
     # Through sh, as the launcher is a shell script: also when the bundle is not executable (`sh model.run`).
     os.execv("/bin/sh", ["/bin/sh", str(started.bundle), *sys.argv[1:]])
+
+
+def remove_temporary() -> None:
+    """Remove the runtime unpacked for this run only, if it was. At exit; the supervisor, which leaves with os._exit,
+    calls it itself, as the last process of the run."""
+    global _temporary
+    if _temporary is not None:
+        shutil.rmtree(_temporary, ignore_errors=True)
+        _temporary = None
 
 
 def damage(folder: Path) -> str | None:

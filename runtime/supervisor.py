@@ -17,6 +17,8 @@ import sys
 
 import click
 
+from runtime import runtime_cache
+
 _CRASHES = {
     signal.SIGILL: "an illegal instruction",
     signal.SIGSEGV: "a bad memory access",
@@ -63,7 +65,9 @@ def supervise(variant: str) -> None:
             )
         elif number == signal.SIGKILL:
             click.echo("llamabox: the model's process was killed (SIGKILL); if nobody killed it, the machine ran out of memory", err=True)
+        runtime_cache.remove_temporary()
         os._exit(128 + number)
+    runtime_cache.remove_temporary()
     os._exit(os.waitstatus_to_exitcode(status))
 
 
