@@ -44,7 +44,6 @@ from runtime.bundle_format import FORMAT_VERSION
 from runtime.kernel_proof import model as proof_model
 from runtime.packaged import (
     BACKENDS_DIR_NAME,
-    COMPLETE_MARKER,
     FILE_LIST_NAME,
     PROBE_NAME,
     PROOF_MODEL_NAME,
@@ -190,21 +189,20 @@ PROBE_SCRIPT = "#!/bin/sh\n# Run by the launcher: it fails where this folder may
 def pack_runtime(folder: Path) -> tuple[bytes, int]:
     """The one-folder runtime as .tar.gz (reproducible: sorted, fixed owners and times), and its unpacked size.
 
-    Adds the file list the runtime checks itself against at start (FILE_LIST_NAME), the launcher's noexec
-    probe, and COMPLETE_MARKER as the last member, so that a cut unpacking is never taken for a whole one.
+    Adds the file list the runtime checks itself against at start (FILE_LIST_NAME) and the launcher's noexec
+    probe. The launcher itself marks an unpacking whole (COMPLETE_MARKER) once tar has succeeded and the files
+    Python needs have their sizes.
     """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
     sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
     (folder / FILE_LIST_NAME).write_text(json.dumps(sizes, indent=0, sort_keys=True) + "\n")
     (folder / PROBE_NAME).write_text(PROBE_SCRIPT)
     (folder / PROBE_NAME).chmod(0o755)
-    (folder / COMPLETE_MARKER).write_text("")
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
-    members = sorted(p for p in folder.rglob("*") if p.name != COMPLETE_MARKER) + [folder / COMPLETE_MARKER]
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=mtime) as zipped:
         with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in members:
+            for path in sorted(folder.rglob("*")):
                 info = tar.gettarinfo(str(path), arcname=path.relative_to(folder).as_posix())
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
@@ -222,13 +220,11 @@ def write_launcher_stub(folder: Path, stub: Path, description: dict[str, object]
     """The launcher-layout stub: runtime/launcher.sh filled in, then the packed runtime."""
     payload, unpacked = pack_runtime(folder)
     internal = folder / "_internal"
-    needed = [folder.name] + [
-        p.relative_to(folder).as_posix() for p in [*internal.glob("libpython*"), internal / "base_library.zip"] if p.is_file()
-    ]
+    needed = [folder / folder.name, *internal.glob("libpython*"), internal / "base_library.zip"]
     fields = {
         "EXECUTABLE": folder.name,
         "UNPACKED_MB": f"{unpacked / 1e6:.0f}",
-        "NEEDED_FILES": " ".join(needed),
+        "NEEDED_FILES": " ".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}" for p in needed if p.is_file()),
         "CACHE_HOME": CACHE_HOMES[platform_name.split("-")[0]],
     }
     header = bundle_format.launcher_header(LAUNCHER_TEMPLATE.read_text(), fields, payload, description)

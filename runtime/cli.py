@@ -36,7 +36,11 @@ class _UserErrors(click.Command):
     help="Chat with the model in this terminal instead of serving it; with piped input (echo QUESTION | ... --chat), answer it and exit. "
     "Without --chat the runtime serves, and on a machine without a display it says so and suggests --chat.",
 )
-@click.option("--info", is_flag=True, help="Print the bundle's manifest and the CPU features and kernels in use, then exit.")
+@click.option(
+    "--info",
+    is_flag=True,
+    help="Print the bundle's manifest, the CPU features and kernels in use, and where the runtime is unpacked, then exit.",
+)
 @click.option("--license", "show_license", is_flag=True, help="Print the model's licence as the bundle records it, then exit.")
 @click.option("--verify", is_flag=True, help="Check the embedded model's SHA-256 before starting.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
@@ -102,6 +106,9 @@ def run(ctx: click.Context, **options: object) -> None:
       ./model.run --nobrowser --port 9000  # API only
       ./model.run --info                   # what is inside, which CPU kernels load
       ./model.run -m other.gguf            # another model, same runtime
+
+    On Linux and macOS the first start unpacks the runtime (not the model) once into ~/.cache/llamabox/runtime, or
+    $LLAMABOX_CACHE/runtime; every later start runs it from there.
     """
     from runtime import model_source, modes
 

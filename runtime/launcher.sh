@@ -15,17 +15,22 @@ skip=@PAYLOAD_BLOCKS_BEFORE@
 blocks=@PAYLOAD_BLOCKS@
 end=@PAYLOAD_END@
 unpacked_mb=@UNPACKED_MB@
-needed="@NEEDED_FILES@"
+needed="@NEEDED_FILES@"  # NAME:SIZE of what must be whole before Python can start and check the rest itself
 
 self=$0
+case $self in
+    */*) ;;
+    *) [ -f "$self" ] || self=$(command -v -- "$self") || self=$0 ;;  # `sh NAME` found on PATH
+esac
 case $self in /*) ;; *) self=$PWD/$self ;; esac
 name=${self##*/}
 
 say() { printf 'llamabox: %s\n' "$*" >&2; }
 
-# Whether $1 holds this runtime, whole, on a file system that may run programs.
+# Whether $1 holds this runtime, unpacked whole (the launcher marks it so), on a file system that may run programs.
 usable() {
-    for f in .llamabox-complete $needed; do [ -f "$1/$f" ] || return 1; done
+    [ -f "$1/.llamabox-complete" ] || return 1
+    for entry in $needed; do [ -s "$1/${entry%:*}" ] || return 1; done
     "$1/.llamabox-probe" 2>/dev/null
 }
 
@@ -36,10 +41,10 @@ launch() {
     exec "$LLAMABOX_RUNTIME_DIR/$exe" "$@"
 }
 
-# Whether programs may run from folder $1 (not on a noexec file system) and it can be written.
+# Whether programs may run from folder $1 (not a noexec file system) and it can be written.
 can_run_in() {
-    probe="$1/.llamabox-probe-$$"
-    printf '#!/bin/sh\n' >"$probe" 2>/dev/null && chmod +x "$probe" && "$probe" 2>/dev/null
+    probe=$(mktemp "$1/.llamabox-probe.XXXXXX" 2>/dev/null) || return 1
+    printf '#!/bin/sh\n' >"$probe" && chmod 700 "$probe" && "$probe" 2>/dev/null
     ran=$?
     rm -f "$probe"
     return $ran
@@ -47,10 +52,12 @@ can_run_in() {
 
 # Stop with a clear message where no folder can help: a cut download, missing tools.
 check_can_unpack() {
-    command -v gzip >/dev/null && command -v tar >/dev/null && command -v dd >/dev/null || {
-        say "$name needs gzip, tar and dd to unpack its runtime the first time; install them"
-        exit 1
-    }
+    for tool in gzip tar dd mktemp; do
+        command -v $tool >/dev/null || {
+            say "$name needs gzip, tar, dd and mktemp to unpack its runtime the first time, and $tool is missing; install it"
+            exit 1
+        }
+    done
     size=$(wc -c <"$self") || exit 1
     if [ "$size" -lt "$end" ]; then
         say "$name is incomplete ($size bytes; its runtime alone is $end): the download or copy was cut short; copy or download it again"
@@ -58,18 +65,25 @@ check_can_unpack() {
     fi
 }
 
-# Unpack into a new folder under $1; print its path.
+# Unpack into a new folder under $1 (mode $2), check it and mark it whole; print its path.
 unpack() {
     into=$(mktemp -d "$1/$id.XXXXXX" 2>/dev/null) || return 1
-    chmod 755 "$into"  # mktemp's 700 would keep the other users of a shared LLAMABOX_CACHE out
-    dd if="$self" bs=4096 skip="$skip" count="$blocks" 2>/dev/null | gzip -dc 2>/dev/null | (cd "$into" && tar -xf - 2>/dev/null)
-    # The archive's last member is .llamabox-complete: a cut or failed unpacking lacks it.
-    if [ -f "$into/.llamabox-complete" ]; then
-        printf '%s\n' "$into"
-    else
-        rm -rf "$into"
-        return 1
+    trap 'rm -rf "$into"; exit 130' INT TERM HUP  # interrupted: leave nothing half-unpacked
+    chmod "$2" "$into"
+    if dd if="$self" bs=4096 skip="$skip" count="$blocks" 2>/dev/null | gzip -dc 2>/dev/null | (cd "$into" && tar -xf - 2>/dev/null); then
+        whole=yes
+        for entry in $needed; do
+            [ -f "$into/${entry%:*}" ] && [ $(($(wc -c <"$into/${entry%:*}"))) -eq "${entry##*:}" ] || whole=no
+        done
+        if [ $whole = yes ] && : >"$into/.llamabox-complete"; then
+            trap - INT TERM HUP
+            printf '%s\n' "$into"
+            return 0
+        fi
     fi
+    rm -rf "$into"  # tar failed (a full disk?) or files came out short: never published, never run
+    trap - INT TERM HUP
+    return 1
 }
 
 if [ -n "${LLAMABOX_CACHE:-}" ]; then
@@ -88,11 +102,18 @@ fi
 check_can_unpack
 if [ -n "$cache" ] && mkdir -p "$runtimes" 2>/dev/null && can_run_in "$runtimes"; then
     say "preparing the runtime for its first start: unpacking $unpacked_mb MB into $runtimes/$id (once per runtime build)..."
-    if fresh=$(unpack "$runtimes"); then
+    if fresh=$(unpack "$runtimes" 755); then
         # Published by creating a symbolic link, which is atomic: of two first starts at once, one link wins; the
         # other start removes its own copy and runs the winner's. A damaged copy's link is replaced.
         [ -L "$runtimes/$id" ] && ! usable "$runtimes/$id" && rm -f "$runtimes/$id"
-        ln -sn "${fresh##*/}" "$runtimes/$id" 2>/dev/null || rm -rf "$fresh"  # -n: never into the winner's folder
+        if ln -sn "${fresh##*/}" "$runtimes/$id" 2>/dev/null; then  # -n: never into the winner's folder
+            :
+        elif [ -L "$runtimes/$id" ]; then
+            rm -rf "$fresh"
+        else
+            say "cannot make links in $runtimes (a file system without them?); running this copy once (set LLAMABOX_CACHE to a folder on another file system to unpack only once)"
+            launch "$fresh" 1 "$@"
+        fi
         if usable "$runtimes/$id"; then
             launch "$runtimes/$id" 0 "$@"
         fi
@@ -109,7 +130,7 @@ for base in "${TMPDIR:-/tmp}" /tmp /var/tmp /dev/shm; do
     case " $tried " in *" $base "*) continue ;; esac
     tried="$tried $base"
     [ -d "$base" ] && can_run_in "$base" || continue
-    if fresh=$(unpack "$base"); then
+    if fresh=$(unpack "$base" 700); then
         if usable "$fresh"; then
             launch "$fresh" 1 "$@"
         fi

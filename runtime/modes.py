@@ -151,7 +151,8 @@ def run_prompt(engine: Engine, text: str, sampling: Sampling) -> None:
 def exit_without_teardown() -> None:
     """Leave once the answer is out, without freeing llama.cpp's model, context and threads one by one and
     without Python's own teardown: the OS takes the memory back at once. That is about 30 ms of a 0.4 s
-    `-p` run. Only the model's process does this (the supervisor, when there is one, exits normally)."""
+    `-p` run. Only the model's process does this; the supervisor, when there is one, still removes a runtime
+    unpacked for this run only (runtime_cache.remove_temporary)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

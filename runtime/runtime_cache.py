@@ -1,11 +1,14 @@
 """The runtime's unpacked files: checked before use, unpacked again when damaged, a temporary copy removed.
 
-The launcher (runtime/launcher.sh) unpacks the runtime once per build into <cache>/runtime/<id> (a link to
-the folder it unpacked into, made last so that a half-unpacked folder is never used) and starts it from
-there at every later start. It checks only what Python needs to start; this module, run first by the
-runtime, checks every file's size against the list build.py packed with it (a few hundred stat calls,
-about a millisecond). Sizes, not hashes: hashing 130 MB would cost most of what the cache saves, and
-what goes wrong in a cache folder in practice is files deleted or cut short, not flipped bits.
+The launcher (runtime/launcher.sh) unpacks the runtime once per build into <cache>/runtime/<id>.XXXXXX and
+publishes it with the link <cache>/runtime/<id>, made last, so a half-unpacked folder is never used; it checks
+that the files Python needs are whole. This module, run first by the runtime, checks every other file's size
+against the list build.py packed with it (a few hundred stat calls, about a millisecond). Sizes, not hashes:
+hashing 100 MB would cost most of what the cache saves, and what goes wrong in a cache folder in practice is
+files deleted or cut short, not flipped bits.
+
+A running runtime holds a shared lock on its folder's file list, so that no other start removes the folder
+under it (a copy whose link another start replaced, say); leftovers are removed only when nobody holds it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,37 +25,47 @@ from pathlib import Path
 from runtime.packaged import COMPLETE_MARKER, FILE_LIST_NAME, Launch
 
 RETRY_ENV = "LLAMABOX_RUNTIME_RETRY"
-# Folders no link names: a whole copy whose link the launcher replaced (it found the copy damaged) once it is
-# older than a start takes to link it; anything else (an unpacking killed half-way) once surely abandoned.
+# Folders no link names: a whole copy whose link the launcher replaced once it is older than a start takes to
+# link it; anything else (an unpacking killed half-way) once surely abandoned. Only names the launcher makes.
 _REPLACED_SECONDS = 60
 _ABANDONED_SECONDS = 3600
+_OURS = re.compile(r"^[0-9a-f]{16}\.[A-Za-z0-9]{6}$|^\.trash-[0-9a-f]{16}\.[A-Za-z0-9]{6}-\d+$")
 _temporary: Path | None = None  # the runtime unpacked for this run only
+_in_use: int | None = None  # the descriptor holding this runtime's shared lock
 
 
 def prepare(started: Launch | None) -> None:
     """Check the unpacked runtime; when damaged, remove it and start the bundle again (the launcher unpacks it anew)."""
     if started is None:
         return
+    folder = _running_from(started)
     if started.temporary:
         global _temporary
-        _temporary = started.runtime_dir
+        _temporary = folder
         atexit.register(remove_temporary)
-    problem = damage(started.runtime_dir)
+    problem = damage(folder)
     if problem is None:
         os.environ.pop(RETRY_ENV, None)
         if not started.temporary:
-            sweep(started.runtime_dir.parent)
+            _hold(folder)
+            sweep(folder.parent)
         return
-    if os.environ.get(RETRY_ENV):
-        sys.exit(
-            f"llamabox: the runtime unpacked in {started.runtime_dir} is damaged ({problem}) even after unpacking "
-            f"it again; remove {started.runtime_dir.parent} and start again, or set LLAMABOX_CACHE to another folder"
-        )
-    print(f"llamabox: the runtime unpacked in {started.runtime_dir} is damaged ({problem}); unpacking it again", file=sys.stderr)
-    discard(started.runtime_dir)
+    if os.environ.get(RETRY_ENV) or started.temporary:
+        where = "start again" if started.temporary else f"remove {folder.parent} and start again"
+        sys.exit(f"llamabox: the runtime unpacked in {folder} is damaged ({problem}) right after unpacking; {where}, "
+                 "or set LLAMABOX_CACHE to a folder on another disk")
+    print(f"llamabox: the runtime unpacked in {folder} is damaged ({problem}); unpacking it again", file=sys.stderr)
+    discard(started.runtime_dir, folder)
     os.environ[RETRY_ENV] = "1"
     # Through sh, as the launcher is a shell script: also when the bundle is not executable (`sh model.run`).
     os.execv("/bin/sh", ["/bin/sh", str(started.bundle), *sys.argv[1:]])
+
+
+def _running_from(started: Launch) -> Path:
+    """The folder this process really runs from (PyInstaller's one-folder build keeps its files in _internal/), not
+    the link the launcher went through, which another start may have pointed elsewhere since."""
+    unpacked = getattr(sys, "_MEIPASS", None)
+    return Path(unpacked).resolve().parent if unpacked else started.runtime_dir.resolve()
 
 
 def remove_temporary() -> None:
@@ -79,23 +93,27 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def discard(folder: Path) -> None:
-    """Take a damaged runtime out of use (its link first, so no start picks it up), then remove it."""
-    real = folder.resolve()
-    if folder.is_symlink():
-        folder.unlink(missing_ok=True)
-    trash = real.with_name(f".trash-{real.name}-{os.getpid()}")
+def discard(link: Path, folder: Path) -> None:
+    """Take the damaged runtime in `folder` out of use: its link first (only if it still names this folder), so that
+    no start picks it up, then the folder itself."""
     try:
-        real.rename(trash)
+        if link.is_symlink() and os.readlink(link) == folder.name:
+            link.unlink()
     except OSError:
-        trash = real
+        pass
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    try:
+        folder.rename(trash)
+    except OSError:
+        trash = folder
     shutil.rmtree(trash, ignore_errors=True)
 
 
 def sweep(runtimes: Path) -> None:
-    """Remove what replaced, discarded and killed unpackings left in `runtimes`: folders no link names."""
+    """Remove what replaced, discarded and killed unpackings left in `runtimes`: folders of the launcher's names that
+    no link names and no running runtime holds."""
     try:
-        entries = list(os.scandir(runtimes))
+        entries = [e for e in os.scandir(runtimes) if _OURS.match(e.name) or e.is_symlink()]
     except OSError:
         return
     linked = {os.readlink(e.path) for e in entries if e.is_symlink()}
@@ -108,5 +126,39 @@ def sweep(runtimes: Path) -> None:
         except OSError:
             continue
         whole = os.path.exists(os.path.join(entry.path, COMPLETE_MARKER))
-        if entry.name.startswith(".trash-") or age > _ABANDONED_SECONDS or (whole and age > _REPLACED_SECONDS):
+        stale = entry.name.startswith(".trash-") or age > _ABANDONED_SECONDS or (whole and age > _REPLACED_SECONDS)
+        if stale and not _held(Path(entry.path)):
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _hold(folder: Path) -> None:
+    """Hold a shared lock on `folder`'s file list while this process (and its forks) runs from it."""
+    global _in_use
+    if sys.platform == "win32":
+        return
+    import fcntl
+
+    try:
+        _in_use = os.open(folder / FILE_LIST_NAME, os.O_RDONLY)
+        fcntl.flock(_in_use, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        pass
+
+
+def _held(folder: Path) -> bool:
+    """Whether a running runtime holds `folder` (its file list's lock cannot be taken exclusively)."""
+    if sys.platform == "win32":
+        return False
+    import fcntl
+
+    try:
+        fd = os.open(folder / FILE_LIST_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # no file list: nothing ever ran from it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)

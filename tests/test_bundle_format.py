@@ -30,7 +30,7 @@ def fake_stub(archive_payload: bytes = b"PKG-CONTENTS" * 10, after: bytes = b"EL
 
 
 LAUNCHER_TEMPLATE = (Path(__file__).resolve().parent.parent / "runtime" / "launcher.sh").read_text()
-LAUNCHER_FIELDS = {"EXECUTABLE": "rt", "UNPACKED_MB": "1", "NEEDED_FILES": "rt", "CACHE_HOME": "$HOME/.cache"}
+LAUNCHER_FIELDS = {"EXECUTABLE": "rt", "UNPACKED_MB": "1", "NEEDED_FILES": "rt:10", "CACHE_HOME": "$HOME/.cache"}
 
 
 def fake_launcher_stub(payload: bytes = b"\x1f\x8b-TAR-GZ" * 1000) -> bytes:
