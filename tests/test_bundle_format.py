@@ -227,3 +227,21 @@ def test_manifest_missing_a_required_key_is_damaged() -> None:
     del raw["model"]["sha256"]
     with pytest.raises(BundleError, match="manifest is damaged"):
         Manifest.from_json(json.dumps(raw).encode())
+
+
+def test_sidecar_layout_of_each_stub_kind(tmp_path: Path, stub: bytes) -> None:
+    out, side = tmp_path / "s.run", tmp_path / "s.gguf"
+    with open(out, "wb") as f, open(side, "wb") as g:
+        written = bundle_format.write_bundle(f, io.BytesIO(stub), io.BytesIO(MODEL), manifest(), sidecar=(g, side.name))
+    assert side.read_bytes() == MODEL
+    data = out.read_bytes()
+    assert data[: len(stub)] == stub and len(data) < len(stub) + 4096 + TRAILER_SIZE  # the model is not inside
+    bundle = bundle_format.open_bundle(out)
+    launcher = bundle_format.read_stub_header(io.BytesIO(stub)) is not None
+    expected = bundle_format.LAUNCHER_FORMAT_VERSION if launcher else bundle_format.SIDECAR_FORMAT_VERSION
+    assert bundle.trailer.format_version == written.format_version == expected
+    assert bundle.trailer.flags & bundle_format.FLAG_SIDECAR and bundle.model_path == side
+    assert bundle_format.hash_model(bundle) == written.model.sha256 == written.sidecar.sha256
+    side.write_bytes(MODEL[:-10])
+    with pytest.raises(BundleError, match="copy it again"):
+        bundle_format.open_bundle(out)
