@@ -221,18 +221,10 @@ if sys.platform == "win32":  # an open file cannot be deleted there: a failed un
 else:
     import fcntl
 
+    from runtime.file_lock import locked_by_another
+
     def _lock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def _abandoned(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        return locked_by_another(path) is False

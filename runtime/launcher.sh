@@ -67,8 +67,9 @@ check_can_unpack() {
 
 # Unpack into a new folder under $1 (mode $2), check it and mark it whole; print its path.
 unpack() {
-    into=$(mktemp -d "$1/$id.XXXXXX" 2>/dev/null) || return 1
+    into=
     trap 'rm -rf "$into"; exit 130' INT TERM HUP  # interrupted: leave nothing half-unpacked
+    into=$(mktemp -d "$1/$id.XXXXXX" 2>/dev/null) || return 1
     chmod "$2" "$into"
     if dd if="$self" bs=4096 skip="$skip" count="$blocks" 2>/dev/null | gzip -dc 2>/dev/null | (cd "$into" && tar -xf - 2>/dev/null); then
         whole=yes

@@ -146,19 +146,9 @@ def _hold(folder: Path) -> None:
 
 
 def _held(folder: Path) -> bool:
-    """Whether a running runtime holds `folder` (its file list's lock cannot be taken exclusively)."""
+    """Whether a running runtime holds `folder` (its file list's lock cannot be taken)."""
     if sys.platform == "win32":
         return False
-    import fcntl
+    from runtime.file_lock import locked_by_another
 
-    try:
-        fd = os.open(folder / FILE_LIST_NAME, os.O_RDONLY)
-    except OSError:
-        return False  # no file list: nothing ever ran from it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+    return locked_by_another(folder / FILE_LIST_NAME) is True

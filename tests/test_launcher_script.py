@@ -131,7 +131,7 @@ def test_interrupted_first_unpacking_leaves_nothing(tmp_path: Path) -> None:
     environ = {**os.environ, "LLAMABOX_CACHE": str(runtimes.parent)}
     started = subprocess.Popen(["sh", str(stub)], env=environ, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while not any(p.name.startswith(runtime_id + ".") for p in runtimes.glob("*")) and time.monotonic() < deadline:
+    while not list(runtimes.glob(f"{runtime_id}.*/_internal")) and time.monotonic() < deadline:  # tar is writing
         time.sleep(0.005)
     os.killpg(started.pid, signal.SIGINT)  # what Ctrl+C sends: to the whole foreground group
     started.wait(timeout=30)
