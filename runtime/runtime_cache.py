@@ -14,6 +14,7 @@ under it (a copy whose link another start replaced, say); leftovers are removed 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -29,7 +30,10 @@ RETRY_ENV = "LLAMABOX_RUNTIME_RETRY"
 # link it; anything else (an unpacking killed half-way) once surely abandoned. Only names the launcher makes.
 _REPLACED_SECONDS = 60
 _ABANDONED_SECONDS = 3600
+# Another runtime build (an older llamabox's) not started for this long is removed, link and folder.
+_UNUSED_SECONDS = 30 * 24 * 3600
 _OURS = re.compile(r"^[0-9a-f]{16}\.[A-Za-z0-9]{6}$|^\.trash-[0-9a-f]{16}\.[A-Za-z0-9]{6}-\d+$")
+_LINK = re.compile(r"^[0-9a-f]{16}$")
 _temporary: Path | None = None  # the runtime unpacked for this run only
 _in_use: int | None = None  # the descriptor holding this runtime's shared lock
 
@@ -48,6 +52,8 @@ def prepare(started: Launch | None) -> None:
         os.environ.pop(RETRY_ENV, None)
         if not started.temporary:
             _hold(folder)
+            with contextlib.suppress(OSError):  # the link's time says when this runtime build last started
+                os.utime(started.runtime_dir, follow_symlinks=False)
             sweep(folder.parent)
         return
     if os.environ.get(RETRY_ENV) or started.temporary:
@@ -110,14 +116,20 @@ def discard(link: Path, folder: Path) -> None:
 
 
 def sweep(runtimes: Path) -> None:
-    """Remove what replaced, discarded and killed unpackings left in `runtimes`: folders of the launcher's names that
-    no link names and no running runtime holds."""
+    """Remove from `runtimes` what no start will use: runtime builds not started for 30 days, and what replaced,
+    discarded and killed unpackings left (folders no link names). Only the launcher's names, never a folder that a
+    running runtime holds."""
+    now = time.time()
     try:
+        links = [e for e in os.scandir(runtimes) if _LINK.match(e.name) and e.is_symlink()]
+        for link in links:
+            target = Path(runtimes, os.readlink(link.path))
+            if now - link.stat(follow_symlinks=False).st_mtime > _UNUSED_SECONDS and not _held(target):
+                os.unlink(link.path)  # the folder goes below, as one no link names
         entries = [e for e in os.scandir(runtimes) if _OURS.match(e.name) or e.is_symlink()]
     except OSError:
         return
     linked = {os.readlink(e.path) for e in entries if e.is_symlink()}
-    now = time.time()
     for entry in entries:
         if entry.is_symlink() or not entry.is_dir(follow_symlinks=False) or entry.name in linked:
             continue

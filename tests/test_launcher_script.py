@@ -195,3 +195,27 @@ def test_discard_unlinks_only_a_link_that_names_the_damaged_folder(tmp_path: Pat
     link.symlink_to(fresh.name)
     runtime_cache.discard(link, fresh)
     assert not link.is_symlink() and not fresh.exists()
+
+
+def test_runtime_builds_unused_for_a_month_are_removed(tmp_path: Path) -> None:
+    runtimes = tmp_path / "runtime"
+    month = 31 * 24 * 3600
+
+    def build(runtime_id: str, last_started: float) -> Path:
+        folder = runtime_folder(runtimes, f"{runtime_id}.AAAAAA", month + 3600)
+        link = runtimes / runtime_id
+        link.symlink_to(folder.name)
+        os.utime(link, (time.time() - last_started, time.time() - last_started), follow_symlinks=False)
+        return folder
+
+    old = build("1111111111111111", month)
+    recent = build("2222222222222222", 3600)
+    old_but_running = build("3333333333333333", month)
+    holder = os.open(old_but_running / FILE_LIST_NAME, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_SH)
+    try:
+        runtime_cache.sweep(runtimes)
+    finally:
+        os.close(holder)
+    assert not old.exists() and not (runtimes / "1111111111111111").is_symlink()
+    assert recent.exists() and old_but_running.exists() and (runtimes / "3333333333333333").is_symlink()
