@@ -126,12 +126,7 @@ def choose_parts(repo: str, files: list[str], quant: str | None, where: str = ""
         matches = list(models)
     if len(matches) == 1:
         chosen = models[matches[0]]
-        missing = [p for p in chosen if p not in files]
-        if missing:
-            raise ModelFileError(
-                f"{repo}: {matches[0]} is part 1 of {len(chosen)}, but {', '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} missing{where}"
-            )
+        _check_parts(repo, matches[0], 1, chosen, files, where)
         return chosen
     if len(matches) > 1:
         raise ModelFileError(
@@ -174,13 +169,19 @@ def _file_parts(repo: str, path: str, files: list[str], revision: str | None, on
     if path not in files:
         others = ", ".join(_choices(_models(files))) or "none"
         raise ModelFileError(f"{repo} has no file {path}{_where(revision, online)}; its GGUFs: {others}")
+    if name is not None:
+        _check_parts(repo, path, name.number, parts, files, _where(revision, online))
+    return parts
+
+
+def _check_parts(repo: str, given: str, number: int, parts: list[str], files: list[str], where: str) -> None:
+    """Refuse a split model some of whose parts the repository lacks, before anything is downloaded."""
     missing = [p for p in parts if p not in files]
     if missing:
         raise ModelFileError(
-            f"{repo}: {path} is part {name.number} of {len(parts)}, but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing{_where(revision, online)}"
+            f"{repo}: {given} is part {number} of {len(parts)}, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing{where}"
         )
-    return parts
 
 
 def _where(revision: str | None, online: bool) -> str:

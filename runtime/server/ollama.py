@@ -425,14 +425,20 @@ def _is_zero(keep_alive: Any) -> bool:
 # --- /api/generate -----------------------------------------------------------------------------------
 
 
-async def generate(request: Request) -> Response:
-    started = time.perf_counter_ns()
+async def _generation_body(request: Request) -> Body:
+    """The body of /api/generate or /api/chat, with what both check first: a model named, keep_alive, no thinking."""
     body = await read_json(request)
     _require_model(body)
-    engine: Engine = request.app.state.engine
-    settings: ServerSettings = request.app.state.settings
     _keep_alive(body)
     _refuse_thinking(body)
+    return body
+
+
+async def generate(request: Request) -> Response:
+    started = time.perf_counter_ns()
+    body = await _generation_body(request)
+    engine: Engine = request.app.state.engine
+    settings: ServerSettings = request.app.state.settings
     _refuse_images(body.raw("images"), body)
     if body.string("suffix"):
         raise ApiError(400, "this model does not support insert: 'suffix' (fill in the middle) needs a model made for it", param="suffix")
@@ -512,12 +518,9 @@ async def _generate_events(engine: Engine, answer: _Answer, generation: Generati
 
 async def chat(request: Request) -> Response:
     started = time.perf_counter_ns()
-    body = await read_json(request)
-    _require_model(body)
+    body = await _generation_body(request)
     engine: Engine = request.app.state.engine
     settings: ServerSettings = request.app.state.settings
-    _keep_alive(body)
-    _refuse_thinking(body)
     messages = chat_messages(body)
     answer = _Answer(model_name(settings), started, logprobs=False)
     if not messages:
