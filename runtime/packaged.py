@@ -24,10 +24,10 @@ from runtime.platform_tag import STUB_INFO_NAME
 BACKENDS_DIR_NAME = "ggml-backends"
 TEMPLATES_DIR_NAME = "templates"
 PROOF_MODEL_NAME = "kernel-proof.gguf"
-# Files build.py adds at the top of the launcher stub's runtime folder.
+# Files at the top of the launcher stub's runtime folder (build.py packs the first two).
 FILE_LIST_NAME = ".llamabox-files"  # each file's size, checked at start (runtime.runtime_cache)
 PROBE_NAME = ".llamabox-probe"  # run by the launcher: fails where the folder may not run programs
-COMPLETE_MARKER = ".llamabox-complete"  # the payload's last member: present only after a whole unpacking
+COMPLETE_MARKER = ".llamabox-complete"  # written by the launcher once an unpacking came out whole
 # What the launcher tells the runtime it starts.
 BUNDLE_ENV = "LLAMABOX_BUNDLE"
 RUNTIME_DIR_ENV = "LLAMABOX_RUNTIME_DIR"
