@@ -39,9 +39,10 @@ import PyInstaller.__main__
 
 from bundler import glibc
 from runtime import __version__, bundle_format
-from runtime.backends import CPU_VARIANT_GLOB, GPU_BACKENDS, module_file_name
+from runtime.devices.cpu import CPU_VARIANT_GLOB
+from runtime.devices.gpu import modules as gpu_modules
 from runtime.bundle_format import FORMAT_VERSION
-from runtime.kernel_proof import model as proof_model
+from runtime.devices.proof import model as proof_model
 from runtime.packaged import (
     BACKENDS_DIR_NAME,
     FILE_LIST_NAME,
@@ -80,8 +81,7 @@ def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
             f"build.py: no CPU variant libraries ({CPU_VARIANT_GLOB}) in {backend_dir()}; "
             "install llama-cpp-python with scripts/setup.sh (it builds every CPU variant)"
         )
-    gpus = [backend_dir() / module_file_name(name) for name in GPU_BACKENDS if (backend_dir() / module_file_name(name)).exists()]
-    return core, variants + gpus
+    return core, variants + list(gpu_modules(backend_dir()).values())
 
 
 # A spec rather than command-line options: for the stripping hook, and the onedir/onefile split below.
@@ -274,7 +274,7 @@ def main() -> None:
         "layout": "launcher" if launcher else "onefile",
     }
     info.write_text(json.dumps(description, indent=2))
-    # The kernel self-test's model (runtime/kernel_proof/model.py), so that the stub needs no GGUF writer.
+    # The kernel self-test's model (runtime/devices/proof/model.py), so that the stub needs no GGUF writer.
     proof = work / PROOF_MODEL_NAME
     proof.unlink(missing_ok=True)
     proof_model.ensure(proof)

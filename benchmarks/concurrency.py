@@ -28,7 +28,7 @@ from benchmarks.native import llama_server  # noqa: E402
 from benchmarks.run import CONCURRENT_TOKENS, Running, build_bundle, concurrent_rate, decode_rate, eos_token, free_port  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
-from runtime.cpu_features import cpu_info  # noqa: E402
+from runtime.devices.cpu_features import cpu_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (1, 2, 4, 8)

@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_variants.py MODEL.gguf --variants sapphirerapids,icelake --threads 8
 
-Each variant runs in its own child process (the kernel self-test's fork, runtime/kernel_proof/child.py)
+Each variant runs in its own child process (the kernel self-test's fork, runtime/devices/proof/child.py)
 through llama-cpp-python's low-level bindings, the libraries the stub ships, measuring what
 llama-bench measures: pp512 (one 512-token batch) and tg128 (128 single-token steps), `--reps` times
 each. The native llama-bench (benchmarks/native.py builds it with GGML_NATIVE=ON and the same patches)
@@ -28,8 +28,8 @@ openblas.keep_idle()
 import llama_cpp  # noqa: E402
 
 from runtime import packaged  # noqa: E402
-from runtime.cpu_features import cpu_info  # noqa: E402
-from runtime.kernel_proof import child  # noqa: E402
+from runtime.devices.cpu_features import cpu_info  # noqa: E402
+from runtime.devices.proof import child  # noqa: E402
 
 PROMPT_TOKENS, GENERATED_TOKENS = 512, 128
 

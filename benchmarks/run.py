@@ -37,7 +37,7 @@ from benchmarks.native import CMAKE_FLAGS, llama_server  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
 from runtime import __version__  # noqa: E402
-from runtime.cpu_features import cpu_info  # noqa: E402
+from runtime.devices.cpu_features import cpu_info  # noqa: E402
 
 DECODE_TOKENS = 256
 PP_TOKENS = 1000

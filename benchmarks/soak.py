@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.run import Running, build_bundle, free_port  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
-from runtime.cpu_features import cpu_info  # noqa: E402
+from runtime.devices.cpu_features import cpu_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = ["cats", "the sea", "a lighthouse", "bread", "winter", "a robot", "music", "mountains", "tea", "trains"]

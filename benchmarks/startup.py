@@ -63,7 +63,7 @@ from benchmarks.run import build_bundle, free_port, summary  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
 from runtime.bundle_format import read_stub_header  # noqa: E402
-from runtime.cpu_features import cpu_info  # noqa: E402
+from runtime.devices.cpu_features import cpu_info  # noqa: E402
 
 SECTION_START = "<!-- startup: benchmarks/startup.py --write rewrites this section -->"
 SECTION_END = "<!-- /startup -->"

@@ -19,6 +19,26 @@ from runtime.model_source import OwnBundle, own_bundle
 DEFAULT_PORT = 8080
 
 
+class _LayerCount(click.ParamType):
+    """--gpu-layers: auto, or a number of layers (None stands for auto)."""
+
+    name = "auto|N"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or value == "auto" or isinstance(value, int):
+            return value if isinstance(value, int) else None
+        try:
+            count = int(str(value))
+        except ValueError:
+            count = -1
+        if count < 0:
+            self.fail(f"{value!r} is neither auto nor a number of layers (0 or more)", param, ctx)
+        return count
+
+
+_LAYERS = _LayerCount()
+
+
 class _UserErrors(click.Command):
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -89,8 +109,24 @@ class _UserErrors(click.Command):
     envvar="LLAMABOX_CPU_VARIANT",
     help="Force one set of CPU kernels, e.g. x64 (portable) or haswell [default: the best this CPU runs; env LLAMABOX_CPU_VARIANT].",
 )
-@click.option("--gpu", type=click.Choice(["auto", "off"]), default="auto", show_default=True, help="Use a GPU if the runtime has a backend for it.")
-@click.option("--gpu-layers", type=click.IntRange(0), help="Layers to offload to the GPU [default: all].")
+@click.option(
+    "--gpu",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: put the model on the GPU when the runtime carries a backend for it (Vulkan, CUDA, Metal) and the GPU passes "
+    "its self-test; off: the CPU alone.",
+)
+@click.option(
+    "-ngl",
+    "--gpu-layers",
+    type=_LAYERS,
+    default="auto",
+    show_default=True,
+    help="Layers of the model on the GPU: auto puts every layer there when they, the cache and a 1 GiB margin fit its free "
+    "memory (taking fewer --parallel slots first), else as many as fit; N puts N there (0: none).",
+)
+@click.option("--gpu-device", help="Use only this GPU, by its name in --info (Vulkan0, CUDA1) [default: every GPU of the best backend].")
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's own log and one line per HTTP request.")
 @click.version_option(__version__, prog_name="llamabox runtime")

@@ -1,4 +1,9 @@
-"""What this machine offers and what the runtime chose to use: CPU features, CPU kernels, GPU."""
+"""What this machine offers and what the runtime chose to use: CPU features, CPU kernels, GPUs.
+
+The one place that asks the devices package (runtime/devices/) what can compute here and how well:
+the CPU's kernels (each variant proven before use), then the GPU backends the runtime carries (each GPU
+proven before use), then how the model's layers are placed on what was found.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime import backends, kernel_proof, packaged
-from runtime.cpu_features import CpuInfo, cpu_info
+from runtime import packaged
+from runtime.devices import cpu, gpu, offload
+from runtime.devices import proof as kernel_proof
+from runtime.devices.cpu_features import CpuInfo, cpu_info
+from runtime.devices.proof import gpu as gpu_proof
 
 
 @dataclass(frozen=True)
 class Hardware:
     cpu: CpuInfo
-    cpu_backend: backends.CpuBackend
-    offload: backends.Offload
+    cpu_backend: cpu.CpuBackend
+    gpus: tuple[gpu.GpuDevice, ...]  # proven, and registered in this process
+    gpu_notes: tuple[str, ...]  # one line per backend or GPU passed over, and why
+    offload: offload.Offload
+
+    def placed(self, decision: offload.Offload) -> Hardware:
+        return Hardware(self.cpu, self.cpu_backend, self.gpus, self.gpu_notes, decision)
 
     def as_dict(self) -> dict[str, Any]:
-        device = self.offload.device
         return {
             "cpu": {"name": self.cpu.name, "features": list(self.cpu.features)},
             "cpu_variant": self.cpu_backend.variant,
             "cpu_variants_runnable": list(self.cpu_backend.runnable),
             "cpu_variant_proof": self.cpu_backend.proof,
-            "gpu": None if device is None else {"backend": device.backend, "name": device.name, "description": device.description},
+            "gpus": [
+                {
+                    "backend": g.backend, "name": g.name, "description": g.description,
+                    "memory_free": g.free_bytes, "memory_total": g.total_bytes, "used": g in self.offload.gpus,
+                }
+                for g in self.gpus
+            ],
+            "gpu": None if not self.offload.gpus else {"backend": self.offload.gpus[0].backend, "name": self.offload.gpus[0].name,
+                                                        "description": self.offload.gpus[0].description},
             "gpu_layers": self.offload.layers,
+            "layers_total": self.offload.total_layers,
             "offload": self.offload.note,
+            "gpu_notes": list(self.gpu_notes),
         }
 
     def lines(self) -> list[str]:
@@ -36,41 +58,67 @@ class Hardware:
             f"CPU kernels loaded: {self.cpu_backend.variant} ({self.cpu_backend.path.name}, llama.cpp score {self.cpu_backend.score}; "
             f"runnable here: {', '.join(self.cpu_backend.runnable)})",
             f"CPU kernels self-test: {self.cpu_backend.proof}",
+            *(f"GPU found: {g.name} {g.description}, {g.free_bytes >> 20} MiB free of {g.total_bytes >> 20} MiB ({g.backend})" for g in self.gpus),
+            *(f"GPU: {note}" for note in self.gpu_notes),
             f"GPU: {self.offload.note}",
         ]
 
 
-def choose_cpu_kernels(cpu_variant: str | None, say: Callable[[str], None]) -> tuple[CpuInfo, backends.CpuBackend]:
+def choose_cpu_kernels(cpu_variant: str | None, say: Callable[[str], None]) -> tuple[CpuInfo, cpu.CpuBackend]:
     """Detect the CPU, choose its kernels (forced, or the best that passes the self-test) and load them.
 
     `say` tells the user about a first-time self-test.
     """
-    cpu = cpu_info()
-    scores, warnings = backends.variant_scores(expected=_variants_in_stub())
+    info = cpu_info()
+    scores, warnings = cpu.variant_scores(expected=_variants_in_stub())
     if cpu_variant is not None:
-        chosen = backends.forced_variant(scores, cpu_variant)
+        chosen = cpu.forced_variant(scores, cpu_variant)
         proof = f"{chosen.name}: forced with --cpu-variant, not proven"
     else:
-        verdict = kernel_proof.choose(backends.ranked(scores), cpu.signature, _proof_threads(), say)
+        verdict = kernel_proof.choose(cpu.ranked(scores), info.signature, _proof_threads(), say)
         chosen, proof = verdict.variant, verdict.note
         if verdict.warning:
             warnings.append(verdict.warning)
-    return cpu, backends.load_cpu_backend(chosen, scores, warnings, proof, forced=cpu_variant is not None)
+    return info, cpu.load_cpu_backend(chosen, scores, warnings, proof, forced=cpu_variant is not None)
 
 
-def add_gpu(cpu: CpuInfo, cpu_backend: backends.CpuBackend, gpu: str, gpu_layers: int | None) -> Hardware:
-    """Load the GPU backends (unless --gpu off) and decide the offload.
+def add_gpus(info: CpuInfo, cpu_backend: cpu.CpuBackend, mode: str, say: Callable[[str], None]) -> Hardware:
+    """Prove the GPU backends this runtime carries (unless --gpu off) and register the best one's proven GPUs.
 
-    Only in the process that runs the model, after every fork (the self-test's, the supervisor's):
-    a GPU runtime initialised before a fork is unusable in the child.
+    Only in the process that runs the model, after every fork (the self-test's, the supervisor's): a GPU
+    runtime initialised before a fork is unusable in the child. The first backend (in gpu.GPU_BACKENDS'
+    order) with a proven GPU is used; the others are not even loaded, so that one GPU is never offered
+    twice (by CUDA and by Vulkan).
     """
-    devices = backends.load_gpu_backends() if gpu != "off" else []
-    return Hardware(cpu=cpu, cpu_backend=cpu_backend, offload=backends.choose_offload(devices, gpu, gpu_layers))
+    if mode == "off":
+        return Hardware(info, cpu_backend, (), (), offload.cpu_only("GPU off (--gpu off): running on the CPU"))
+    notes: list[str] = []
+    for backend, module in gpu.modules().items():
+        verdict = gpu_proof.verdict(backend, module, _proof_threads(), say)
+        if verdict.failure is not None:
+            notes.append(verdict.failure if verdict.failure.startswith(backend) else f"{backend}: {verdict.failure} in the self-test, passed over")
+            continue
+        found, why = gpu.load(backend, module)
+        if why is not None:
+            notes.append(why)
+            continue
+        proven = []
+        for device in found:
+            said = verdict.gpus.get(device.key)
+            if said == kernel_proof.cache.PROVEN or (said is None and not verdict.gpus):  # no fork(): not proven
+                proven.append(device)
+            else:
+                notes.append(f"{device.name} {device.description} {said or 'was not in the self-test'}, passed over")
+        if proven:
+            return Hardware(info, cpu_backend, tuple(proven), tuple(notes), offload.cpu_only("not placed yet"))
+    if not gpu.modules():
+        notes.append("this runtime carries no GPU backend")
+    return Hardware(info, cpu_backend, (), tuple(notes), offload.cpu_only("no usable GPU: running on the CPU"))
 
 
 def _proof_threads() -> int:
     """Threads for the self-test: several, so that per-thread state (AMX tile configuration) is tested."""
-    return min(4, backends.default_threads())
+    return min(4, cpu.default_threads())
 
 
 def _variants_in_stub() -> list[str] | None:
@@ -78,4 +126,4 @@ def _variants_in_stub() -> list[str] | None:
     info = packaged.stub_info()
     if info is None:
         return None
-    return [backends.variant_name(Path(name)) for name in info["cpu_variants"]]  # type: ignore[union-attr]
+    return [cpu.variant_name(Path(name)) for name in info["cpu_variants"]]  # type: ignore[union-attr]

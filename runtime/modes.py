@@ -13,8 +13,11 @@ from typing import Any
 
 import click
 
-from runtime import backends, hardware, model_source, packaged, supervisor
+from runtime import hardware, model_source, packaged, supervisor
+from runtime.devices import cpu as cpu_module
+from runtime.devices import offload
 from runtime.engine import Engine, EngineOptions, Sampling
+from runtime.engine.loader import model_facts
 from runtime.errors import LlamaboxError
 from runtime.model_source import ModelSource, OwnBundle
 
@@ -49,7 +52,8 @@ class RunOptions:
     system_prompt: str | None
     cpu_variant: str | None
     gpu: str
-    gpu_layers: int | None
+    gpu_layers: int | None  # None: auto
+    gpu_device: str | None
     nobrowser: bool
     verbose: bool
 
@@ -74,28 +78,37 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
     if options.verify and source.bundle is not None:
         model_source.verify(source.bundle)
         click.echo(f"llamabox: {source.bundle.path.name}: model SHA-256 OK", err=True)
-    cpu, cpu_backend = hardware.choose_cpu_kernels(options.cpu_variant, say=lambda line: click.echo(f"llamabox: {line}", err=True))
+    cpu, cpu_backend = hardware.choose_cpu_kernels(options.cpu_variant, say=_say)
     for warning in cpu_backend.warnings:
         click.echo(f"llamabox: warning: {warning}", err=True)
     if not options.info:
         supervisor.supervise(cpu_backend.variant)
-    machine = hardware.add_gpu(cpu, cpu_backend, options.gpu, options.gpu_layers)
+    machine = hardware.add_gpus(cpu, cpu_backend, options.gpu, say=_say)
+    parallel = 1 if options.prompt is not None or options.chat else options.parallel
+    machine = machine.placed(_place(source, machine, options, parallel))
     if options.info:
         print_info(source, machine)
         return
 
+    placement = machine.offload
     engine = Engine(
         source.location,
         EngineOptions(
             ctx_size=options.ctx_size,
-            parallel=1 if options.prompt is not None or options.chat else options.parallel,
+            parallel=placement.parallel or parallel,
             max_waiting=options.max_waiting,
-            threads=options.threads or backends.default_threads(),
-            gpu_layers=machine.offload.layers,
+            threads=options.threads or cpu_module.default_threads(),
+            gpu_layers=placement.layers,
+            gpu_devices=tuple(g.index for g in placement.gpus),
+            flash_attention=placement.flash_attention,
             system_prompt=options.system_prompt,
             verbose=options.verbose,
         ),
     )
+    for warning in engine.warnings:
+        click.echo(f"llamabox: warning: {warning}", err=True)
+    if engine.gpu_layers != placement.layers:
+        machine = machine.placed(offload.after_fallback(placement, engine.gpu_layers))
     with engine:
         if options.prompt is not None:
             run_prompt(engine, options.prompt, options.sampling)
@@ -108,12 +121,38 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             run_server(engine, options, source, machine, started)
 
 
+def _say(line: str) -> None:
+    click.echo(f"llamabox: {line}", err=True)
+
+
+def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions, parallel: int | None) -> offload.Offload:
+    """Where the model's layers go: nowhere but the CPU without a proven GPU, else as offload.plan fits them."""
+    if options.gpu_device and not machine.gpus:
+        why = "; ".join(machine.gpu_notes) or "none was found"
+        raise LlamaboxError(f"--gpu-device {options.gpu_device}: no usable GPU here ({why})")
+    if not machine.gpus:
+        return machine.offload
+    facts = model_facts(source.location)
+    request = offload.OffloadRequest(
+        gpu=options.gpu,
+        layers=options.gpu_layers,
+        device=options.gpu_device,
+        parallel=parallel,
+        ctx_per_slot=options.ctx_size or facts.n_ctx_train,
+    )
+    return offload.plan(list(machine.gpus), facts, request)
+
+
 def run_server(engine: Engine, options: RunOptions, source: ModelSource, machine: hardware.Hardware, started: float) -> None:
     from runtime.serve import Listeners, has_display, serve
     from runtime.server.settings import Access, ModelFacts, ServerSettings
 
     listeners = Listeners.open(options.host, options.port, options.explicit_port, options.ollama_port)
-    click.echo(f"llamabox: loaded {source.name} in {time.monotonic() - started:.2f} s, {engine.parallel} slots of {engine.n_ctx} tokens of context", err=True)
+    click.echo(
+        f"llamabox: loaded {source.name} in {time.monotonic() - started:.2f} s, {engine.parallel} slots of {engine.n_ctx} tokens of context; "
+        f"{machine.offload.note}",
+        err=True,
+    )
     for line in machine.lines():
         click.echo(f"llamabox: {line}", err=True)
     if not options.api_key and options.host not in ("127.0.0.1", "localhost", "::1"):

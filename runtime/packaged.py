@@ -98,7 +98,7 @@ def proof_model(fallback: Path) -> Path:
     (into `fallback` where the cache cannot be written)."""
     if is_frozen():
         return _unpacked() / PROOF_MODEL_NAME
-    from runtime.kernel_proof import model
+    from runtime.devices.proof import model
 
     try:
         return model.ensure(cache_dir() / PROOF_MODEL_NAME)

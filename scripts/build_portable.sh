@@ -7,6 +7,7 @@
 #   scripts/build_portable.sh wheel                              # only the root and the wheel (setup.sh)
 #   scripts/build_portable.sh ready                              # exit 0 when those are cached
 #   scripts/build_portable.sh wheel-dir | root-dir               # where the wheel and the Debian 11 root are
+#   scripts/build_portable.sh gpu-backend NAME                   # GPU backend NAME, built against the root; prints its folder
 #
 # How: a minimal Debian 11 root (debootstrap; glibc 2.31, gcc 10's libstdc++ and libgomp) holds
 # CPython 3.11 built from Debian's bookworm source package (--enable-shared, for PyInstaller) and a
@@ -24,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/llama_wheel.sh
+source scripts/gpu_backends.sh
 
 GLIBC_TARGET=2.31
 SUITE=bullseye  # Debian 11, glibc 2.31
@@ -110,15 +112,27 @@ make_root() {
     say "root ready in $((SECONDS - started)) s"
 }
 
-# llama-cpp-python compiled by this machine's GCC against the root's glibc, libstdc++ and libgomp.
-make_wheel() {
+# with_sysroot COMMAND...: run it with the flags that make this machine's GCC compile against the root's
+# glibc, libstdc++ and libgomp (llama-cpp-python's wheel and the GPU backends).
+with_sysroot() {
     local sys="--sysroot=$ROOT -B$ROOT/usr/lib/x86_64-linux-gnu" gcc10="$ROOT/usr/lib/gcc/x86_64-linux-gnu/10"
     local cxx="-nostdinc++ -isystem $ROOT/usr/include/c++/10 -isystem $ROOT/usr/include/x86_64-linux-gnu/c++/10"
     local libs="$ROOT/usr/lib/x86_64-linux-gnu"
     [ -d "$gcc10" ] || { say "the root has no GCC 10 runtime ($gcc10)"; exit 1; }
     CFLAGS="$sys" CXXFLAGS="$sys $cxx -isystem $ROOT/usr/include/c++/10/backward" \
-        LDFLAGS="$sys -L$gcc10 -L$libs -Wl,-rpath-link,$libs" build_llama_wheel "$PY" "$WHEEL_DIR"
+        LDFLAGS="$sys -L$gcc10 -L$libs -Wl,-rpath-link,$libs" "$@"
 }
+
+make_wheel() { with_sysroot build_llama_wheel "$PY" "$WHEEL_DIR"; }
+
+# The GPU backends every portable stub carries (scripts/gpu_backends.sh), compiled against the root too.
+make_gpu_backends() {
+    local name
+    for name in $GPU_BACKENDS; do
+        with_sysroot build_gpu_backend "$PY" "$name" "$(gpu_backend_dir "$name" "$TOOLCHAIN_ID")"
+    done
+}
+
 
 # /opt/venv in the root: the runtime's dependencies (the versions this checkout's .venv has when it
 # is made, where it has them) and the portable wheel, installed from wheels fetched here (PyPI is reached from
@@ -145,11 +159,22 @@ make_venv() {
     echo "$stamp" >"$ROOT/opt/venv/.llamabox-stamp"
 }
 
+# The GPU backends beside the CPU variants in the root's venv, where build.py takes every backend from.
+install_gpu_backends() {
+    local name backends
+    backends=$(echo "$ROOT"/opt/venv/lib/python3.11/site-packages/bin)
+    for name in $GPU_BACKENDS; do
+        install_gpu_backend "$(gpu_backend_dir "$name" "$TOOLCHAIN_ID")" "$backends"
+    done
+}
+
 prepare() {
     check_machine
     make_root
     make_wheel
+    make_gpu_backends
     make_venv
+    install_gpu_backends
 }
 
 # build.py inside the root, on a copy of this checkout's runtime, into DIST.
@@ -180,8 +205,9 @@ build_stub() {
 root_id=$( { printf '%s\n' "$SUITE" "$ROOT_PACKAGES" "$PYTHON_SOURCE" "$PYTHON_CONFIGURE"; declare -f make_root; } \
     | hash_of | cut -c1-12)
 ROOT="$CACHE/portable/debian-$SUITE-python3.11-$root_id"
-sysroot_id=$( { printf '%s\n' "$SUITE" "$ROOT_PACKAGES"; declare -f make_wheel; } | hash_of | cut -c1-8)
-WHEEL_DIR=$(llama_wheel_dir "glibc$GLIBC_TARGET-$sysroot_id")
+sysroot_id=$( { printf '%s\n' "$SUITE" "$ROOT_PACKAGES"; declare -f with_sysroot; } | hash_of | cut -c1-8)
+TOOLCHAIN_ID="glibc$GLIBC_TARGET-$sysroot_id"
+WHEEL_DIR=$(llama_wheel_dir "$TOOLCHAIN_ID")
 
 # One build at a time per root: a venv being remade under another build's PyInstaller would break it.
 lock() { mkdir -p "$(dirname "$ROOT")" && exec 9>"$ROOT.lock" && flock 9; }
@@ -189,6 +215,8 @@ lock() { mkdir -p "$(dirname "$ROOT")" && exec 9>"$ROOT.lock" && flock 9; }
 case "${1:-}" in
     prepare) lock && prepare ;;
     wheel) lock && check_machine && make_root && make_wheel ;;
+    gpu-backend) lock && check_machine && make_root && with_sysroot build_gpu_backend "$PY" "$2" "$(gpu_backend_dir "$2" "$TOOLCHAIN_ID")" \
+        && gpu_backend_dir "$2" "$TOOLCHAIN_ID" ;;
     ready) [ "$(id -u)" = 0 ] && [ -f "$ROOT/.llamabox-ready" ] && ls "$WHEEL_DIR"/llama_cpp_python-*.whl >/dev/null 2>&1 ;;
     wheel-dir) echo "$WHEEL_DIR" ;;
     root-dir) echo "$ROOT" ;;

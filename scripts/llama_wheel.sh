@@ -25,15 +25,24 @@ llama_wheel_dir() {
 # build_llama_wheel PYTHON WHEEL_DIR: build the wheel into WHEEL_DIR unless it is there. CFLAGS,
 # CXXFLAGS and LDFLAGS from the environment reach the compiler (the portable build's sysroot).
 build_llama_wheel() {
-    local python=$1 wheel_dir=$2 work src p cores
+    local python=$1 wheel_dir=$2 work src cores
     ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1 && return 0
-    command -v patch >/dev/null || { echo "needs the 'patch' program (apt-get install patch)" >&2; return 1; }
     cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
     echo "Building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with every CPU variant (about 8 minutes on 2 cores, once)..."
     work="$wheel_dir.work"
     rm -rf "$work" "$wheel_dir.partial" && mkdir -p "$work" "$wheel_dir.partial"
+    src=$(llama_source "$python" "$work") || return 1
+    CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$cores "$python" -m pip wheel \
+        --no-cache-dir --no-deps "$src" -w "$wheel_dir.partial"
+    rm -rf "$wheel_dir" "$work" && mv "$wheel_dir.partial" "$wheel_dir"
+}
+
+# llama_source PYTHON WORK: the pinned sdist unpacked into WORK with our patches applied; prints its path.
+llama_source() {
+    local python=$1 work=$2 src p
+    command -v patch >/dev/null || { echo "needs the 'patch' program (apt-get install patch)" >&2; return 1; }
     "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python \
-        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work"
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$work" >&2
     tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
     src=$(echo "$work"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION")
     for p in scripts/patches/*.patch; do
@@ -43,7 +52,5 @@ build_llama_wheel() {
             return 1
         fi
     done
-    CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$cores "$python" -m pip wheel \
-        --no-cache-dir --no-deps "$src" -w "$wheel_dir.partial"
-    rm -rf "$wheel_dir" "$work" && mv "$wheel_dir.partial" "$wheel_dir"
+    echo "$src"
 }

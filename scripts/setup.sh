@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a development environment in .venv: the pinned llama-cpp-python built with every CPU
-# variant (the wheel is cached per version, flags and patches), llamabox itself, the default model
-# and, on Linux x86-64 as root, what the portable stub is built with (scripts/build_portable.sh).
+# variant (the wheel is cached per version, flags and patches), on Linux its Vulkan backend
+# (scripts/gpu_backends.sh), llamabox itself, the default model and, on Linux
+# x86-64 as root, what the portable stub is built with (scripts/build_portable.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,11 @@ case "$(uname -s)" in
     *) BIN=.venv/bin ;;
 esac
 source scripts/llama_wheel.sh  # LLAMA_CPP_PYTHON_VERSION, CMAKE_ARGS, llama_wheel_dir, build_llama_wheel
+source scripts/gpu_backends.sh  # GPU_BACKENDS, gpu_backend_dir, build_gpu_backend, install_gpu_backend
+
+# Linux only: macOS has Metal inside the wheel, and Windows stubs are built elsewhere.
+[ "$(uname -s)" = Linux ] || GPU_BACKENDS=""
+export LLAMABOX_GPU_BACKENDS=$GPU_BACKENDS  # for build_portable.sh
 
 [ -x "$BIN/python" ] || [ -x "$BIN/python.exe" ] || "$PYTHON" -m venv .venv
 "$BIN/python" -m pip install --quiet --upgrade pip wheel
@@ -36,13 +42,27 @@ fi
 "$BIN/python" -m pip install --quiet --force-reinstall --no-deps "$wheel_dir"/llama_cpp_python-*.whl
 "$BIN/python" -m pip install --quiet "$wheel_dir"/llama_cpp_python-*.whl
 "$BIN/python" -m pip install --quiet -e ".[test]"
+# The GPU backends beside the CPU variants: built with the portable wheel (against the Debian 11 root), else here.
+backends_dir=$("$BIN/python" -c 'import pathlib, llama_cpp; print(pathlib.Path(llama_cpp.__file__).parent.parent / "bin")')
+for name in $GPU_BACKENDS; do
+    if [ $portable = 1 ]; then
+        module_dir=$(PYTHON="$BIN/python" scripts/build_portable.sh gpu-backend "$name")
+    else
+        module_dir=$(gpu_backend_dir "$name")
+        build_gpu_backend "$BIN/python" "$name" "$module_dir"
+    fi
+    install_gpu_backend "$module_dir" "$backends_dir"
+done
 # The root's venv takes the versions .venv now has.
 [ $portable = 0 ] || PYTHON="$BIN/python" scripts/build_portable.sh prepare
 
 # Tests that use system programs: the CPU-dispatch tests run the runtime on emulated older CPUs
-# (Debian's qemu-user), the chat-page test drives Debian's Chromium. Installed when run as root.
+# (Debian's qemu-user), the chat-page test drives Debian's Chromium, the GPU tests use Mesa's lavapipe.
+# Installed when run as root.
+# The GPU tests run the Vulkan backend on Mesa's lavapipe, a Vulkan device on the CPU.
 missing=()
 if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then missing+=(qemu-user); fi
+if [ "$(uname -s)" = Linux ] && ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then missing+=(mesa-vulkan-drivers libvulkan1); fi
 if ! command -v chromium >/dev/null; then missing+=(chromium); fi
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "Installing ${missing[*]} for the tests..."

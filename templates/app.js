@@ -207,7 +207,10 @@ $("open-settings").addEventListener("click", () => {
 
 function hardwareText(hw) {
   if (!hw) return "";
-  if (hw.gpu && hw.gpu_layers > 0) return `GPU: ${hw.gpu.name || hw.gpu.description || hw.gpu.backend}`;
+  if (hw.gpu && hw.gpu_layers > 0) {
+    const where = [hw.gpu.name, hw.layers_total && `${hw.gpu_layers}/${hw.layers_total} layers`].filter(Boolean).join(", ");
+    return `GPU: ${hw.gpu.description || hw.gpu.backend} (${where})`;
+  }
   return `CPU kernels: ${hw.cpu_variant}`;
 }
 

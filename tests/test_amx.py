@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from runtime import packaged
-from runtime.cpu_features import cpu_info
-from runtime.kernel_proof import child
+from runtime.devices.cpu_features import cpu_info
+from runtime.devices.proof import child
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="AMX is x86-64")
 

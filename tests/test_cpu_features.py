@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime import backends, packaged
-from runtime.backends import GpuDevice, VariantScore, choose_offload, forced_variant, ranked
-from runtime.cpu_features import X86_FEATURE_BITS, cpu_info, decode_x86, parse_proc_cpuinfo, parse_sysctl
+from runtime import packaged
+from runtime.devices import cpu as backends
+from runtime.devices.cpu import VariantScore, forced_variant, ranked
+from runtime.devices.ggml import module_file_name
+from runtime.devices.cpu_features import X86_FEATURE_BITS, cpu_info, decode_x86, parse_proc_cpuinfo, parse_sysctl
 from runtime.errors import BackendError
 
 _REG = {"eax": 0, "ebx": 1, "ecx": 2, "edx": 3}
@@ -108,26 +110,6 @@ def test_variant_the_cpu_cannot_run_is_refused() -> None:
         forced_variant(SCORES, "haswell")
 
 
-GPU = GpuDevice(backend="Metal", name="MTL0", description="Apple M2", memory_bytes=16 << 30)
-
-
-@pytest.mark.parametrize(
-    ("devices", "mode", "layers", "expected_layers", "on_gpu", "note"),
-    [
-        ([], "auto", None, 0, False, "no usable GPU"),
-        ([GPU], "off", None, 0, False, "--gpu off"),
-        ([GPU], "auto", None, -1, True, "all layers"),
-        ([GPU], "auto", 12, 12, True, "12 layers"),
-        ([GPU], "auto", 0, 0, False, "--gpu-layers 0"),
-    ],
-)
-def test_choose_offload(devices, mode, layers, expected_layers, on_gpu, note) -> None:
-    offload = choose_offload(devices, mode, layers)
-    assert offload.layers == expected_layers
-    assert (offload.device is not None) == on_gpu
-    assert note in offload.note
-
-
 @pytest.fixture
 def variant_copies(tmp_path: Path) -> Path:
     """A private copy of this machine's CPU variant libraries, to damage."""
@@ -143,7 +125,7 @@ def _best_here(directory: Path) -> str:
 def test_missing_variant_library_warns_and_uses_the_rest(variant_copies: Path) -> None:
     everything = sorted(backends.variant_name(p) for p in variant_copies.glob(backends.CPU_VARIANT_GLOB))
     best = _best_here(variant_copies)
-    (variant_copies / backends.module_file_name(f"cpu-{best}")).unlink()
+    (variant_copies / module_file_name(f"cpu-{best}")).unlink()
     scores, warnings = backends.variant_scores(variant_copies, expected=everything)
     assert backends.ranked(scores)[0].name != best
     assert any(best in w and "lacks the CPU kernels" in w for w in warnings)
@@ -151,7 +133,7 @@ def test_missing_variant_library_warns_and_uses_the_rest(variant_copies: Path) -
 
 def test_damaged_variant_library_is_skipped_with_a_warning(variant_copies: Path) -> None:
     best = _best_here(variant_copies)
-    (variant_copies / backends.module_file_name(f"cpu-{best}")).write_bytes(b"\x7fELF garbage")
+    (variant_copies / module_file_name(f"cpu-{best}")).write_bytes(b"\x7fELF garbage")
     scores, warnings = backends.variant_scores(variant_copies)
     assert backends.ranked(scores)[0].name != best
     assert any("cannot open" in w for w in warnings)

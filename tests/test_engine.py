@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import backends
+from runtime.devices import cpu as backends
 from runtime.engine import (
     Engine,
     EngineOptions,
@@ -217,7 +217,7 @@ def test_closing_mid_stream_stops_the_engine_cleanly(smollm2: Path) -> None:
 def test_a_model_without_a_tokenizer_is_refused_not_aborted(tmp_path: Path) -> None:
     """llama.cpp loads a GGUF without a vocabulary, then aborts the process at the first tokenization."""
     from runtime.errors import ModelFileError
-    from runtime.kernel_proof import model as proof_model
+    from runtime.devices.proof import model as proof_model
 
     path = proof_model.ensure(tmp_path / "no-tokenizer.gguf")
     with pytest.raises(ModelFileError, match="holds no tokenizer"):

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import backends, kernel_proof
-from runtime.kernel_proof import cache
+from runtime.devices import cpu as backends
+from runtime.devices import proof as kernel_proof
+from runtime.devices.proof import cache
 
 CHECKING = re.compile(r"checking the (\S+) CPU kernels")
 
@@ -134,8 +135,8 @@ def test_damaged_cache_counts_as_empty(tmp_path: Path) -> None:
 
 
 def test_relative_error() -> None:
-    assert kernel_proof._relative_error([1.0, -2.0], [1.0, -2.0]) == 0
-    assert kernel_proof._relative_error([1.0, -2.0], [1.0, -1.0]) == pytest.approx(0.5)
-    assert kernel_proof._relative_error([1.0, -2.0], [1.0]) == float("inf")
+    assert kernel_proof.relative_error([1.0, -2.0], [1.0, -2.0]) == 0
+    assert kernel_proof.relative_error([1.0, -2.0], [1.0, -1.0]) == pytest.approx(0.5)
+    assert kernel_proof.relative_error([1.0, -2.0], [1.0]) == float("inf")
     # Broken kernels often give NaN: it must not pass as "no difference".
-    assert not kernel_proof._relative_error([1.0, -2.0], [float("nan"), -2.0]) <= kernel_proof.TOLERANCE
+    assert not kernel_proof.relative_error([1.0, -2.0], [float("nan"), -2.0]) <= kernel_proof.TOLERANCE

@@ -65,7 +65,9 @@ class EngineOptions:
     parallel: int | None = 1  # sequences decoded together; None: as many as memory allows, up to 4 (memory.py)
     max_waiting: int = 64  # requests that may wait for a slot before new ones are refused
     threads: int | None = None
-    gpu_layers: int = 0
+    gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
+    gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
+    flash_attention: bool | None = None  # None: llama.cpp decides
     system_prompt: str | None = None
     verbose: bool = False
 
@@ -108,10 +110,16 @@ class Prompt:
 class Engine:
     def __init__(self, location: ModelLocation, options: EngineOptions) -> None:
         self.options = options
-        try:
-            self._model = InPlaceModel(location, options.gpu_layers, options.verbose)
-        except ValueError as exc:
-            raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
+        self.warnings: list[str] = []  # what the user should read about this load (fewer layers on the GPU)
+        self.gpu_layers = options.gpu_layers
+        while True:
+            try:
+                self._model = InPlaceModel(location, self.gpu_layers, options.verbose, options.gpu_devices)
+                break
+            except ValueError as exc:
+                if self.gpu_layers <= 0:
+                    raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
+                self._fewer_layers("loading the weights")
         metadata = self._model.metadata()
         if metadata.get("tokenizer.ggml.model", "none") in ("none", "no_vocab"):
             # llama.cpp loads such a model, then aborts the process at the first tokenization.
@@ -124,23 +132,40 @@ class Engine:
         self.model_name = metadata.get("general.name") or location.path.stem
         per_slot = options.ctx_size or self._model.n_ctx_train()
         self.parallel = options.parallel or memory.auto_parallel(memory.kv_bytes_per_token(metadata), per_slot, memory.available_memory())
-        self._context = self._new_context(per_slot * self.parallel, self.parallel)
+        context = self._new_context(per_slot * self.parallel, self.parallel)
+        while context is None and self.gpu_layers > 0:
+            # The cache and compute buffers of the offloaded layers did not fit on the GPU: fewer layers there.
+            self._model.close()
+            self._fewer_layers("making the context")
+            self._model = InPlaceModel(location, self.gpu_layers, options.verbose, options.gpu_devices)
+            context = self._new_context(per_slot * self.parallel, self.parallel)
+        if context is None:
+            raise ModelFileError(f"llama.cpp could not make a context of {per_slot * self.parallel} tokens for this model; try a smaller --ctx-size")
+        self._context = context
         self.n_ctx = llama_cpp.llama_n_ctx(self._context) // self.parallel  # per slot, as llama.cpp rounded it
         self._formatter = self._make_formatter()
         self._scheduler = Scheduler(self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting)
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
 
+    def _fewer_layers(self, step: str) -> None:
+        """Half the layers on the GPU after it ran out of memory in `step` (none, after one)."""
+        before, self.gpu_layers = self.gpu_layers, self.gpu_layers // 2
+        self.warnings.append(f"the GPU ran out of memory {step} with {before} layers on it; trying {self.gpu_layers}")
+
     def _new_context(self, n_ctx: int, parallel: int) -> Any:
+        """A context for `parallel` slots, or None where llama.cpp cannot make one (out of memory)."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_UBATCH
         params.n_seq_max, params.kv_unified = parallel, False  # each slot has its own part of the cache
         params.n_threads = params.n_threads_batch = self.options.threads or 0
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO  # on where the backend has it, as llama-server
+        params.flash_attn_type = {
+            True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        }[self.options.flash_attention]
         with suppress_stdout_stderr(disable=self.options.verbose):
             context = llama_cpp.llama_init_from_model(self._model.model, params)
-        if not context:
-            raise ModelFileError(f"llama.cpp could not make a context of {n_ctx} tokens for this model; try a smaller --ctx-size")
-        return context
+        return context or None
 
     @property
     def has_chat_template(self) -> bool:

@@ -25,6 +25,9 @@ import llama_cpp
 import llama_cpp._internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
+from runtime.devices.ggml import DeviceList
+from runtime.engine.memory import kv_bytes_per_token
+from runtime.devices.offload import ModelFacts
 from runtime.model_source import ModelLocation
 
 _SEEK_SET = 0
@@ -74,9 +77,13 @@ assert {"model", "vocab", "tokenize", "token_to_piece", "metadata"} <= set(dir(i
 class InPlaceModel(internals.LlamaModel):
     """A LlamaModel whose weights are read, and mapped, from `location` (a file or a region of one)."""
 
-    def __init__(self, location: ModelLocation, gpu_layers: int, verbose: bool) -> None:
+    def __init__(self, location: ModelLocation, gpu_layers: int, verbose: bool, gpu_devices: tuple[int, ...] = (), no_alloc: bool = False) -> None:
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = gpu_layers
+        params.n_gpu_layers = gpu_layers if gpu_devices else 0
+        # Always an explicit list: llama.cpp would otherwise use every GPU registered, of any backend.
+        self._devices = DeviceList(list(gpu_devices))
+        params.devices = self._devices.address
+        params.no_alloc = no_alloc
         self.path_model, self.params, self.verbose = str(location.path), params, verbose
         self._exit_stack = contextlib.ExitStack()
         self.sampler = None
@@ -103,3 +110,20 @@ class InPlaceModel(internals.LlamaModel):
                 self.model = None
 
         self._exit_stack.callback(free_model)
+
+
+def model_facts(location: ModelLocation) -> ModelFacts:
+    """What placing the model needs to know, read by llama.cpp without allocating or mapping the weights."""
+    model = InPlaceModel(location, 0, verbose=False, no_alloc=True)
+    try:
+        raw = model.model
+        return ModelFacts(
+            n_layer=llama_cpp.llama_model_n_layer(raw),
+            weights_bytes=llama_cpp.llama_model_size(raw),
+            kv_bytes_per_token=kv_bytes_per_token(model.metadata()),
+            n_vocab=llama_cpp.llama_vocab_n_tokens(model.vocab),
+            n_embd=llama_cpp.llama_model_n_embd(raw),
+            n_ctx_train=llama_cpp.llama_model_n_ctx_train(raw),
+        )
+    finally:
+        model.close()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from runtime.kernel_proof.model import N_CTX, N_VOCAB
+from runtime.devices.ggml import DeviceList
+from runtime.devices.proof.model import N_CTX, N_VOCAB
 
 # Every weight type ggml's AMX kernels take (ggml-cpu/amx/common.h: qtype_has_amx_kernels, plus F16),
 # which also covers the types that the AVX2/AVX-512 repacking takes (Q4_0, Q4_K, Q8_0).
@@ -50,15 +51,18 @@ def quantize(base: Path, models: dict[str, Path]) -> None:
             raise RuntimeError(f"llama.cpp could not quantize the proof model to {name}")
 
 
-def run(models: dict[str, Path], threads: int) -> dict[str, Logits]:
-    """Every weight type's logits, with the CPU backend registered in this process."""
+def run(models: dict[str, Path], threads: int, device: int | None = None) -> dict[str, Logits]:
+    """Every weight type's logits: on the CPU backend registered in this process, or with every layer on
+    ggml's device `device` (a GPU)."""
     llama_cpp.llama_backend_init()
-    return {name: _logits(path, threads) for name, path in models.items()}
+    return {name: _logits(path, threads, device) for name, path in models.items()}
 
 
-def _logits(path: Path, threads: int) -> Logits:
+def _logits(path: Path, threads: int, device: int | None) -> Logits:
     model_params = llama_cpp.llama_model_default_params()
-    model_params.n_gpu_layers = 0
+    model_params.n_gpu_layers = 0 if device is None else -1
+    devices = DeviceList(None if device is None else [device])
+    model_params.devices = devices.address
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {path.name}")

@@ -20,9 +20,9 @@ from functools import partial
 from pathlib import Path
 
 from runtime import packaged
-from runtime.backends import VariantScore
+from runtime.devices.cpu import VariantScore
 from runtime.errors import BackendError
-from runtime.kernel_proof import cache, child, workload
+from runtime.devices.proof import cache, child, workload
 
 # Largest difference from the portable kernels' logits, relative to their largest magnitude, that
 # still counts as the same answer. Kernels differ in summation order and in how they quantize
@@ -92,7 +92,7 @@ class _Proof:
         outcome = child.run_variant(candidate.name, candidate.path, partial(workload.run, self._models, self.threads), TIMEOUT_S)
         if outcome.result is None:
             return str(outcome.failure)
-        worst_type, error = max(((name, _relative_error(reference[name], outcome.result[name])) for name in reference), key=lambda e: e[1])
+        worst_type, error = max(((name, relative_error(reference[name], outcome.result[name])) for name in reference), key=lambda e: e[1])
         if not error <= TOLERANCE:  # NaN, as broken kernels often give, fails too
             return f"gave wrong results ({worst_type} logits off by {error:.0%})"
         return cache.PROVEN
@@ -121,7 +121,7 @@ class _Proof:
             self._directory.cleanup()
 
 
-def _relative_error(reference: list[float], candidate: list[float]) -> float:
+def relative_error(reference: list[float], candidate: list[float]) -> float:
     """Largest difference relative to the reference's largest magnitude; NaN if either holds a NaN or infinity."""
     if len(candidate) != len(reference):
         return float("inf")

@@ -1,9 +1,9 @@
-"""Running a CPU variant's kernels in a child process, so that a crash or a hang there cannot hurt us.
+"""Running kernels under test in a child process, so that a crash or a hang there cannot hurt us.
 
-The child is a fork of this process taken before any variant is registered with ggml (and before
-any GPU backend is initialised), so it starts in milliseconds, shares the already-imported Python
-modules, and registers just the one variant under test. It reports its logits as JSON through a
-pipe; the parent reads how it ended from its exit status.
+The child is a fork of this process taken before any GPU backend is initialised (and, for the CPU
+variants, before any variant is registered with ggml), so it starts in milliseconds, shares the
+already-imported Python modules, and loads just the backend under test. It reports its result as JSON
+through a pipe; the parent reads how it ended from its exit status.
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import backends
+from typing import Any
+
+from runtime.devices.cpu import register_cpu_variant
 
 # Test hook: LLAMABOX_TEST_SELFTEST_FAULT="zen4=SIGILL" makes the self-test of the zen4 kernels die
-# with that signal after loading them; "zen4=wrong" makes it report wrong logits.
+# with that signal; "zen4=wrong" makes it report wrong logits. GPU backends are named as their modules
+# ("vulkan=wrong", "cuda=SIGSEGV").
 FAULT_ENV = "LLAMABOX_TEST_SELFTEST_FAULT"
 # Deaths that say the kernels cannot run here (as opposed to SIGKILL or SIGTERM from outside).
 CRASH_SIGNALS = ("SIGILL", "SIGSEGV", "SIGBUS", "SIGFPE")
@@ -31,7 +34,7 @@ CRASH_SIGNALS = ("SIGILL", "SIGSEGV", "SIGBUS", "SIGFPE")
 class Outcome:
     """What the child's work returned (the self-test: logits per weight type), or how it failed ("died with SIGILL", ...)."""
 
-    result: dict[str, list[float]] | None
+    result: Any
     failure: str | None = None
 
 
@@ -40,7 +43,17 @@ def can_fork() -> bool:
 
 
 def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[float]]], timeout: float) -> Outcome:
-    """Register `library` in a fork of this process, run `work` there, and say how it went."""
+    """Register the CPU variant `library` in a fork of this process, run `work` there, and say how it went."""
+
+    def registered_then_work() -> dict[str, list[float]]:
+        register_cpu_variant(library)
+        return work()
+
+    return run(variant, registered_then_work, timeout)
+
+
+def run(label: str, work: Callable[[], Any], timeout: float) -> Outcome:
+    """Run `work` in a fork of this process and say how it went; `label` names it for the fault hook."""
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
@@ -52,7 +65,7 @@ def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[f
         return Outcome(None, f"could not be started ({exc.strerror})")
     if pid == 0:  # the child: never returns
         os.close(read_end)
-        _child(variant, library, work, write_end)
+        _child(label, work, write_end)
     os.close(write_end)
     finished = False
     try:
@@ -75,7 +88,7 @@ def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[f
     return Outcome(answer["result"])
 
 
-def _child(variant: str, library: Path, work: Callable[[], dict[str, list[float]]], out: int) -> None:
+def _child(label: str, work: Callable[[], Any], out: int) -> None:
     status = 1
     try:
         try:
@@ -84,15 +97,14 @@ def _child(variant: str, library: Path, work: Callable[[], dict[str, list[float]
             os.dup2(devnull, 2)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
-            backends.register_cpu_variant(library)
-            fault = _fault_for(variant)
+            fault = _fault_for(label)
             if fault is not None and fault != "wrong":
                 if fault != "SIGKILL":  # the one signal that has no handler to reset
                     signal.signal(signal.Signals[fault], signal.SIG_DFL)
                 os.kill(os.getpid(), signal.Signals[fault])
             result = work()
             if fault == "wrong":
-                result = {name: [-x for x in values] for name, values in result.items()}
+                result = _negated(result)
             report = {"result": result}
             status = 0
         except BaseException as exc:  # whatever happens, the parent gets a report
@@ -104,10 +116,19 @@ def _child(variant: str, library: Path, work: Callable[[], dict[str, list[float]
         os._exit(status)
 
 
-def _fault_for(variant: str) -> str | None:
+def _negated(result: Any) -> Any:
+    """Every number in `result` negated: wrong logits for the fault hook."""
+    if isinstance(result, dict):
+        return {key: _negated(value) for key, value in result.items()}
+    if isinstance(result, list):
+        return [_negated(x) for x in result]
+    return -result if isinstance(result, float) else result
+
+
+def _fault_for(label: str) -> str | None:
     for item in os.environ.get(FAULT_ENV, "").split(","):
         name, _, fault = item.partition("=")
-        if name.strip() == variant:
+        if name.strip() == label:
             return fault.strip()
     return None
 

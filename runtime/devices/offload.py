@@ -1,0 +1,125 @@
+"""Where the model's layers go: how many of them, and how many slots, fit the free memory of the GPUs.
+
+llama.cpp's own fitting (common/fit.cpp, llama-server's --fit) is not part of its C API, so the sizes are
+worked out here from what the model says of itself (llama.cpp reads it without allocating anything: the
+weights' size, the layer count, the cache's bytes per token) and what the GPUs report as free. As llama-server,
+a margin of each GPU's memory is left free (its --fit-target, 1 GiB), and every layer goes to the GPU when all
+fit, else as many as fit. Fewer slots are taken before fewer layers when that keeps the whole model on the GPU,
+since a model split with the CPU runs at nearly the CPU's speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.devices.gpu import GpuDevice
+from runtime.errors import BackendError
+
+MARGIN_BYTES = 1 << 30  # left free on each GPU, as llama-server's --fit-target default
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model needs, as llama.cpp reads it from the GGUF without loading the weights."""
+
+    n_layer: int  # repeating layers; llama.cpp counts one more (the output layer) in n_gpu_layers
+    weights_bytes: int
+    kv_bytes_per_token: int  # keys and values of one token in every layer (F16 cache)
+    n_vocab: int
+    n_embd: int
+    n_ctx_train: int
+
+
+@dataclass(frozen=True)
+class OffloadRequest:
+    """The command line's say: --gpu, --gpu-layers, --gpu-device, --parallel, and the context per slot."""
+
+    gpu: str = "auto"  # auto | off
+    layers: int | None = None  # None: as many as fit
+    device: str | None = None  # a GPU's name (Vulkan0, CUDA0); None: every proven GPU of the best backend
+    parallel: int | None = None  # None: the default, fewer where that keeps the model on the GPU
+    ctx_per_slot: int = 4096
+    default_parallel: int = 4
+
+
+@dataclass(frozen=True)
+class Offload:
+    """The decision: the GPUs used (none: the CPU), how many of the model's layers go on them, and why."""
+
+    gpus: tuple[GpuDevice, ...]
+    layers: int  # for llama_model_params.n_gpu_layers (0..n_layer + 1)
+    total_layers: int  # n_layer + 1, as llama.cpp counts them
+    parallel: int | None  # slots: as asked, or fewer where the fit chose them; None: the engine's default
+    note: str  # "Vulkan0 NVIDIA H100: 31/31 layers"
+
+    @property
+    def whole_model_on_gpu(self) -> bool:
+        return bool(self.gpus) and self.layers >= self.total_layers
+
+    @property
+    def flash_attention(self) -> bool | None:
+        """On with every layer on a GPU, off on the CPU alone (slower there), llama.cpp's choice in between."""
+        if self.whole_model_on_gpu:
+            return True
+        return False if not self.gpus or self.layers == 0 else None
+
+
+def cpu_only(note: str, facts: ModelFacts | None = None) -> Offload:
+    return Offload(gpus=(), layers=0, total_layers=(facts.n_layer + 1) if facts else 0, parallel=None, note=note)
+
+
+def plan(gpus: list[GpuDevice], facts: ModelFacts, request: OffloadRequest) -> Offload:
+    """Where the layers go, given the proven GPUs and the model."""
+    total = facts.n_layer + 1
+    if request.gpu == "off":
+        return cpu_only("GPU off (--gpu off): running on the CPU", facts)
+    if not gpus:
+        return cpu_only("no usable GPU: running on the CPU", facts)
+    chosen = [g for g in gpus if g.name == request.device] if request.device else gpus
+    if not chosen:
+        raise BackendError(f"--gpu-device {request.device}: no such GPU here; choose one of: {', '.join(g.name for g in gpus)}")
+    if request.layers == 0:
+        return cpu_only(f"{_names(chosen)} present, --gpu-layers 0: running on the CPU", facts)
+    if request.layers is not None:
+        layers = min(request.layers, total)
+        return Offload(tuple(chosen), layers, total, None, f"{_names(chosen)}: {layers}/{total} layers (--gpu-layers)")
+    free = sum(max(0, g.free_bytes - MARGIN_BYTES) for g in chosen)
+    parallel = request.parallel or request.default_parallel
+    candidates = [parallel] if request.parallel else range(parallel, 0, -1)
+    for slots in candidates:
+        if _bytes_needed(facts, total, slots, request.ctx_per_slot) <= free:
+            chose = None if slots == parallel and not request.parallel else slots
+            fewer = f", {slots} slots to keep it whole" if slots < parallel else ""
+            return Offload(tuple(chosen), total, total, chose, f"{_names(chosen)}: {total}/{total} layers{fewer}")
+    layers = max((n for n in range(total) if _bytes_needed(facts, n, parallel, request.ctx_per_slot) <= free), default=0)
+    need = _bytes_needed(facts, total, parallel, request.ctx_per_slot)
+    if layers == 0:
+        return cpu_only(f"{_names(chosen)} has {free // MIB} MiB free, the model needs {need // MIB} MiB even for one layer: running on the CPU", facts)
+    return Offload(
+        tuple(chosen), layers, total, request.parallel,
+        f"{_names(chosen)}: {layers}/{total} layers (all of them need {need // MIB} MiB, {free // MIB} MiB free; the rest on the CPU)",
+    )
+
+
+def after_fallback(planned: Offload, layers: int) -> Offload:
+    """The placement once the engine had to put fewer layers on the GPU than planned (it ran out of memory)."""
+    if layers == 0:
+        return Offload((), 0, planned.total_layers, planned.parallel, f"{_names(planned.gpus)} ran out of memory even for one layer: running on the CPU")
+    return Offload(planned.gpus, layers, planned.total_layers, planned.parallel, f"{_names(planned.gpus)}: {layers}/{planned.total_layers} layers (fewer than planned: it ran out of memory)")
+
+
+def _bytes_needed(facts: ModelFacts, layers: int, slots: int, ctx_per_slot: int) -> int:
+    """GPU memory for `layers` of the model (llama.cpp's count), their share of the cache, and the compute buffers."""
+    if layers == 0:
+        return 0
+    total = facts.n_layer + 1
+    weights = facts.weights_bytes * layers // total
+    cache = facts.kv_bytes_per_token * min(layers, facts.n_layer) // max(facts.n_layer, 1) * slots * ctx_per_slot
+    # The largest compute buffer is the logits of one ubatch (512 tokens) and its activations.
+    compute = 512 * (facts.n_vocab + 4 * facts.n_embd) * 4
+    return weights + cache + compute
+
+
+def _names(gpus: list[GpuDevice] | tuple[GpuDevice, ...]) -> str:
+    return " + ".join(f"{g.name} {g.description}" for g in gpus)

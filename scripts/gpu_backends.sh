@@ -1,0 +1,109 @@
+# Sourced by setup.sh and build_portable.sh, after llama_wheel.sh: llama.cpp's GPU backends as loadable
+# modules (GGML_BACKEND_DL), compiled from the same sdist and patches as the CPU wheel and dropped beside its
+# CPU variants, where the runtime and build.py find them. Each module is built once per version, flags,
+# patches, toolchain and recipe, and cached in $LLAMABOX_CACHE/backends/ like the wheel.
+#
+#   vulkan  in every stub: needs only the Vulkan loader (libvulkan.so.1) and a driver on the receiving machine.
+#           Compiled against Debian 13's Vulkan headers, SPIR-V headers and glslc (2025.2), unpacked into a
+#           private folder (no system package is installed or changed): Debian 12's headers are too old for this
+#           ggml-vulkan, and its glslc lacks the cooperative-matrix, integer-dot and bfloat16 shader extensions,
+#           which ggml would then leave out (the tensor-core paths). Debian 13's glslc needs glibc 2.38, so it
+#           runs through the dynamic loader it came with.
+
+# The backends setup.sh builds (LLAMABOX_GPU_BACKENDS= builds none).
+GPU_BACKENDS=${LLAMABOX_GPU_BACKENDS-vulkan}
+GPU_BACKEND_RECIPE_VERSION=1
+TRIXIE_MIRROR=${LLAMABOX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+VULKAN_SDK_PACKAGES="libvulkan-dev libvulkan1 spirv-headers glslc libshaderc1 libc6 libgcc-s1 libstdc++6"
+
+_gpu_cache() { echo "${LLAMABOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llamabox}"; }
+
+# vulkan_sdk: the private folder with Debian 13's Vulkan headers, loader, SPIR-V headers and a glslc wrapper.
+vulkan_sdk() {
+    local sdk partial apt_dir opts d
+    sdk="$(_gpu_cache)/toolchains/vulkan-sdk-debian13-$(printf '%s' "$VULKAN_SDK_PACKAGES" | hash_of | cut -c1-8)"
+    if [ ! -x "$sdk/bin/glslc" ]; then
+        command -v apt-get >/dev/null && command -v dpkg >/dev/null \
+            || { echo "the Vulkan backend is built with Debian 13's packages: needs apt-get and dpkg" >&2; return 1; }
+        echo "Fetching Debian 13's Vulkan headers, SPIR-V headers and glslc into $sdk..." >&2
+        partial="$sdk.partial" apt_dir="$sdk.partial/apt"
+        rm -rf "$partial" && mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$partial/debs" "$partial/root"
+        echo "deb $TRIXIE_MIRROR trixie main" >"$apt_dir/sources.list"
+        opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=/dev/null
+              -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
+        apt-get "${opts[@]}" update -qq >/dev/null || return 1
+        # shellcheck disable=SC2086
+        (cd "$partial/debs" && apt-get "${opts[@]}" download -qq $VULKAN_SDK_PACKAGES >/dev/null) || return 1
+        for d in "$partial"/debs/*.deb; do dpkg -x "$d" "$partial/root"; done
+        mkdir -p "$partial/bin"
+        # Relative to the wrapper, so that the folder may move.
+        cat >"$partial/bin/glslc" <<'EOF'
+#!/bin/sh
+root=$(cd "$(dirname "$0")/../root" && pwd)
+lib=$root/usr/lib/x86_64-linux-gnu
+exec "$lib/ld-linux-x86-64.so.2" --library-path "$lib" "$root/usr/bin/glslc" "$@"
+EOF
+        chmod +x "$partial/bin/glslc"
+        "$partial/bin/glslc" --version >/dev/null || { echo "Debian 13's glslc does not run here" >&2; return 1; }
+        rm -rf "$apt_dir" "$partial/debs" "$sdk" && mv "$partial" "$sdk"
+    fi
+    echo "$sdk"
+}
+
+# The CMake flags of one GPU backend (prints them; fetches the Vulkan SDK when needed).
+_gpu_cmake_flags() {
+    local name=$1 sdk
+    case "$name" in
+        vulkan)
+            sdk=$(vulkan_sdk) || return 1
+            echo "-DGGML_VULKAN=ON -DVulkan_INCLUDE_DIR=$sdk/root/usr/include" \
+                "-DVulkan_LIBRARY=$sdk/root/usr/lib/x86_64-linux-gnu/libvulkan.so.1" \
+                "-DVulkan_GLSLC_EXECUTABLE=$sdk/bin/glslc -DCMAKE_PREFIX_PATH=$sdk/root/usr" ;;
+        *) echo "unknown GPU backend $name" >&2; return 1 ;;
+    esac
+}
+
+# gpu_backend_dir NAME [TOOLCHAIN_ID]: where the cached module of backend NAME lives (built or not).
+gpu_backend_dir() {
+    local id
+    id=$( { printf '%s\n' "$1" "$GPU_BACKEND_RECIPE_VERSION" "$VULKAN_SDK_PACKAGES" "${2:-}"; \
+            declare -f build_gpu_backend _gpu_cmake_flags; cat scripts/patches/*.patch; } | hash_of | cut -c1-12)
+    echo "$(_gpu_cache)/backends/ggml-$1-llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION${2:+-$2}-$id"
+}
+
+# build_gpu_backend PYTHON NAME OUT_DIR: libggml-NAME.so into OUT_DIR unless it is there. CFLAGS, CXXFLAGS and
+# LDFLAGS from the environment reach the compiler (the portable build's sysroot), as for the wheel.
+build_gpu_backend() {
+    local python=$1 name=$2 out=$3 work src flags cores started=$SECONDS bin
+    # No RUNPATH: the module finds libggml-base in the process that loads it and the Vulkan loader on the
+    # receiving machine, never in the folders it was built with.
+    [ -f "$out/libggml-$name.so" ] && return 0
+    bin=$(cd "$(dirname "$python")" && pwd)
+    "$python" -m pip install --quiet cmake ninja
+    flags=$(_gpu_cmake_flags "$name") || return 1
+    cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
+    echo "Building llama.cpp's $name backend (once; Vulkan: about 8 minutes on 2 cores)..." >&2
+    work="$out.work"
+    rm -rf "$work" "$out" && mkdir -p "$work"
+    src=$(llama_source "$python" "$work") || return 1
+    # shellcheck disable=SC2086
+    "$bin/cmake" -S "$src/vendor/llama.cpp" -B "$work/build" -G Ninja -DCMAKE_MAKE_PROGRAM="$bin/ninja" \
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF -DGGML_CPU=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_COMMON=OFF -DLLAMA_CURL=OFF -DCMAKE_SKIP_RPATH=ON $flags >"$work/configure.log" 2>&1 \
+        || { tail -20 "$work/configure.log" >&2; echo "CMake could not configure the $name backend (log: $work/configure.log)" >&2; return 1; }
+    grep -E "(supported|not supported) by glslc" "$work/configure.log" >&2 || true
+    "$bin/cmake" --build "$work/build" --target "ggml-$name" -j "$cores" >"$work/build.log" 2>&1 \
+        || { tail -20 "$work/build.log" >&2; echo "the $name backend failed to build (log: $work/build.log)" >&2; return 1; }
+    mkdir -p "$out.partial"
+    cp "$(find "$work/build" -name "libggml-$name.so" | head -1)" "$out.partial/"
+    strip --strip-unneeded "$out.partial/libggml-$name.so"
+    cp "$work/configure.log" "$out.partial/"
+    rm -rf "$work" && mv "$out.partial" "$out"
+    echo "Built libggml-$name.so ($(du -m "$out/libggml-$name.so" | cut -f1) MB) in $((SECONDS - started)) s" >&2
+}
+
+# install_gpu_backend MODULE_DIR BACKENDS_DIR: put a built module beside the CPU variants.
+install_gpu_backend() {
+    cp "$1"/libggml-*.so "$2/"
+}

@@ -1,0 +1,87 @@
+"""Where the layers go (runtime/devices/offload.py): the fit arithmetic, with made-up GPUs and model sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.devices.gpu import GpuDevice
+from runtime.devices.offload import MARGIN_BYTES, ModelFacts, OffloadRequest, after_fallback, plan
+from runtime.errors import BackendError
+
+GIB = 1 << 30
+# A 7-8B-class model at Q4_K_M: 28 layers, 4.4 GiB of weights, 56 KiB of F16 cache per token.
+SEVEN_B = ModelFacts(n_layer=28, weights_bytes=int(4.4 * GIB), kv_bytes_per_token=56 * 1024, n_vocab=152064, n_embd=3584, n_ctx_train=131072)
+
+
+def gpu(free_gib: float, name: str = "Vulkan0", index: int = 1) -> GpuDevice:
+    return GpuDevice("vulkan", index, name, "Test GPU", int(free_gib * GIB), int(free_gib * GIB))
+
+
+def test_every_layer_when_everything_fits() -> None:
+    placed = plan([gpu(80)], SEVEN_B, OffloadRequest())
+    assert (placed.layers, placed.total_layers, placed.parallel) == (29, 29, None)
+    assert placed.whole_model_on_gpu and placed.flash_attention is True
+    assert placed.note == "Vulkan0 Test GPU: 29/29 layers"
+
+
+def test_fewer_slots_before_fewer_layers() -> None:
+    # Weights 4.4 GiB + 1 GiB margin + 4 slots x 4096 x 56 KiB (0.9 GiB) do not fit 6.4 GiB; one slot does.
+    placed = plan([gpu(6.4)], SEVEN_B, OffloadRequest())
+    assert placed.whole_model_on_gpu
+    assert placed.parallel is not None and placed.parallel < 4
+    assert f"{placed.parallel} slots to keep it whole" in placed.note
+
+
+def test_asked_for_slots_are_kept_and_layers_shrink() -> None:
+    placed = plan([gpu(4)], SEVEN_B, OffloadRequest(parallel=4))
+    assert 0 < placed.layers < placed.total_layers
+    assert placed.parallel == 4
+    assert placed.flash_attention is None  # split with the CPU: llama.cpp decides
+    assert "the rest on the CPU" in placed.note
+
+
+def test_a_gpu_too_small_for_one_layer_means_the_cpu() -> None:
+    placed = plan([gpu(MARGIN_BYTES / GIB + 0.1)], SEVEN_B, OffloadRequest())
+    assert placed.layers == 0 and not placed.gpus
+    assert placed.flash_attention is False
+    assert "running on the CPU" in placed.note
+
+
+def test_several_gpus_add_their_free_memory() -> None:
+    one = plan([gpu(3.5)], SEVEN_B, OffloadRequest())
+    two = plan([gpu(3.5), gpu(3.5, "Vulkan1", 2)], SEVEN_B, OffloadRequest())
+    assert not one.whole_model_on_gpu and two.whole_model_on_gpu
+    assert "Vulkan0 Test GPU + Vulkan1 Test GPU" in two.note
+
+
+@pytest.mark.parametrize(
+    ("request_", "layers", "note"),
+    [
+        (OffloadRequest(gpu="off"), 0, "--gpu off"),
+        (OffloadRequest(layers=0), 0, "--gpu-layers 0"),
+        (OffloadRequest(layers=12), 12, "12/29 layers (--gpu-layers)"),
+        (OffloadRequest(layers=999), 29, "29/29 layers (--gpu-layers)"),
+    ],
+)
+def test_the_command_line_overrides(request_: OffloadRequest, layers: int, note: str) -> None:
+    placed = plan([gpu(80)], SEVEN_B, request_)
+    assert placed.layers == layers
+    assert note in placed.note
+
+
+def test_no_gpu() -> None:
+    placed = plan([], SEVEN_B, OffloadRequest())
+    assert placed.layers == 0 and "no usable GPU" in placed.note
+
+
+def test_gpu_device_picks_one_and_an_unknown_one_is_refused() -> None:
+    placed = plan([gpu(80), gpu(80, "Vulkan1", 2)], SEVEN_B, OffloadRequest(device="Vulkan1"))
+    assert [g.name for g in placed.gpus] == ["Vulkan1"]
+    with pytest.raises(BackendError, match="--gpu-device CUDA3: no such GPU here; choose one of: Vulkan0, Vulkan1"):
+        plan([gpu(80), gpu(80, "Vulkan1", 2)], SEVEN_B, OffloadRequest(device="CUDA3"))
+
+
+def test_after_an_out_of_memory_fallback() -> None:
+    planned = plan([gpu(80)], SEVEN_B, OffloadRequest())
+    assert "14/29 layers (fewer than planned" in after_fallback(planned, 14).note
+    assert not after_fallback(planned, 0).gpus
