@@ -4,6 +4,11 @@ from runtime import packaged, runtime_cache
 
 runtime_cache.prepare(packaged.launch())  # first: a damaged unpacked runtime must not go on loading
 
+if packaged.is_frozen():  # before anything loads a C++ library: GPU drivers need the machine's newer libstdc++
+    from runtime import system_libs
+
+    system_libs.prefer_newer_cxx_runtime(packaged.unpacked_dir())
+
 import os  # noqa: E402
 
 from runtime import openblas  # noqa: E402

@@ -68,14 +68,15 @@ def own_file() -> Path | None:
     return started.bundle if started is not None else Path(sys.executable)
 
 
-def _unpacked() -> Path:
+def unpacked_dir() -> Path:
+    """Where the frozen runtime's files are (PyInstaller's _MEIPASS)."""
     return Path(sys._MEIPASS)  # type: ignore[attr-defined]
 
 
 def backend_dir() -> Path:
     """Where the backend libraries are: unpacked beside the stub's files, or pip's <site-packages>/bin."""
     if is_frozen():
-        return _unpacked() / BACKENDS_DIR_NAME
+        return unpacked_dir() / BACKENDS_DIR_NAME
     import llama_cpp  # not at the top: `--help` and the bundler's argument check must not load llama.cpp
 
     return Path(llama_cpp.__file__).parent.parent / "bin"
@@ -83,21 +84,21 @@ def backend_dir() -> Path:
 
 def ui_dir() -> Path:
     """The chat page's files."""
-    return (_unpacked() if is_frozen() else _CHECKOUT) / TEMPLATES_DIR_NAME
+    return (unpacked_dir() if is_frozen() else _CHECKOUT) / TEMPLATES_DIR_NAME
 
 
 def stub_info() -> dict[str, object] | None:
     """The description build.py wrote into this stub; None when running from a checkout."""
     if not is_frozen():
         return None
-    return json.loads((_unpacked() / STUB_INFO_NAME).read_text())
+    return json.loads((unpacked_dir() / STUB_INFO_NAME).read_text())
 
 
 def proof_model(fallback: Path) -> Path:
     """The kernel self-test's model: built into the stub, or written into the cache from a checkout
     (into `fallback` where the cache cannot be written)."""
     if is_frozen():
-        return _unpacked() / PROOF_MODEL_NAME
+        return unpacked_dir() / PROOF_MODEL_NAME
     from runtime.devices.proof import model
 
     try:

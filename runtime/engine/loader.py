@@ -84,6 +84,8 @@ class InPlaceModel(internals.LlamaModel):
         self._devices = DeviceList(list(gpu_devices))
         params.devices = self._devices.address
         params.no_alloc = no_alloc
+        if no_alloc:  # nothing is read or mapped; llama.cpp asserts that a no-alloc load does not map either
+            params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         self.path_model, self.params, self.verbose = str(location.path), params, verbose
         self._exit_stack = contextlib.ExitStack()
         self.sampler = None

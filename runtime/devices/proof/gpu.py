@@ -22,6 +22,11 @@ from runtime import packaged
 from runtime.devices import gpu
 from runtime.devices.proof import TIMEOUT_S, TOLERANCE, cache, child, relative_error, workload
 
+# A GPU driver compiles each kernel's shader on first use: milliseconds each on a real GPU's driver, but Mesa's
+# software device (llvmpipe) took 107 s for the eight weight types on 2 busy cores, the first time (its shader
+# cache makes the next runs take 2 s). A hung driver is still caught.
+GPU_TIMEOUT_S = 300.0
+
 
 @dataclass(frozen=True)
 class BackendVerdict:
@@ -69,7 +74,7 @@ def verdict(backend: str, module: Path, threads: int, say: Callable[[str], None]
 
 def _prove(backend: str, module: Path, threads: int) -> BackendVerdict:
     # First whether the backend loads and finds a GPU at all (milliseconds), then the self-test.
-    probe = child.run(backend, partial(_gpu_keys, backend, module), TIMEOUT_S)
+    probe = child.run(backend, partial(_gpu_keys, backend, module), GPU_TIMEOUT_S)
     if probe.result is None or "unusable" in probe.result:
         return BackendVerdict(failure=str(probe.failure) if probe.result is None else probe.result["unusable"])
     with tempfile.TemporaryDirectory(prefix="llamabox-proof-") as directory:
@@ -83,7 +88,7 @@ def _prove(backend: str, module: Path, threads: int) -> BackendVerdict:
         reference = child.run("cpu", quantize_and_run, TIMEOUT_S)
         if reference.result is None:
             return BackendVerdict(failure=f"not tested: the CPU reference {reference.failure}")
-        outcome = child.run(backend, partial(_run_on_gpus, backend, module, models, threads), TIMEOUT_S)
+        outcome = child.run(backend, partial(_run_on_gpus, backend, module, models, threads), GPU_TIMEOUT_S)
     if outcome.result is None:
         return BackendVerdict(failure=str(outcome.failure))
     return BackendVerdict(gpus={key: _judge(reference.result, logits) for key, logits in outcome.result.items()})
