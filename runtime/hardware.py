@@ -7,6 +7,7 @@ proven before use), then how the model's layers are placed on what was found.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,20 +84,25 @@ def choose_cpu_kernels(cpu_variant: str | None, say: Callable[[str], None]) -> t
 
 
 def add_gpus(info: CpuInfo, cpu_backend: cpu.CpuBackend, mode: str, say: Callable[[str], None]) -> Hardware:
-    """Prove the GPU backends this runtime carries (unless --gpu off) and register the best one's proven GPUs.
+    """Prove the GPU backends this runtime carries (unless --gpu off), then register the best one's proven GPUs.
 
     Only in the process that runs the model, after every fork (the self-test's, the supervisor's): a GPU
-    runtime initialised before a fork is unusable in the child. The first backend (in gpu.GPU_BACKENDS'
-    order) with a proven GPU is used; the others are not even loaded, so that one GPU is never offered
-    twice (by CUDA and by Vulkan).
+    runtime initialised before a fork is unusable in the child. So every backend's self-test runs first,
+    and only then is one loaded here: the first (in gpu.GPU_BACKENDS' order) with a proven GPU; the others
+    are not loaded at all, so that one GPU is never offered twice (by CUDA and by Vulkan).
     """
     if mode == "off":
         return Hardware(info, cpu_backend, (), (), offload.cpu_only("GPU off (--gpu off): running on the CPU"))
+    modules = gpu.modules()
+    if not modules:
+        return Hardware(info, cpu_backend, (), ("this runtime carries no GPU backend",), offload.cpu_only("no usable GPU: running on the CPU"))
+    verdicts = {backend: gpu_proof.verdict(backend, module, _proof_threads(), say) for backend, module in modules.items()}
     notes: list[str] = []
-    for backend, module in gpu.modules().items():
-        verdict = gpu_proof.verdict(backend, module, _proof_threads(), say)
-        if verdict.failure is not None:
-            notes.append(verdict.failure if verdict.failure.startswith(backend) else f"{backend}: {verdict.failure} in the self-test, passed over")
+    for backend, module in modules.items():
+        verdict = verdicts[backend]
+        if verdict is not None and verdict.failure is not None:
+            said_by_backend = verdict.failure.startswith(f"{backend}: ")  # no driver, no GPU: already one line
+            notes.append(verdict.failure if said_by_backend else f"{backend}: {verdict.failure} in the self-test, passed over")
             continue
         found, why = gpu.load(backend, module)
         if why is not None:
@@ -104,15 +110,16 @@ def add_gpus(info: CpuInfo, cpu_backend: cpu.CpuBackend, mode: str, say: Callabl
             continue
         proven = []
         for device in found:
-            said = verdict.gpus.get(device.key)
-            if said == kernel_proof.cache.PROVEN or (said is None and not verdict.gpus):  # no fork(): not proven
+            said = None if verdict is None else verdict.gpus.get(device.key)
+            if verdict is None:
+                notes.append(f"{device.name} {device.description}: not proven (the self-test needs fork(), which {sys.platform} lacks)")
+                proven.append(device)
+            elif said == kernel_proof.cache.PROVEN:
                 proven.append(device)
             else:
                 notes.append(f"{device.name} {device.description} {said or 'was not in the self-test'}, passed over")
         if proven:
             return Hardware(info, cpu_backend, tuple(proven), tuple(notes), offload.cpu_only("not placed yet"))
-    if not gpu.modules():
-        notes.append("this runtime carries no GPU backend")
     return Hardware(info, cpu_backend, (), tuple(notes), offload.cpu_only("no usable GPU: running on the CPU"))
 
 

@@ -100,7 +100,6 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             threads=options.threads or cpu_module.default_threads(),
             gpu_layers=placement.layers,
             gpu_devices=tuple(g.index for g in placement.gpus),
-            flash_attention=placement.flash_attention,
             system_prompt=options.system_prompt,
             verbose=options.verbose,
         ),
@@ -134,7 +133,6 @@ def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions,
         return machine.offload
     facts = model_facts(source.location)
     request = offload.OffloadRequest(
-        gpu=options.gpu,
         layers=options.gpu_layers,
         device=options.gpu_device,
         parallel=parallel,

@@ -28,7 +28,10 @@ def prefer_newer_cxx_runtime(carried_dir: Path) -> Path | None:
     system = next((Path(d) / _NAME for d in _SYSTEM_DIRS if (Path(d) / _NAME).exists()), None)
     if not carried.exists() or system is None or cxx_abi_level(system) <= cxx_abi_level(carried):
         return None
-    ctypes.CDLL(os.path.realpath(system), mode=ctypes.RTLD_GLOBAL)
+    try:
+        ctypes.CDLL(os.path.realpath(system), mode=ctypes.RTLD_GLOBAL)
+    except OSError:  # not loadable here (another architecture's, damaged): the carried one serves
+        return None
     return system
 
 

@@ -25,10 +25,14 @@ vulkan_sdk() {
     if [ ! -x "$sdk/bin/glslc" ]; then
         command -v apt-get >/dev/null && command -v dpkg >/dev/null \
             || { echo "the Vulkan backend is built with Debian 13's packages: needs apt-get and dpkg" >&2; return 1; }
+        # Ubuntu's apt does not know Debian's signing keys: its package of them does.
+        [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] \
+            || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debian-archive-keyring >/dev/null \
+            || { echo "the Vulkan backend needs Debian's archive keys (apt-get install debian-archive-keyring)" >&2; return 1; }
         echo "Fetching Debian 13's Vulkan headers, SPIR-V headers and glslc into $sdk..." >&2
         partial="$sdk.partial" apt_dir="$sdk.partial/apt"
         rm -rf "$partial" && mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$partial/debs" "$partial/root"
-        echo "deb $TRIXIE_MIRROR trixie main" >"$apt_dir/sources.list"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $TRIXIE_MIRROR trixie main" >"$apt_dir/sources.list"
         opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=/dev/null
               -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
         apt-get "${opts[@]}" update -qq >/dev/null || return 1

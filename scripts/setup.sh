@@ -14,8 +14,12 @@ esac
 source scripts/llama_wheel.sh  # LLAMA_CPP_PYTHON_VERSION, CMAKE_ARGS, llama_wheel_dir, build_llama_wheel
 source scripts/gpu_backends.sh  # GPU_BACKENDS, gpu_backend_dir, build_gpu_backend, install_gpu_backend
 
-# Linux only: macOS has Metal inside the wheel, and Windows stubs are built elsewhere.
-[ "$(uname -s)" = Linux ] || GPU_BACKENDS=""
+# Linux x86-64 with apt only (Debian 13's Vulkan SDK packages): macOS has Metal in the wheel's build, Windows
+# stubs are built elsewhere, and elsewhere the stub carries no Vulkan backend (say so, do not fail).
+if [ -n "$GPU_BACKENDS" ] && { [ "$(uname -s)-$(uname -m)" != Linux-x86_64 ] || ! command -v apt-get >/dev/null; }; then
+    [ "$(uname -s)" = Linux ] && echo "setup.sh: the Vulkan backend is built on Linux x86-64 with apt only; this stub will have none." >&2
+    GPU_BACKENDS=""
+fi
 export LLAMABOX_GPU_BACKENDS=$GPU_BACKENDS  # for build_portable.sh
 
 [ -x "$BIN/python" ] || [ -x "$BIN/python.exe" ] || "$PYTHON" -m venv .venv

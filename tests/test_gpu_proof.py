@@ -23,11 +23,18 @@ from runtime.devices.proof.gpu import BackendVerdict
         ("hung for 120 s", False),
         ("died with SIGKILL", False),
         ("could not be started (Cannot allocate memory)", False),
+        ("failed (llama.cpp could not load proof-Q4_0.gguf)", False),
+        ("died with SIGABRT", False),
         ("not tested: the CPU reference died with SIGKILL", False),
     ],
 )
 def test_only_lasting_verdicts_are_kept(failure: str | None, lasting: bool) -> None:
-    assert BackendVerdict(failure=failure).lasting is lasting
+    assert BackendVerdict(failure=failure).lasting("vulkan") is lasting
+
+
+def test_a_gpu_that_fails_for_the_moment_is_tried_again() -> None:
+    assert BackendVerdict(gpus={"Vulkan0 X 1": "proven", "Vulkan1 Y 2": "gave wrong results (Q4_0 logits off by 90%)"}).lasting("vulkan")
+    assert not BackendVerdict(gpus={"Vulkan0 X 1": "proven", "Vulkan1 Y 2": "failed (out of memory)"}).lasting("vulkan")
 
 
 def test_verdicts_read_back_and_damaged_ones_count_as_none() -> None:

@@ -20,7 +20,7 @@ def gpu(free_gib: float, name: str = "Vulkan0", index: int = 1) -> GpuDevice:
 def test_every_layer_when_everything_fits() -> None:
     placed = plan([gpu(80)], SEVEN_B, OffloadRequest())
     assert (placed.layers, placed.total_layers, placed.parallel) == (29, 29, None)
-    assert placed.whole_model_on_gpu and placed.flash_attention is True
+    assert placed.whole_model_on_gpu
     assert placed.note == "Vulkan0 Test GPU: 29/29 layers"
 
 
@@ -36,14 +36,12 @@ def test_asked_for_slots_are_kept_and_layers_shrink() -> None:
     placed = plan([gpu(4)], SEVEN_B, OffloadRequest(parallel=4))
     assert 0 < placed.layers < placed.total_layers
     assert placed.parallel == 4
-    assert placed.flash_attention is None  # split with the CPU: llama.cpp decides
     assert "the rest on the CPU" in placed.note
 
 
 def test_a_gpu_too_small_for_one_layer_means_the_cpu() -> None:
     placed = plan([gpu(MARGIN_BYTES / GIB + 0.1)], SEVEN_B, OffloadRequest())
     assert placed.layers == 0 and not placed.gpus
-    assert placed.flash_attention is False
     assert "running on the CPU" in placed.note
 
 
@@ -57,7 +55,6 @@ def test_several_gpus_add_their_free_memory() -> None:
 @pytest.mark.parametrize(
     ("request_", "layers", "note"),
     [
-        (OffloadRequest(gpu="off"), 0, "--gpu off"),
         (OffloadRequest(layers=0), 0, "--gpu-layers 0"),
         (OffloadRequest(layers=12), 12, "12/29 layers (--gpu-layers)"),
         (OffloadRequest(layers=999), 29, "29/29 layers (--gpu-layers)"),

@@ -7,6 +7,6 @@
 - `offload.py`: how many layers and slots fit the GPUs' free memory
 - `proof/`: the self-test in a forked child: the CPU variants (`__init__.py`) and the GPUs (`gpu.py`)
 
-`runtime/hardware.py` is the one caller: it asks these in order and keeps the answer for --info, the
-start-up lines and /props.
+`runtime/hardware.py` asks these in order and keeps the answer for --info, the start-up lines and /props;
+the engine takes the placement (device indices, layers) and builds llama.cpp's device list with `ggml.py`.
 """

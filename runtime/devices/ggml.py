@@ -21,8 +21,8 @@ from runtime.ggml_log import captured_log
 # ggml names its backend modules lib<name>.so everywhere but Windows (<name>.dll).
 _MODULE_PATTERN = "ggml-{}.dll" if sys.platform == "win32" else "libggml-{}.so"
 
-# enum ggml_backend_dev_type
-DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, DEVICE_ACCEL = 0, 1, 2, 3
+# enum ggml_backend_dev_type: the kinds of device that count as GPUs
+DEVICE_GPU, DEVICE_IGPU = 1, 2
 
 
 def module_file_name(backend: str) -> str:
@@ -112,12 +112,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 class DeviceList:
     """A NULL-terminated ggml_backend_dev_t array for llama_model_params.devices, kept alive with this object.
 
-    None: no array (llama.cpp then uses every registered GPU). An empty list: no GPU at all.
+    Always explicit: llama.cpp reads no array as "every registered GPU". An empty list: the CPU alone.
     """
 
-    def __init__(self, indices: list[int] | None) -> None:
-        self._array = None if indices is None else (ctypes.c_void_p * (len(indices) + 1))(*(device_handle(i) for i in indices), None)
+    def __init__(self, indices: list[int]) -> None:
+        self._array = (ctypes.c_void_p * (len(indices) + 1))(*(device_handle(i) for i in indices), None)
 
     @property
-    def address(self) -> int | None:
-        return None if self._array is None else ctypes.addressof(self._array)
+    def address(self) -> int:
+        return ctypes.addressof(self._array)

@@ -100,7 +100,8 @@ def driver_fingerprint(backend: str) -> str:
                 digest.update(Path(real).read_bytes())
         except OSError:
             continue
-    paths += sorted(glob.glob("/dev/dri/renderD*")) + sorted(glob.glob("/dev/nvidia[0-9]*"))  # a GPU added or taken out
+    # A GPU added or taken out: its device files' names.
+    digest.update(" ".join(sorted(glob.glob("/dev/dri/renderD*")) + sorted(glob.glob("/dev/nvidia[0-9]*"))).encode())
     for variable in ("GGML_VK_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
         digest.update(f"{variable}={os.environ.get(variable, '')}\n".encode())
     return digest.hexdigest()[:16]

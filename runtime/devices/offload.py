@@ -33,9 +33,8 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class OffloadRequest:
-    """The command line's say: --gpu, --gpu-layers, --gpu-device, --parallel, and the context per slot."""
+    """The command line's say: --gpu-layers, --gpu-device, --parallel, and the context per slot."""
 
-    gpu: str = "auto"  # auto | off
     layers: int | None = None  # None: as many as fit
     device: str | None = None  # a GPU's name (Vulkan0, CUDA0); None: every proven GPU of the best backend
     parallel: int | None = None  # None: the default, fewer where that keeps the model on the GPU
@@ -57,23 +56,14 @@ class Offload:
     def whole_model_on_gpu(self) -> bool:
         return bool(self.gpus) and self.layers >= self.total_layers
 
-    @property
-    def flash_attention(self) -> bool | None:
-        """On with every layer on a GPU, off on the CPU alone (slower there), llama.cpp's choice in between."""
-        if self.whole_model_on_gpu:
-            return True
-        return False if not self.gpus or self.layers == 0 else None
-
 
 def cpu_only(note: str, facts: ModelFacts | None = None) -> Offload:
     return Offload(gpus=(), layers=0, total_layers=(facts.n_layer + 1) if facts else 0, parallel=None, note=note)
 
 
 def plan(gpus: list[GpuDevice], facts: ModelFacts, request: OffloadRequest) -> Offload:
-    """Where the layers go, given the proven GPUs and the model."""
+    """Where the layers go, given the proven GPUs (none with --gpu off) and the model."""
     total = facts.n_layer + 1
-    if request.gpu == "off":
-        return cpu_only("GPU off (--gpu off): running on the CPU", facts)
     if not gpus:
         return cpu_only("no usable GPU: running on the CPU", facts)
     chosen = [g for g in gpus if g.name == request.device] if request.device else gpus

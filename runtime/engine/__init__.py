@@ -51,6 +51,11 @@ CHATML_STOP = "<|im_end|>"
 N_BATCH, N_UBATCH = 2048, 512
 
 
+def flash_attention(gpu_layers: int) -> int:
+    """Flash attention: llama.cpp's choice (on where the backend has it) with layers on a GPU; off on the CPU alone."""
+    return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu_layers > 0 else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
 class PromptTooLongError(LlamaboxError):
     """The prompt does not fit into a slot's context window."""
 
@@ -67,7 +72,6 @@ class EngineOptions:
     threads: int | None = None
     gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
     gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
-    flash_attention: bool | None = None  # None: llama.cpp decides
     system_prompt: str | None = None
     verbose: bool = False
 
@@ -111,15 +115,8 @@ class Engine:
     def __init__(self, location: ModelLocation, options: EngineOptions) -> None:
         self.options = options
         self.warnings: list[str] = []  # what the user should read about this load (fewer layers on the GPU)
-        self.gpu_layers = options.gpu_layers
-        while True:
-            try:
-                self._model = InPlaceModel(location, self.gpu_layers, options.verbose, options.gpu_devices)
-                break
-            except ValueError as exc:
-                if self.gpu_layers <= 0:
-                    raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
-                self._fewer_layers("loading the weights")
+        self.gpu_layers = options.gpu_layers if options.gpu_devices else 0
+        self._model = self._load(location)
         metadata = self._model.metadata()
         if metadata.get("tokenizer.ggml.model", "none") in ("none", "no_vocab"):
             # llama.cpp loads such a model, then aborts the process at the first tokenization.
@@ -137,7 +134,7 @@ class Engine:
             # The cache and compute buffers of the offloaded layers did not fit on the GPU: fewer layers there.
             self._model.close()
             self._fewer_layers("making the context")
-            self._model = InPlaceModel(location, self.gpu_layers, options.verbose, options.gpu_devices)
+            self._model = self._load(location)
             context = self._new_context(per_slot * self.parallel, self.parallel)
         if context is None:
             raise ModelFileError(f"llama.cpp could not make a context of {per_slot * self.parallel} tokens for this model; try a smaller --ctx-size")
@@ -146,6 +143,17 @@ class Engine:
         self._formatter = self._make_formatter()
         self._scheduler = Scheduler(self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting)
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
+
+    def _load(self, location: ModelLocation) -> InPlaceModel:
+        """The model with `gpu_layers` on the GPUs; fewer, down to none, while the GPU runs out of memory."""
+        while True:
+            devices = self.options.gpu_devices if self.gpu_layers > 0 else ()  # no GPU buffers for a CPU-only load
+            try:
+                return InPlaceModel(location, self.gpu_layers, self.options.verbose, devices)
+            except ValueError as exc:
+                if self.gpu_layers <= 0:
+                    raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
+                self._fewer_layers("loading the weights")
 
     def _fewer_layers(self, step: str) -> None:
         """Half the layers on the GPU after it ran out of memory in `step` (none, after one)."""
@@ -158,11 +166,7 @@ class Engine:
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_UBATCH
         params.n_seq_max, params.kv_unified = parallel, False  # each slot has its own part of the cache
         params.n_threads = params.n_threads_batch = self.options.threads or 0
-        params.flash_attn_type = {
-            True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-            None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
-        }[self.options.flash_attention]
+        params.flash_attn_type = flash_attention(self.gpu_layers)
         with suppress_stdout_stderr(disable=self.options.verbose):
             context = llama_cpp.llama_init_from_model(self._model.model, params)
         return context or None

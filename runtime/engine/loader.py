@@ -28,6 +28,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from runtime.devices.ggml import DeviceList
 from runtime.engine.memory import kv_bytes_per_token
 from runtime.devices.offload import ModelFacts
+from runtime.errors import ModelFileError
 from runtime.model_source import ModelLocation
 
 _SEEK_SET = 0
@@ -116,7 +117,10 @@ class InPlaceModel(internals.LlamaModel):
 
 def model_facts(location: ModelLocation) -> ModelFacts:
     """What placing the model needs to know, read by llama.cpp without allocating or mapping the weights."""
-    model = InPlaceModel(location, 0, verbose=False, no_alloc=True)
+    try:
+        model = InPlaceModel(location, 0, verbose=False, no_alloc=True)
+    except ValueError as exc:
+        raise ModelFileError(f"llama.cpp could not read the model in {location.path} ({exc})") from None
     try:
         raw = model.model
         return ModelFacts(

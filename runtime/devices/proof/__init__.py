@@ -54,7 +54,7 @@ def choose(ranked: list[VariantScore], cpu_signature: str, threads: int, say: Ca
             if verdict is None:
                 say(f"checking the {candidate.name} CPU kernels on this CPU (once per CPU and runtime build)...")
                 verdict = proof.test(candidate)
-                if _lasting(verdict):
+                if lasting(verdict):
                     verdicts.put(key, verdict)
             if verdict == cache.PROVEN:
                 note = f"{candidate.name}: proven on this CPU"
@@ -65,9 +65,9 @@ def choose(ranked: list[VariantScore], cpu_signature: str, threads: int, say: Ca
     return _verdict(portable, f"{portable.name}: the portable kernels, the self-test's reference", passed_over)
 
 
-def _lasting(verdict: str) -> bool:
-    """Whether a verdict says something about the kernels on this CPU, rather than about this moment
-    (a hang on a swapping machine, a kill from outside): only those are cached."""
+def lasting(verdict: str) -> bool:
+    """Whether a verdict says something about the kernels on this machine, rather than about this moment
+    (a hang on a swapping machine, a kill from outside, memory another program holds): only those are cached."""
     return verdict == cache.PROVEN or verdict.startswith(("gave wrong results", *(f"died with {s}" for s in child.CRASH_SIGNALS)))
 
 
@@ -92,22 +92,15 @@ class _Proof:
         outcome = child.run_variant(candidate.name, candidate.path, partial(workload.run, self._models, self.threads), TIMEOUT_S)
         if outcome.result is None:
             return str(outcome.failure)
-        worst_type, error = max(((name, relative_error(reference[name], outcome.result[name])) for name in reference), key=lambda e: e[1])
-        if not error <= TOLERANCE:  # NaN, as broken kernels often give, fails too
-            return f"gave wrong results ({worst_type} logits off by {error:.0%})"
-        return cache.PROVEN
+        return judge(reference, outcome.result)
 
     def _reference_logits(self) -> dict[str, list[float]]:
         if self._reference is None:
             self._directory = tempfile.TemporaryDirectory(prefix="llamabox-proof-")
             base = packaged.proof_model(fallback=Path(self._directory.name))
             self._models = workload.model_paths(base, Path(self._directory.name))
-
-            def quantize_and_run() -> dict[str, list[float]]:
-                workload.quantize(base, self._models)
-                return workload.run(self._models, self.threads)
-
-            outcome = child.run_variant(self.portable.name, self.portable.path, quantize_and_run, TIMEOUT_S)
+            quantized_logits = partial(workload.quantized_logits, base, self._models, self.threads)
+            outcome = child.run_variant(self.portable.name, self.portable.path, quantized_logits, TIMEOUT_S)
             if outcome.result is None:
                 raise BackendError(
                     f"even the portable {self.portable.name} CPU kernels {outcome.failure} in their self-test; "
@@ -119,6 +112,14 @@ class _Proof:
     def close(self) -> None:
         if self._directory is not None:
             self._directory.cleanup()
+
+
+def judge(reference: dict[str, list[float]], result: dict[str, list[float]]) -> str:
+    """PROVEN when every weight type's logits are the reference's within TOLERANCE, else which type was off and by how much."""
+    worst_type, error = max(((name, relative_error(reference[name], result[name])) for name in reference), key=lambda e: e[1])
+    if not error <= TOLERANCE:  # NaN, as broken kernels often give, fails too
+        return f"gave wrong results ({worst_type} logits off by {error:.0%})"
+    return cache.PROVEN
 
 
 def relative_error(reference: list[float], candidate: list[float]) -> float:

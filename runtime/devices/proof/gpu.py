@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from runtime import packaged
+from runtime import __version__, packaged
 from runtime.devices import gpu
-from runtime.devices.proof import TIMEOUT_S, TOLERANCE, cache, child, relative_error, workload
+from runtime.devices import proof
+from runtime.devices.proof import TIMEOUT_S, cache, child, workload
 
 # A GPU driver compiles each kernel's shader on first use: milliseconds each on a real GPU's driver, but Mesa's
 # software device (llvmpipe) took 107 s for the eight weight types on 2 busy cores, the first time (its shader
@@ -32,7 +32,7 @@ GPU_TIMEOUT_S = 300.0
 class BackendVerdict:
     """What the self-test found of one GPU backend here: why it failed as a whole, or each GPU's verdict."""
 
-    failure: str | None = None  # "died with SIGSEGV", "hung for 120 s"
+    failure: str | None = None  # "vulkan: no GPU found", "died with SIGSEGV", "hung for 300 s"
     gpus: dict[str, str] = field(default_factory=dict)  # GpuDevice.key -> "proven" or "gave wrong results (...)"
 
     def to_json(self) -> str:
@@ -46,68 +46,66 @@ class BackendVerdict:
         except (ValueError, KeyError, TypeError):
             return None
 
-    @property
-    def lasting(self) -> bool:
-        """Whether it says something about the backend on this machine rather than about this moment
-        (a hang on a busy machine, a kill from outside): only those are cached."""
-        return self.failure is None or not self.failure.startswith(("hung", "could not be started", "not tested", "died with SIGKILL", "died with SIGTERM"))
+    def lasting(self, backend: str) -> bool:
+        """Whether it says something about the backend on this machine rather than about this moment (a hang on
+        a busy machine, a kill from outside, memory another program holds): only those are cached. What the
+        backend itself said (no GPU, no driver) lasts until the driver's fingerprint changes."""
+        if self.failure is None:
+            return all(verdict == cache.PROVEN or proof.lasting(verdict) for verdict in self.gpus.values())
+        return self.failure.startswith(f"{backend}: ") or proof.lasting(self.failure)
 
 
-def verdict(backend: str, module: Path, threads: int, say: Callable[[str], None]) -> BackendVerdict:
+def verdict(backend: str, module: Path, threads: int, say: Callable[[str], None]) -> BackendVerdict | None:
     """The self-test's verdict on `backend`'s GPUs here: from the cache, or proven now in child processes.
+    None where it cannot run (no fork()).
 
     Call it before this process loads any GPU backend, with the CPU kernels registered.
     """
+    if not child.can_fork():
+        return None
     verdicts = cache.VerdictCache(packaged.cache_dir() / "kernel-proofs.json")
-    key = cache.key(f"gpu {gpu.driver_fingerprint(backend)}", backend, module)
+    key = f"gpu {gpu.driver_fingerprint(backend)}|{backend}|{_build_identity(module)}|runtime {__version__}|proof {cache.PROOF_VERSION}"
     known = verdicts.get(key)
     found = BackendVerdict.from_json(known) if known is not None else None
     if found is None:
-        if not child.can_fork():
-            return BackendVerdict(failure=None, gpus={})  # unproven: hardware.py says so
         say(f"checking the {backend} GPU backend on this machine's GPUs (once per GPU, driver and runtime build)...")
         found = _prove(backend, module, threads)
-        if found.lasting:
+        if found.lasting(backend):
             verdicts.put(key, found.to_json())
     return found
 
 
+def _build_identity(module: Path) -> str:
+    """The module's build, cheaply: its size and time (a runtime's unpacked folder never changes; a rebuilt module
+    in a checkout gets a new time). Hashing it, as the CPU variants are, would read 44 MB at every start."""
+    stat = module.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _prove(backend: str, module: Path, threads: int) -> BackendVerdict:
     # First whether the backend loads and finds a GPU at all (milliseconds), then the self-test.
-    probe = child.run(backend, partial(_gpu_keys, backend, module), GPU_TIMEOUT_S)
-    if probe.result is None or "unusable" in probe.result:
+    probe = child.run(backend, partial(_unusable, backend, module), GPU_TIMEOUT_S)
+    if probe.result is None or probe.result["unusable"] is not None:
         return BackendVerdict(failure=str(probe.failure) if probe.result is None else probe.result["unusable"])
     with tempfile.TemporaryDirectory(prefix="llamabox-proof-") as directory:
         base = packaged.proof_model(fallback=Path(directory))
         models = workload.model_paths(base, Path(directory))
-
-        def quantize_and_run() -> dict[str, list[float]]:
-            workload.quantize(base, models)
-            return workload.run(models, threads)
-
-        reference = child.run("cpu", quantize_and_run, TIMEOUT_S)
+        # The CPU kernels this process registered (and proved): no GPU is loaded in this child.
+        reference = child.run("cpu", partial(workload.quantized_logits, base, models, threads), TIMEOUT_S)
         if reference.result is None:
             return BackendVerdict(failure=f"not tested: the CPU reference {reference.failure}")
         outcome = child.run(backend, partial(_run_on_gpus, backend, module, models, threads), GPU_TIMEOUT_S)
     if outcome.result is None:
         return BackendVerdict(failure=str(outcome.failure))
-    return BackendVerdict(gpus={key: _judge(reference.result, logits) for key, logits in outcome.result.items()})
+    return BackendVerdict(gpus={key: proof.judge(reference.result, logits) for key, logits in outcome.result.items()})
 
 
-def _gpu_keys(backend: str, module: Path) -> dict[str, Any]:
-    """In the child: whether the backend loads here, and its GPUs."""
-    gpus, why = gpu.load(backend, module)
-    return {"unusable": why} if why is not None else {"gpus": [device.key for device in gpus]}
+def _unusable(backend: str, module: Path) -> dict[str, str | None]:
+    """In the child: why the backend cannot be used here (it does not load, or finds no GPU), or None."""
+    return {"unusable": gpu.load(backend, module)[1]}
 
 
 def _run_on_gpus(backend: str, module: Path, models: dict[str, Path], threads: int) -> dict[str, dict[str, list[float]]]:
     """In the child: load the backend, then every weight type's logits on each of its GPUs."""
     gpus, _ = gpu.load(backend, module)
     return {device.key: workload.run(models, threads, device.index) for device in gpus}
-
-
-def _judge(reference: dict[str, list[float]], logits: dict[str, list[float]]) -> str:
-    worst_type, error = max(((name, relative_error(reference[name], logits[name])) for name in reference), key=lambda e: e[1])
-    if not error <= TOLERANCE:  # NaN, as broken kernels often give, fails too
-        return f"gave wrong results ({worst_type} logits off by {error:.0%})"
-    return cache.PROVEN

@@ -51,6 +51,12 @@ def quantize(base: Path, models: dict[str, Path]) -> None:
             raise RuntimeError(f"llama.cpp could not quantize the proof model to {name}")
 
 
+def quantized_logits(base: Path, models: dict[str, Path], threads: int) -> dict[str, Logits]:
+    """Write the proof model in every weight type, then their logits on the CPU: the self-test's reference."""
+    quantize(base, models)
+    return run(models, threads)
+
+
 def run(models: dict[str, Path], threads: int, device: int | None = None) -> dict[str, Logits]:
     """Every weight type's logits: on the CPU backend registered in this process, or with every layer on
     ggml's device `device` (a GPU)."""
@@ -61,7 +67,7 @@ def run(models: dict[str, Path], threads: int, device: int | None = None) -> dic
 def _logits(path: Path, threads: int, device: int | None) -> Logits:
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = 0 if device is None else -1
-    devices = DeviceList(None if device is None else [device])
+    devices = DeviceList([] if device is None else [device])  # the CPU alone, or that GPU alone
     model_params.devices = devices.address
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
     if not model:
