@@ -146,6 +146,25 @@ def test_concurrent_requests_and_embeddings_on_the_gpu(bundle: Path, shared_cach
         assert len(set(answers)) == 1 and answers[0]
         embedded = httpx.post(server.url + "v1/embeddings", json={"input": "cats"}, timeout=300).json()["data"][0]["embedding"]
         assert math.isclose(math.fsum(x * x for x in embedded), 1.0, rel_tol=1e-3)
+        facts = _chat_page_facts(server.url)
+        assert "GPU: llvmpipe (LLVM" in facts and f"(Vulkan0, {LAYERS}/{LAYERS} layers)" in facts
     finally:
         stop_server(server)
     assert "Vulkan0 llvmpipe" in server.process.stderr.read()
+
+
+def _chat_page_facts(url: str) -> str:
+    """The model's facts under the chat page's header, as headless Chromium shows them."""
+    chromium = shutil.which("chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium (scripts/setup.sh installs it as root)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("document.querySelector('#model-facts').textContent.includes('GPU')", timeout=60000)
+            return page.inner_text("#model-facts")
+        finally:
+            browser.close()
