@@ -45,7 +45,7 @@ fi
 # Forced: the portable and the plain wheel have the same version, and pip would keep either.
 "$BIN/python" -m pip install --quiet --force-reinstall --no-deps "$wheel_dir"/llama_cpp_python-*.whl
 "$BIN/python" -m pip install --quiet "$wheel_dir"/llama_cpp_python-*.whl
-"$BIN/python" -m pip install --quiet -e ".[test]"
+"$BIN/python" -m pip install --quiet -e ".[test,bench]"  # bench: what benchmarks/ imports (charts)
 # The GPU backends beside the CPU variants: built with the portable wheel (against the Debian 11 root), else here.
 backends_dir=$("$BIN/python" -c 'import pathlib, llama_cpp; print(pathlib.Path(llama_cpp.__file__).parent.parent / "bin")')
 for name in $GPU_BACKENDS; do
