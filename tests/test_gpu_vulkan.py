@@ -164,7 +164,9 @@ def _chat_page_facts(url: str) -> str:
         try:
             page = browser.new_page()
             page.goto(url)
-            page.wait_for_function("document.querySelector('#model-facts').textContent.includes('GPU')", timeout=60000)
-            return page.inner_text("#model-facts")
+            # A locator, not wait_for_function: the page's Content-Security-Policy forbids evaluating strings.
+            facts = page.locator("#model-facts", has_text="GPU")
+            facts.wait_for(timeout=60000)
+            return facts.inner_text()
         finally:
             browser.close()
