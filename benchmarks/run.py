@@ -375,6 +375,7 @@ def main() -> None:
     text, ratios = report(ours, native, variants, costs, meta)
     print(text)
     png = args.output.parent / "benchmarks" / "ratios.png"
+    png.parent.mkdir(parents=True, exist_ok=True)  # --output elsewhere than the checkout
     chart(ratios, png)
     # Hand-written findings below the marker survive a re-run.
     previous = args.output.read_text() if args.output.exists() else ""

@@ -51,11 +51,6 @@ CHATML_STOP = "<|im_end|>"
 N_BATCH, N_UBATCH = 2048, 512
 
 
-def flash_attention(gpu_layers: int) -> int:
-    """Flash attention: llama.cpp's choice (on where the backend has it) with layers on a GPU; off on the CPU alone."""
-    return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu_layers > 0 else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-
-
 class PromptTooLongError(LlamaboxError):
     """The prompt does not fit into a slot's context window."""
 
@@ -166,7 +161,10 @@ class Engine:
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_UBATCH
         params.n_seq_max, params.kv_unified = parallel, False  # each slot has its own part of the cache
         params.n_threads = params.n_threads_batch = self.options.threads or 0
-        params.flash_attn_type = flash_attention(self.gpu_layers)
+        # llama.cpp's choice, on where the backend has it, as llama-server: on the CPU too. Off there, decoding at
+        # 1,400 tokens of context was faster (45-52 against 27-37 tok/s) but prompts read 10-15 % slower and short
+        # chats decoded no faster (BENCHMARKS.md, "The GPU").
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         with suppress_stdout_stderr(disable=self.options.verbose):
             context = llama_cpp.llama_init_from_model(self._model.model, params)
         return context or None
