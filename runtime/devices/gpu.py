@@ -1,5 +1,5 @@
-"""The GPU backends a runtime carries (Vulkan in every stub, CUDA in the CUDA stub, Metal on Apple Silicon),
-which of them can run here, and the GPUs they find.
+"""The GPU backends a runtime carries (Vulkan in the Linux stub, Metal on Apple Silicon; no stub carries CUDA
+yet), which of them can run here, and the GPUs they find.
 
 A GPU backend is a module beside the CPU variants (GGML_BACKEND_DL). Loading one initialises the GPU's
 runtime (Vulkan instance, CUDA context), so it happens only in the process that runs the model, after
