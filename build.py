@@ -3,9 +3,12 @@
     python build.py                 # -> dist/stubs/llamabox-runtime-<platform>
     python build.py --dist DIR      # somewhere else
     python build.py --host          # on Linux: with this machine's Python, not the portable build
+    python build.py --gpu cuda      # -> dist/stubs/llamabox-runtime-<platform>-cuda (after setup.sh --gpu cuda)
 
 The stub is model-independent: rebuild it only when the runtime changes. It carries Python,
-llama-cpp-python with every CPU variant library, the HTTP server and the chat page.
+llama-cpp-python with every CPU variant library, the GPU backends every stub has (Vulkan on Linux), the
+HTTP server and the chat page. A GPU stub (--gpu cuda) carries that backend too, with the libraries it needs
+from the CUDA toolkit (runtime.devices.gpu.COMPANIONS), so that its receiver needs only the driver.
 
 On Linux and macOS the stub is the launcher layout (runtime/bundle_format.py): PyInstaller builds the
 runtime as one folder, packed as .tar.gz behind a POSIX sh launcher (runtime/launcher.sh) that unpacks it
@@ -40,6 +43,7 @@ import PyInstaller.__main__
 from bundler import glibc
 from runtime import __version__, bundle_format
 from runtime.devices.cpu import CPU_VARIANT_GLOB
+from runtime.devices.gpu import COMPANIONS
 from runtime.devices.gpu import modules as gpu_modules
 from runtime.bundle_format import FORMAT_VERSION
 from runtime.devices.proof import model as proof_model
@@ -51,7 +55,7 @@ from runtime.packaged import (
     TEMPLATES_DIR_NAME,
     backend_dir,
 )
-from runtime.platform_tag import STUB_INFO_NAME, current_platform, stub_file_name
+from runtime.platform_tag import GPU_STUBS, STUB_INFO_NAME, current_platform, stub_file_name
 
 ROOT = Path(__file__).resolve().parent
 PORTABLE_SCRIPT = ROOT / "scripts" / "build_portable.sh"
@@ -62,8 +66,9 @@ EXCLUDED_MODULES = (
 )
 
 
-def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
-    """llama-cpp-python's own libraries, and the backend modules (CPU variants, GPUs) pip put in bin/.
+def llama_cpp_libraries(gpu: str | None) -> tuple[list[Path], list[Path]]:
+    """llama-cpp-python's own libraries, and the backend modules (CPU variants, GPUs) in its bin/ folder: the
+    GPU backends every stub carries, and `gpu`'s with its companion libraries.
 
     PyInstaller cannot see either: llama-cpp-python and the runtime open them with ctypes.
     """
@@ -81,7 +86,13 @@ def llama_cpp_libraries() -> tuple[list[Path], list[Path]]:
             f"build.py: no CPU variant libraries ({CPU_VARIANT_GLOB}) in {backend_dir()}; "
             "install llama-cpp-python with scripts/setup.sh (it builds every CPU variant)"
         )
-    return core, variants + list(gpu_modules(backend_dir()).values())
+    gpus = {name: path for name, path in gpu_modules(backend_dir()).items() if name not in GPU_STUBS or name == gpu}
+    if gpu is not None and gpu not in gpus:
+        sys.exit(f"build.py: no {gpu} backend in {backend_dir()}; build it with `scripts/setup.sh --gpu {gpu}` (hours on 2 cores, once)")
+    companions = [backend_dir() / name for name in COMPANIONS.get(gpu or "", ())]
+    if missing := [p.name for p in companions if not p.exists()]:
+        sys.exit(f"build.py: the {gpu} backend's libraries are missing from {backend_dir()} ({', '.join(missing)}); rerun `scripts/setup.sh --gpu {gpu}`")
+    return core, variants + list(gpus.values()) + companions
 
 
 # A spec rather than command-line options: for the stripping hook, and the onedir/onefile split below.
@@ -252,15 +263,21 @@ def main() -> None:
         help="refuse (delete) the stub if any ELF file in it needs a newer glibc (the portable build passes "
         f"{glibc.format_version(glibc.TARGET)})",
     )
+    parser.add_argument(
+        "--gpu",
+        choices=GPU_STUBS,
+        help="also carry this GPU backend and the libraries it needs (CUDA: the CUDA runtime and cuBLAS, hundreds "
+        "of MB), as llamabox-runtime-<platform>-cuda; scripts/setup.sh --gpu cuda builds the backend first",
+    )
     args = parser.parse_args()
 
     if not args.host and portable_ready():
-        command = [str(PORTABLE_SCRIPT), "--dist", str(args.dist.resolve())]
+        command = [str(PORTABLE_SCRIPT), "--dist", str(args.dist.resolve()), *(["--gpu", args.gpu] if args.gpu else [])]
         os.execv(command[0], command)
 
     platform_name = current_platform()
     launcher = not platform_name.startswith("windows-")
-    core, backend_modules = llama_cpp_libraries()
+    core, backend_modules = llama_cpp_libraries(args.gpu)
     work = ROOT / "build" / "pyinstaller"
     work.mkdir(parents=True, exist_ok=True)
     info = work / STUB_INFO_NAME
@@ -269,7 +286,7 @@ def main() -> None:
         "runtime_version": __version__,
         "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
         "cpu_variants": [p.name for p in backend_modules if "-cpu-" in p.name],
-        "gpu_backends": [p.name for p in backend_modules if "-cpu-" not in p.name],
+        "gpu_backends": [p.name for p in backend_modules if p.name.startswith(("libggml-", "ggml-")) and "-cpu-" not in p.name],
         "bundle_format": FORMAT_VERSION,
         "layout": "launcher" if launcher else "onefile",
     }
@@ -278,7 +295,7 @@ def main() -> None:
     proof = work / PROOF_MODEL_NAME
     proof.unlink(missing_ok=True)
     proof_model.ensure(proof)
-    name = stub_file_name(platform_name)
+    name = stub_file_name(platform_name, args.gpu)
     spec = work / "llamabox-runtime.spec"
     spec.write_text(
         SPEC.format(

@@ -18,6 +18,7 @@ from bundler.stubs import STUB_DIR
 from runtime import __version__, bundle_format
 from runtime.bundle_format import Bundle
 from runtime.errors import LlamaboxError
+from runtime.platform_tag import GPU_STUBS
 
 # Below this size a bar would only flicker.
 PROGRESS_THRESHOLD = 256 << 20
@@ -83,6 +84,12 @@ def cli() -> None:
     help="Where the stubs for --platform are, named llamabox-runtime-PLATFORM[.exe] (default: dist/stubs).",
 )
 @click.option(
+    "--gpu",
+    type=click.Choice(GPU_STUBS),
+    help="Bundle with the stub that also carries this GPU backend, llamabox-runtime-PLATFORM-cuda from --stub-dir "
+    "(NVIDIA GPUs at full speed; the receiver needs only the NVIDIA driver). Every stub carries Vulkan.",
+)
+@click.option(
     "--sidecar",
     is_flag=True,
     help="Keep the weights in NAME.gguf beside a small executable instead of inside it (needed for "
@@ -103,6 +110,7 @@ def build(
     default_args: str,
     platform: str | None,
     stub_dir: Path | None,
+    gpu: str | None,
     sidecar: bool,
     license_file: Path | None,
     force: bool,
@@ -133,8 +141,9 @@ def build(
       llamabox build model.gguf -o model-mac --stub stubs/llamabox-runtime-macos-arm64
       llamabox build model.gguf -o model --platform windows-x86_64   # writes model.exe
       llamabox build big.gguf -o big.run --sidecar                    # big.run + big.gguf
+      llamabox build model.gguf -o model.run --gpu cuda               # with the CUDA stub
     """
-    chosen = targets.select_stub(platform, stub, stub_dir)
+    chosen = targets.select_stub(platform, stub, stub_dir, gpu)
     if platform is not None:
         output = targets.output_name(output, platform)
     with _writing(output):
@@ -187,6 +196,7 @@ def _report_written(output: Path, manifest: bundle_format.Manifest) -> None:
 @click.option("--stub", type=click.Path(path_type=Path), help="Runtime stub for the new bundle.")
 @click.option("--platform", type=click.Choice(targets.PLATFORMS), help="Take the stub for this platform from --stub-dir.")
 @click.option("--stub-dir", type=click.Path(path_type=Path, file_okay=False), help="Where the stubs are (default: dist/stubs).")
+@click.option("--gpu", type=click.Choice(GPU_STUBS), help="Take the stub that also carries this GPU backend from --stub-dir.")
 @click.option(
     "--args",
     "default_args",
@@ -201,6 +211,7 @@ def repack(
     stub: Path | None,
     platform: str | None,
     stub_dir: Path | None,
+    gpu: str | None,
     default_args: str | None,
     sidecar: bool | None,
     force: bool,
@@ -215,10 +226,11 @@ def repack(
       llamabox repack old.run -o new.run                      # onto this llamabox's stub
       llamabox repack old.run -o new.run --args '--ctx-size 8192'
       llamabox repack model.run -o model --platform windows-x86_64
+      llamabox repack model.run -o model-cuda.run --gpu cuda  # onto the CUDA stub
     """
     if platform is None and stub is None:
         platform = bundle_format.open_bundle(old).manifest.platform
-    chosen = targets.select_stub(platform, stub, stub_dir)
+    chosen = targets.select_stub(platform, stub, stub_dir, gpu)
     if platform is not None:
         output = targets.output_name(output, platform)
     with _writing(output):
@@ -268,9 +280,8 @@ def _backends(described: dict[str, object]) -> str:
     """CPU kernel variants and GPU backends a stub carries, from its description."""
     variants = described.get("cpu_variants") or []
     cpu = sorted({str(v).split("-cpu-", 1)[-1].split(".", 1)[0] for v in variants}) if isinstance(variants, list) else []
-    gpu = described.get("gpu_backends") or []
     parts = [f"CPU ({', '.join(cpu)})" if cpu else "CPU"]
-    parts += [str(g).split("ggml-", 1)[-1].split(".", 1)[0].upper() for g in gpu] if isinstance(gpu, list) else []
+    parts += [name.upper() for name in targets.stub_gpu_backends(described)]
     return ", ".join(parts)
 
 

@@ -1,7 +1,8 @@
 """Target platforms: which stub builds a bundle for which platform, output names, and layout limits.
 
 Stubs live in a stub directory (--stub-dir, default dist/stubs, where build.py writes them), one per
-platform, named llamabox-runtime-<platform> (with .exe for Windows). A stub's own description says
+platform, named llamabox-runtime-<platform> (with .exe for Windows), and one per platform and GPU stub
+(`build.py --gpu cuda`: llamabox-runtime-<platform>-cuda). A stub's own description says
 which platform it is for and, from format 3 on, the newest bundle format its runtime reads; a stub
 for another platform than asked, or for another bundle format, is refused.
 """
@@ -35,24 +36,32 @@ class ListedStub:
     problem: str | None
 
 
-def select_stub(platform: str | None, stub: Path | None, stub_dir: Path | None) -> Path:
-    """The stub to build with: --stub, else the one for --platform in the stub directory, else the default."""
+def select_stub(platform: str | None, stub: Path | None, stub_dir: Path | None, gpu: str | None = None) -> Path:
+    """The stub to build with: --stub, else the one for --platform (and --gpu) in the stub directory, else the
+    default."""
     if stub is not None:
-        if platform is not None:
-            check_stub(stub, platform)
+        if platform is not None or gpu is not None:
+            check_stub(stub, platform, gpu)
         return stub
-    if platform is None:
+    if platform is None and gpu is None:
         return stubs.default_stub_path() if stub_dir is None else stub_dir / stub_file_name(current_platform())
+    platform_name = platform or current_platform()
     directory = stub_dir or stubs.STUB_DIR
-    path = directory / stub_file_name(platform)
+    path = directory / stub_file_name(platform_name, gpu)
+    if not path.is_file() and gpu is not None:
+        raise StubError(
+            f"no {gpu.upper()} stub for {platform_name} in {directory} (looked for {path.name}); build it on that "
+            f"platform with `scripts/setup.sh --gpu {gpu}` and `python build.py --gpu {gpu}`"
+        )
     if not path.is_file():
-        raise StubError(f"no stub for {platform} in {directory} (looked for {path.name}); {_available(directory)}")
-    check_stub(path, platform)
+        raise StubError(f"no stub for {platform_name} in {directory} (looked for {path.name}); {_available(directory)}")
+    check_stub(path, platform, gpu)
     return path
 
 
-def check_stub(path: Path, platform: str | None) -> StubInfo:
-    """Read the stub and refuse it if it is for another platform or another bundle format.
+def check_stub(path: Path, platform: str | None, gpu: str | None = None) -> StubInfo:
+    """Read the stub and refuse it if it is for another platform, lacks the GPU backend asked for, or is for
+    another bundle format.
 
     Stubs built before build.py recorded the format are taken: they read format 2, and a format 3
     (sidecar) bundle on one of them tells its user to update llamabox.
@@ -61,6 +70,8 @@ def check_stub(path: Path, platform: str | None) -> StubInfo:
     if platform is not None and info.platform != platform:
         raise StubError(f"{path.name} is a stub for {info.platform}, not {platform}; give the {platform} stub")
     described = stubs.description(path) or {}
+    if gpu is not None and gpu not in stub_gpu_backends(described):
+        raise StubError(f"{path.name} carries no {gpu.upper()} backend; give a stub built with `python build.py --gpu {gpu}`")
     reads = described.get(FORMAT_KEY)
     if reads is not None and reads != bundle_format.FORMAT_VERSION:
         raise StubError(
@@ -69,6 +80,14 @@ def check_stub(path: Path, platform: str | None) -> StubInfo:
             "built it)"
         )
     return info
+
+
+def stub_gpu_backends(described: dict[str, object]) -> list[str]:
+    """The GPU backends a stub's description lists, by name: ["vulkan", "cuda"]."""
+    modules = described.get("gpu_backends") or []
+    if not isinstance(modules, list):
+        return []
+    return [str(m).removeprefix("lib").removeprefix("ggml-").split(".", 1)[0] for m in modules]
 
 
 def list_stubs(directory: Path) -> list[ListedStub]:

@@ -16,9 +16,15 @@ def current_platform() -> str:
     return f"{system}-{_MACHINES.get(machine, machine)}"
 
 
-def stub_file_name(platform_name: str) -> str:
+# GPU backends that have stubs of their own (llamabox-runtime-linux-x86_64-cuda), besides those every stub
+# carries (Vulkan): CUDA's runtime and cuBLAS add hundreds of megabytes that most receivers would not use.
+GPU_STUBS = ("cuda",)
+
+
+def stub_file_name(platform_name: str, gpu: str | None = None) -> str:
+    """For example 'llamabox-runtime-linux-x86_64', or with gpu='cuda' 'llamabox-runtime-linux-x86_64-cuda'."""
     suffix = ".exe" if platform_name.startswith("windows-") else ""
-    return f"llamabox-runtime-{platform_name}{suffix}"
+    return f"llamabox-runtime-{platform_name}{'-' + gpu if gpu else ''}{suffix}"
 
 
 # The data file build.py puts into every stub's archive; its presence marks a llamabox stub.

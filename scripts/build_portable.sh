@@ -3,6 +3,7 @@
 # starts on Debian 11, Ubuntu 20.04, RHEL 9 and anything newer, not only on the machine that built it.
 #
 #   scripts/build_portable.sh [--dist DIR] [build.py options]   # the stub (build.py runs this by default)
+#   scripts/build_portable.sh --gpu cuda [--dist DIR]            # the CUDA stub (its backend takes hours, once)
 #   scripts/build_portable.sh prepare                            # only the compiled, cached parts
 #   scripts/build_portable.sh wheel                              # only the root and the wheel (setup.sh)
 #   scripts/build_portable.sh ready                              # exit 0 when those are cached
@@ -159,12 +160,12 @@ make_venv() {
     echo "$stamp" >"$ROOT/opt/venv/.llamabox-stamp"
 }
 
-# The GPU backends beside the CPU variants in the root's venv, where build.py takes every backend from.
+# The GPU backends beside the CPU variants in the root's venv, where build.py takes every backend from
+# (and only the stub built with `--gpu NAME` takes those that have a stub of their own, such as CUDA's).
 install_gpu_backends() {
-    local name backends
-    backends=$(echo "$ROOT"/opt/venv/lib/python3.11/site-packages/bin)
-    for name in $GPU_BACKENDS; do
-        install_gpu_backend "$(gpu_backend_dir "$name" "$TOOLCHAIN_ID")" "$backends"
+    local name
+    for name in $GPU_BACKENDS "$@"; do
+        install_gpu_backend "$(gpu_backend_dir "$name" "$TOOLCHAIN_ID")" "$ROOT/opt/venv/lib/python3.11/site-packages/bin"
     done
 }
 
@@ -179,22 +180,27 @@ prepare() {
 
 # build.py inside the root, on a copy of this checkout's runtime, into DIST.
 build_stub() {
-    local dist=dist/stubs args=() work name
+    local dist=dist/stubs args=() work name=llamabox-runtime-linux-x86_64 gpu=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --dist) dist=$2; shift 2 ;;
             --dist=*) dist=${1#--dist=}; shift ;;
+            --gpu) gpu=$2; args+=(--gpu "$2"); shift 2 ;;
             *) args+=("$1"); shift ;;
         esac
     done
     prepare
+    if [ -n "$gpu" ]; then
+        with_sysroot build_gpu_backend "$PY" "$gpu" "$(gpu_backend_dir "$gpu" "$TOOLCHAIN_ID")"
+        install_gpu_backends "$gpu"
+        name=$name-$gpu
+    fi
     work=$(mktemp -d "$ROOT/tmp/llamabox-build.XXXXXX")
     trap "rm -rf '$work'" EXIT
     mkdir -p "$work/src" "$work/dist"
     tar -cf - --exclude=__pycache__ build.py runtime bundler templates | tar -xf - -C "$work/src"
     in_root "$ROOT" /opt/venv/bin/python "/${work#"$ROOT"/}/src/build.py" --host --max-glibc "$GLIBC_TARGET" \
         --dist "/${work#"$ROOT"/}/dist" "${args[@]}"
-    name=llamabox-runtime-linux-x86_64
     mkdir -p "$dist"
     cp "$work/dist/$name" "$dist/.$name.partial" && mv "$dist/.$name.partial" "$dist/$name"
     echo "Portable stub: $dist/$name"

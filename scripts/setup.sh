@@ -3,8 +3,21 @@
 # variant (the wheel is cached per version, flags and patches), on Linux its Vulkan backend
 # (scripts/gpu_backends.sh), llamabox itself, the default model and, on Linux
 # x86-64 as root, what the portable stub is built with (scripts/build_portable.sh).
+#
+#   scripts/setup.sh              # everything the tests and the default stub need
+#   scripts/setup.sh --gpu cuda   # also llama.cpp's CUDA backend, for `python build.py --gpu cuda`: needs nvcc 13
+#                                 # in /usr/local/cuda (or LLAMABOX_CUDA_HOME); hours on 2 cores, once (cached)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+extra_gpu=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --gpu) [ "${2:-}" = cuda ] || { echo "setup.sh: --gpu takes cuda (Vulkan is always built)" >&2; exit 2; }
+               extra_gpu=$2; shift 2 ;;
+        *) echo "setup.sh: unknown option $1 (see the comment at the top of scripts/setup.sh)" >&2; exit 2 ;;
+    esac
+done
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 case "$(uname -s)" in
@@ -48,7 +61,7 @@ fi
 "$BIN/python" -m pip install --quiet -e ".[test,bench]"  # bench: what benchmarks/ imports (charts)
 # The GPU backends beside the CPU variants: built with the portable wheel (against the Debian 11 root), else here.
 backends_dir=$("$BIN/python" -c 'import pathlib, llama_cpp; print(pathlib.Path(llama_cpp.__file__).parent.parent / "bin")')
-for name in $GPU_BACKENDS; do
+for name in $GPU_BACKENDS $extra_gpu; do
     if [ $portable = 1 ]; then
         module_dir=$(PYTHON="$BIN/python" scripts/build_portable.sh gpu-backend "$name")
     else

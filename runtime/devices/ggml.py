@@ -30,13 +30,16 @@ def module_file_name(backend: str) -> str:
     return _MODULE_PATTERN.format(backend)
 
 
-def load_module(path: Path, warnings: list[str]) -> bool:
-    """Register one backend module; on failure, say why in `warnings` (ggml's own last log line)."""
+def load_module(path: Path, warnings: list[str], log: list[str] | None = None) -> bool:
+    """Register one backend module; on failure, say why in `warnings` (ggml's own last log line). What the
+    module logged while it started goes to `log`."""
     lib = ggml()
-    with captured_log(lib) as log:
+    with captured_log(lib) as captured:
         loaded = lib.ggml_backend_load(str(path).encode())
+    if log is not None:
+        log.extend(captured)
     if not loaded:
-        warnings.append(f"llama.cpp could not load {path.name} ({log[-1].strip() if log else 'no reason given'})")
+        warnings.append(f"llama.cpp could not load {path.name} ({captured[-1].strip() if captured else 'no reason given'})")
     return bool(loaded)
 
 

@@ -1,16 +1,17 @@
-"""The GPU backends a runtime carries (Vulkan in the Linux stub, Metal on Apple Silicon; no stub carries CUDA
-yet), which of them can run here, and the GPUs they find.
+"""The GPU backends a runtime carries (Vulkan in every Linux stub, CUDA in the CUDA stub, Metal on Apple
+Silicon), which of them can run here, and the GPUs they find.
 
 A GPU backend is a module beside the CPU variants (GGML_BACKEND_DL). Loading one initialises the GPU's
 runtime (Vulkan instance, CUDA context), so it happens only in the process that runs the model, after
 every fork, or in the self-test's child (proof/gpu.py), which proves each GPU before the model process
 trusts it. What the receiving machine needs is its driver: the Vulkan loader (libvulkan.so.1) and an ICD
-for Vulkan, libcuda.so.1 for CUDA. Where it lacks one, the module does not load, and the user reads why in
-one line.
+for Vulkan, libcuda.so.1 for CUDA (the CUDA stub carries the CUDA runtime and cuBLAS beside the module).
+Where it lacks one, the module does not load, and the user reads why in one line.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import os
@@ -31,6 +32,13 @@ _NEEDS = {
     "sycl": "Intel's oneAPI runtime",
     "metal": "macOS 13 or newer",
 }
+# The driver library each backend needs from the machine, tried before the module and its companions are loaded.
+_DRIVERS = {"cuda": "libcuda.so.1"}
+# Libraries a backend's module needs that the stub carries beside it (scripts/gpu_backends.sh copies them
+# there), in the order they must be loaded: the module finds them by soname once they are in the process.
+COMPANIONS = {"cuda": ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13")}
+# What a backend logs when its runtime does not start, and the words that follow it in the log.
+_INIT_FAILURE = {"cuda": "failed to initialize CUDA: "}
 
 
 @dataclass(frozen=True)
@@ -57,15 +65,32 @@ def modules(directory: Path | None = None) -> dict[str, Path]:
 
 def load(backend: str, path: Path) -> tuple[list[GpuDevice], str | None]:
     """Register one GPU module and list its GPUs; or, where it does not load, why not (one line)."""
+    needs = _NEEDS.get(backend, "its driver")
+    driver = _DRIVERS.get(backend)
+    if driver is not None and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(driver, mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            return [], f"{backend}: not usable here ({exc}); it needs {needs}"
+    for companion in COMPANIONS.get(backend, ()):
+        if (path.parent / companion).exists():
+            ctypes.CDLL(str(path.parent / companion), mode=ctypes.RTLD_GLOBAL)
     warnings: list[str] = []
+    log: list[str] = []
     before = {d.index for d in ggml.devices()}
-    if not ggml.load_module(path, warnings):
-        return [], f"{backend}: not usable here ({_reason(warnings[0], path)}); it needs {_NEEDS.get(backend, 'its driver')}"
+    if not ggml.load_module(path, warnings, log):
+        return [], f"{backend}: not usable here ({_reason(warnings[0], path)}); it needs {needs}"
+    failed = _INIT_FAILURE.get(backend)
+    why_not = next((line.split(failed, 1)[1].strip() for line in log if failed and failed in line), None)
     gpus = [
         GpuDevice(backend, d.index, d.name, d.description, d.free_bytes, d.total_bytes)
         for d in ggml.devices()
         if d.index not in before and d.kind in (ggml.DEVICE_GPU, ggml.DEVICE_IGPU)
     ]
+    if not gpus and why_not and "insufficient" in why_not:
+        return [], f"{backend}: the NVIDIA driver is older than the CUDA runtime 13.0 this runtime carries ({why_not}); update it to R580 or newer"
+    if not gpus and why_not:
+        return [], f"{backend}: no GPU found ({why_not})"
     if not gpus:
         return [], f"{backend}: no GPU found{_vulkan_hint() if backend == 'vulkan' else ''}"
     return gpus, None
