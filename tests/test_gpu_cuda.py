@@ -22,6 +22,12 @@ from runtime.platform_tag import current_platform, stub_file_name
 from tests.conftest import ROOT, SOURCE_DATE_EPOCH, llamabox
 
 CUDA_STUB = Path(os.environ.get("LLAMABOX_TEST_CUDA_STUB") or ROOT / "dist" / "stubs" / stub_file_name(current_platform(), "cuda"))
+# A driver too old for the CUDA runtime the stub carries: cudart asks it its version first.
+OLD_DRIVER_SOURCE = """
+int cuDriverGetVersion(int *version) { *version = 12000; return 0; }  /* CUDA 12.0: R525 */
+int cuInit(unsigned int flags) { return 0; }
+int cuGetProcAddress_v2(const char *name, void **fn, int version, unsigned long long flags, int *status) { *fn = 0; return 500; }
+"""
 # What a stub may need from the receiving machine: glibc's own libraries and the GPU drivers.
 FROM_THE_MACHINE = {
     "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libutil.so.1", "ld-linux-x86-64.so.2",
@@ -117,6 +123,31 @@ def test_a_cuda_bundle_without_the_driver_answers_on_the_cpu(smollm2: Path, tmp_
     answer = subprocess.run(
         [str(bundle), "-p", "What is the capital of France?", "-n", "8", "--temp", "0"],
         capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert "Paris" in answer.stdout
+    assert "Traceback" not in answer.stderr + info.stderr
+
+
+@needs_cuda_stub
+@no_nvidia_driver
+def test_a_driver_too_old_is_named_and_the_cpu_answers(smollm2: Path, tmp_path: Path) -> None:
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    (driver / "fake.c").write_text(OLD_DRIVER_SOURCE)
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(driver / "libcuda.so.1"), str(driver / "fake.c")], check=True)
+    bundle = tmp_path / "smollm2-cuda.run"
+    built = llamabox("build", smollm2, "-o", bundle, "--gpu", "cuda", "--stub-dir", CUDA_STUB.parent, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
+    assert built.returncode == 0, built.stderr
+    env = {**os.environ, "LLAMABOX_CACHE": str(tmp_path / "cache"), "LD_LIBRARY_PATH": str(driver)}
+    info = subprocess.run([str(bundle), "--info"], capture_output=True, text=True, env=env, timeout=600)
+    assert info.returncode == 0, info.stderr
+    assert (
+        "GPU: cuda: the NVIDIA driver is older than the CUDA runtime 13.0 this runtime carries (CUDA driver version is "
+        "insufficient for CUDA runtime version); update it to R580 or newer"
+    ) in info.stdout.splitlines()
+    answer = subprocess.run(
+        [str(bundle), "-p", "What is the capital of France?", "-n", "8", "--temp", "0"], capture_output=True, text=True, env=env, timeout=600
     )
     assert answer.returncode == 0, answer.stderr
     assert "Paris" in answer.stdout

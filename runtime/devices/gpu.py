@@ -127,7 +127,8 @@ def driver_fingerprint(backend: str) -> str:
             continue
     # A GPU added or taken out: its device files' names.
     digest.update(" ".join(sorted(glob.glob("/dev/dri/renderD*")) + sorted(glob.glob("/dev/nvidia[0-9]*"))).encode())
-    for variable in ("GGML_VK_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+    # Which GPUs the backends may see, and where the dynamic loader may find another driver library.
+    for variable in ("GGML_VK_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH"):
         digest.update(f"{variable}={os.environ.get(variable, '')}\n".encode())
     return digest.hexdigest()[:16]
 
