@@ -62,6 +62,7 @@ ROUTES: dict[str, Route] = {
         ("max_tokens",),
         (*OPENAI_SAMPLING, "max_completion_tokens", "n", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls"),
     ),
+    "/chat/completions": Route({"messages": SAY_OK, "max_tokens": 3}, ("max_tokens",), (*OPENAI_SAMPLING, "n", "tools", "tool_choice")),
     "/v1/completions": Route(
         {"model": "any", "prompt": "Hello", "max_tokens": 3},
         ("max_tokens",),
@@ -81,6 +82,7 @@ ROUTES: dict[str, Route] = {
     "/v1/messages/count_tokens": Route({"model": "any", "messages": SAY_OK}, None, ("system", "tools", "tool_choice", "thinking")),
     "/completion": Route({"prompt": "Hello", "n_predict": 3}, ("n_predict",), NATIVE_SAMPLING),
     "/completions": Route({"prompt": "Hello", "n_predict": 3}, ("n_predict",), NATIVE_SAMPLING),
+    "/apply-template": Route({"messages": SAY_OK}, None, ("tools", "tool_choice")),
     "/tokenize": Route({"content": "Hello"}, None, ("add_special", "parse_special", "with_pieces")),
     "/detokenize": Route({"tokens": [1, 2, 3]}, None, ()),
     "/embedding": Route({"content": "hello"}, None, ("embd_normalize", "input")),

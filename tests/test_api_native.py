@@ -277,6 +277,23 @@ def test_completion_errors(http: httpx.Client) -> None:
 # --- tokens --------------------------------------------------------------------------------------
 
 
+def test_apply_template_writes_the_prompt_that_chat_completions_reads(http: httpx.Client) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    prompt = http.post("/apply-template", json={"messages": messages}).json()["prompt"]
+    # SmolLM2's template: ChatML, ending where the assistant's answer starts.
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    chat = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == len(http.post("/tokenize", json={"content": prompt, "add_special": False}).json()["tokens"])
+    assert_llama_error(http.post("/apply-template", json={"messages": []}), 400, "invalid_request_error")
+
+
+def test_chat_completions_without_v1(http: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+    plain, v1 = http.post("/chat/completions", json=body).json(), http.post("/v1/chat/completions", json=body).json()
+    assert plain["object"] == "chat.completion"
+    assert plain["choices"][0]["message"]["content"] == v1["choices"][0]["message"]["content"]
+
+
 def test_tokenize_detokenize_round_trip(http: httpx.Client) -> None:
     text = "Hello world, ça va? 😀 123"
     tokens = http.post("/tokenize", json={"content": text}).json()["tokens"]

@@ -104,6 +104,7 @@ class Prompt:
 
     tokens: list[int]
     stop: list[str] = field(default_factory=list)
+    text: str = ""  # what the chat template wrote, for a chat prompt (llama-server's /apply-template shows it)
 
 
 class Engine:
@@ -218,7 +219,7 @@ class Engine:
             raise ChatTemplateError(f"the model's chat template rejected these messages: {exc}") from None
         stop = [s for s in [*(formatted.stop or []), None if self.chat_template else CHATML_STOP] if s]
         # The template writes the BOS token itself where the model wants one.
-        return Prompt(tokens=self.tokenize(formatted.prompt, add_bos=False), stop=stop)
+        return Prompt(tokens=self.tokenize(formatted.prompt, add_bos=False), stop=stop, text=formatted.prompt)
 
     def stream(self, prompt: Prompt, sampling: Sampling) -> Iterator[Chunk]:
         """Generate text piece by piece; the last piece has the finish reason and token counts.

@@ -1,5 +1,5 @@
 """llama.cpp's own server API, as llama-server and llamafile expose it: /completion, /tokenize,
-/detokenize, /embedding, /health, /props and /slots, with llama-server's JSON and error shapes.
+/detokenize, /embedding, /apply-template, /health, /props and /slots, with llama-server's JSON and error shapes.
 
 Code written for llamafile's or llama-server's native routes works unchanged against a bundle.
 Requests are read into the engine's Prompt and Sampling; generation and streaming are
@@ -30,6 +30,7 @@ from runtime.server.body import Body, read_json
 from runtime.server.dialect import Dialect
 from runtime.server.errors import ApiError
 from runtime.server.generation import Generation, sse, timings_of
+from runtime.server.openai import chat_messages, tool_use
 from runtime.server.settings import ServerSettings
 from runtime.server.structured import json_grammar
 
@@ -81,6 +82,7 @@ def routes() -> list[Route]:
         NATIVE.route("/detokenize", detokenize, ["POST"]),
         NATIVE.route("/embedding", embedding, ["POST"]),
         NATIVE.route("/embeddings", embedding, ["POST"]),
+        NATIVE.route("/apply-template", apply_template, ["POST"]),
         NATIVE.route("/lora-adapters", list_lora_adapters, ["GET"]),
         *(NATIVE.route(path, _unsupported(what), methods) for path, what, methods in UNSUPPORTED),
     ]
@@ -94,7 +96,6 @@ UNSUPPORTED = [
     ("/metrics", "Prometheus metrics (/metrics)", ["GET"]),
     ("/slots/{id_slot}", "saving, restoring and erasing slots", ["POST"]),
     ("/lora-adapters", "LoRA adapters", ["POST"]),
-    ("/apply-template", "/apply-template (use /v1/chat/completions)", ["POST"]),
 ]
 
 
@@ -162,6 +163,15 @@ async def props(request: Request) -> Response:
             "hardware": settings.hardware,
         }
     )
+
+
+async def apply_template(request: Request) -> Response:
+    """The prompt a chat request would give the model, as its chat template writes it (tools included), without
+    generating: llama-server's {"prompt": ...}. The body is /v1/chat/completions'; its errors are too."""
+    body = await read_json(request)
+    engine: Engine = request.app.state.engine
+    prompt = await run_in_threadpool(tool_use(body).prompt, engine, chat_messages(body))
+    return JSONResponse({"prompt": prompt.text})
 
 
 async def list_lora_adapters(_request: Request) -> Response:

@@ -37,6 +37,7 @@ def routes() -> list[Route]:
         OPENAI.route("/v1/models", list_models, ["GET"]),
         OPENAI.route("/v1/models/{model:path}", get_model, ["GET"]),
         OPENAI.route("/v1/chat/completions", chat_completions, ["POST"]),
+        OPENAI.route("/chat/completions", chat_completions, ["POST"]),  # llama-server answers it without /v1 too
         OPENAI.route("/v1/completions", completions, ["POST"]),
         OPENAI.route("/v1/embeddings", embeddings, ["POST"]),
     ]
