@@ -77,7 +77,7 @@ class _UserErrors(click.Command):
     multiple=True,
     help="Accept requests for this host name too (repeatable); by default only IP addresses and localhost, against DNS rebinding.",
 )
-@click.option("--cors", "cors_origins", multiple=True, help="Let web pages from this origin call the API (repeatable; * for any) [default: none].")
+@click.option("--cors", "cors_origins", multiple=True, help="Let web pages from this origin call the API (repeatable; * for any) [default: pages from localhost, 127.0.0.1 and [::1] only, as llama-server].")
 @click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens for each request (0: the model's own).")
 @click.option(
     "-np",

@@ -242,7 +242,7 @@ def test_only_json_bodies(server: Server) -> None:
 
 
 @slow
-def test_no_cors_by_default(server: Server) -> None:
+def test_by_default_cors_only_for_local_pages(server: Server) -> None:
     simple = httpx.get(server.url + "v1/models", headers={"origin": ORIGIN})
     assert simple.status_code == 200 and "access-control-allow-origin" not in simple.headers
     preflight = httpx.options(
@@ -250,6 +250,17 @@ def test_no_cors_by_default(server: Server) -> None:
         headers={"origin": ORIGIN, "access-control-request-method": "POST", "access-control-request-headers": "content-type"},
     )
     assert "access-control-allow-origin" not in preflight.headers
+    # A front end in development on this machine, as llama-server allows.
+    for local in ("http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8080", "https://localhost"):
+        preflight = httpx.options(
+            server.url + "v1/chat/completions",
+            headers={"origin": local, "access-control-request-method": "POST", "access-control-request-headers": "content-type"},
+        )
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == local, local
+        answered = httpx.get(server.url + "v1/models", headers={"origin": local})
+        assert answered.headers["access-control-allow-origin"] == local
+    for lookalike in ("http://localhost.evil.example", "http://127.0.0.1.evil.example:80", "http://evil.example/localhost"):
+        assert "access-control-allow-origin" not in httpx.get(server.url + "v1/models", headers={"origin": lookalike}).headers, lookalike
 
 
 @slow

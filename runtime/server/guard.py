@@ -6,7 +6,9 @@ Pure ASGI (not BaseHTTPMiddleware) so that streamed answers pass through untouch
    Host, so it gets a 403 instead of the model's answers (DNS rebinding, as in Ollama's CVE-2024-28224).
    An IP literal cannot be rebound: the browser only sends the name it resolved. A request without
    a Host header (HTTP/1.0) does not come from a browser and passes.
-2. CORS, only for the origins given with --cors (Starlette's CORSMiddleware answers the preflight).
+2. CORS, as llama-server does for local origins: pages served from localhost, 127.0.0.1 or [::1] (any port,
+   such as a front end in development) may call the API; other origins only when given with --cors.
+   Starlette's CORSMiddleware answers the preflight.
 3. With --api-key, every route but the chat page, its files and /health wants the key, as
    `Authorization: Bearer KEY` (OpenAI, llama.cpp, Ollama clients) or `x-api-key: KEY` (Anthropic's).
 The refusals are answered in the error shape of the API family the path belongs to, which is what
@@ -36,6 +38,7 @@ from runtime.server.settings import Access
 OPEN_PATHS = ("/", "/health", "/v1/health")  # the chat page and the health checks need no key
 OPEN_PREFIX = "/ui/"  # the chat page's files
 LOCAL_NAMES = ("localhost",)
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
 
 
 class Guard:
@@ -43,17 +46,15 @@ class Guard:
         self.app, self.access = app, access
         self._key = access.api_key.encode() if access.api_key else None
         self._allowed = {name for name in map(host_name, access.allowed_hosts) if name}
-        inner: ASGIApp = self._authorized
-        if access.cors_origins:
-            inner = CORSMiddleware(
-                inner,
-                allow_origins=list(access.cors_origins),
-                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                allow_headers=["*"],
-                allow_private_network=True,  # Chrome asks before a public page may call a local server
-                expose_headers=["Retry-After"],
-            )
-        self._inner = inner
+        self._inner = CORSMiddleware(
+            self._authorized,
+            allow_origins=list(access.cors_origins),
+            allow_origin_regex=LOCAL_ORIGINS,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            allow_private_network=True,  # Chrome asks before a public page may call a local server
+            expose_headers=["Retry-After"],
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
