@@ -128,6 +128,7 @@ class _UserErrors(click.Command):
 )
 @click.option("--gpu-device", help="Use only this GPU, by its name in --info (Vulkan0, CUDA1) [default: every GPU of the best backend].")
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
+@click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics, with llama-server's names (llamacpp:...).")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's own log and one line per HTTP request.")
 @click.version_option(__version__, prog_name="llamabox runtime")
 @click.pass_context

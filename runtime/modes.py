@@ -56,6 +56,7 @@ class RunOptions:
     gpu_device: str | None
     nobrowser: bool
     verbose: bool
+    metrics: bool
 
     @property
     def sampling(self) -> Sampling:
@@ -171,6 +172,7 @@ def run_server(engine: Engine, options: RunOptions, source: ModelSource, machine
         ),
         system_prompt=options.system_prompt,
         access=Access(options.api_key or None, options.allowed_hosts, options.cors_origins, access_log=options.verbose),
+        metrics=options.metrics,
     )
     if not options.nobrowser and not has_display() and sys.stdin.isatty():
         click.echo("llamabox: no display to open the chat page on; to chat in this terminal instead, run with --chat", err=True)

@@ -351,3 +351,51 @@ def test_health_props_slots(http: httpx.Client) -> None:
     assert len(slots) == props["total_slots"]
     assert all(s["n_ctx"] == settings["n_ctx"] and s["is_processing"] is False for s in slots)
     assert_llama_error(http.post("/props", json={}), 501, "not_supported_error")
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def read_metrics(text: str) -> dict[str, float]:
+    """Prometheus's text format: every sample has HELP and TYPE lines before it."""
+    samples = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            name, value = line.split(" ")
+            assert lines[i - 2].startswith(f"# HELP {name} ") and lines[i - 1] in (f"# TYPE {name} counter", f"# TYPE {name} gauge")
+            samples[name.removeprefix("llamacpp:")] = float(value)
+    return samples
+
+
+def test_metrics_are_off_without_the_flag(http: httpx.Client) -> None:
+    assert "--metrics" in assert_llama_error(http.get("/metrics"), 501, "not_supported_error")
+    assert http.get("/props").json()["endpoint_metrics"] is False
+
+
+def test_metrics_count_what_was_served(bundle: Path) -> None:
+    server = start_server(bundle, "--temp", "0", "--port", str(free_port()), "--metrics")
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            assert http.get("/props").json()["endpoint_metrics"] is True
+            first = complete(http, n_predict=16)
+            response = http.get("/metrics")
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            after_one = read_metrics(response.text)
+            assert after_one["prompt_tokens_total"] == first["tokens_evaluated"]
+            generated = first["tokens_predicted"]
+            assert after_one["tokens_predicted_total"] == generated > 0
+            assert after_one["n_decode_total"] >= generated  # one for the prompt, one per generated token but the last
+            # The last token is decoded only when it did not end the answer at the limit.
+            assert after_one["n_tokens_max"] == first["tokens_evaluated"] + generated - (first["stop_type"] == "limit")
+            assert after_one["predicted_tokens_seconds"] > 0 and after_one["prompt_tokens_seconds"] > 0
+            assert after_one["requests_processing"] == 0 and after_one["requests_deferred"] == 0
+            assert after_one["n_busy_slots_per_decode"] == 1
+            second = complete(http, n_predict=4)  # the same prompt: read from the cache, but its last token
+            after_two = read_metrics(http.get("/metrics").text)
+            assert after_two["prompt_tokens_cached_total"] == first["tokens_evaluated"] - 1
+            assert after_two["prompt_tokens_total"] == after_one["prompt_tokens_total"] + 1
+            assert after_two["tokens_predicted_total"] == generated + second["tokens_predicted"]
+            assert read_metrics(http.get("/metrics").text)["predicted_tokens_seconds"] == 0  # nothing since the last scrape
+    finally:
+        stop_server(server)

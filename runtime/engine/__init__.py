@@ -19,6 +19,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from runtime.engine import memory
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.loader import InPlaceModel
+from runtime.engine.metrics import Metrics
 from runtime.engine.sampling import Sampling, SamplingError
 from runtime.engine.scheduler import (
     Chunk,
@@ -35,7 +36,7 @@ from runtime.errors import LlamaboxError, ModelFileError
 from runtime.model_source import ModelLocation
 
 __all__ = [
-    "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "Prompt",
+    "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "Metrics", "Prompt",
     "PromptError", "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState", "Timings",
     "TokenLogprob",
 ]
@@ -274,6 +275,10 @@ class Engine:
     def slots(self) -> tuple[list[SlotState], int]:
         """Each slot's state, and how many requests wait for one."""
         return self._scheduler.state()
+
+    def metrics(self) -> Metrics:
+        """What the engine has counted since it started, for /metrics (the recent averages start over)."""
+        return self._scheduler.metrics()
 
     def _check_fits(self, prompt: Prompt) -> None:
         if len(prompt.tokens) >= self.n_ctx:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+from runtime.engine.metrics import Metrics
 from runtime.engine.sampling import SamplerChain, Sampling, SamplingError
 from runtime.engine.text import TextStream
 from runtime.errors import LlamaboxError
@@ -187,6 +188,7 @@ class Scheduler:
         self._slots = [_Slot(i) for i in range(parallel)]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._requests_started = 0
+        self._metrics = Metrics()
         self._wake = threading.Condition()
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._stopping = False
@@ -223,6 +225,11 @@ class Scheduler:
         with self._wake:
             slots = [SlotState(s.id, self.n_ctx_slot, s.request is not None, len(s.cached)) for s in self._slots]
             return slots, len(self._waiting)
+
+    def metrics(self) -> Metrics:
+        """The counters for /metrics (their recent averages start over)."""
+        with self._wake:
+            return self._metrics.read()
 
     # --- the engine thread --------------------------------------------------------------------------
 
@@ -337,6 +344,8 @@ class Scheduler:
         status = llama_cpp.llama_decode(self._context, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
+        with self._wake:
+            self._metrics.decoded(len(active), max(len(slot.cached) for slot in active))
         for slot in active:
             if slot.batch_index >= 0 and slot.request is not None:
                 try:
@@ -399,6 +408,9 @@ class Scheduler:
         timings = Timings((slot.first_token_at - slot.started_at) * 1000, (now - slot.first_token_at) * 1000)
         with self._wake:
             request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word))
+            self._metrics.request_done(
+                len(request.tokens) - slot.reused, slot.reused, timings.prompt_ms / 1000, slot.generated, timings.predicted_ms / 1000
+            )
             self._free(slot, keep_cache=True)
 
 

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from runtime import __version__
 from runtime.engine import Chunk, Engine, Prompt, Sampling, Timings, TokenLogprob
 from runtime.engine.sampling import PENALTY_LAST_N
+from runtime.server import prometheus
 from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import Dialect
@@ -83,6 +84,7 @@ def routes() -> list[Route]:
         NATIVE.route("/embedding", embedding, ["POST"]),
         NATIVE.route("/embeddings", embedding, ["POST"]),
         NATIVE.route("/apply-template", apply_template, ["POST"]),
+        NATIVE.route("/metrics", prometheus.metrics, ["GET"]),
         NATIVE.route("/lora-adapters", list_lora_adapters, ["GET"]),
         *(NATIVE.route(path, _unsupported(what), methods) for path, what, methods in UNSUPPORTED),
     ]
@@ -93,7 +95,6 @@ UNSUPPORTED = [
     ("/infill", "fill-in-the-middle (/infill)", ["POST"]),
     ("/rerank", "reranking", ["POST"]),
     ("/reranking", "reranking", ["POST"]),
-    ("/metrics", "Prometheus metrics (/metrics)", ["GET"]),
     ("/slots/{id_slot}", "saving, restoring and erasing slots", ["POST"]),
     ("/lora-adapters", "LoRA adapters", ["POST"]),
 ]
@@ -155,7 +156,7 @@ async def props(request: Request) -> Response:
             "modalities": {"vision": False, "audio": False},
             "endpoint_slots": True,
             "endpoint_props": False,
-            "endpoint_metrics": False,
+            "endpoint_metrics": settings.metrics,
             "webui": True,
             "chat_template": engine.chat_template or "",
             "build_info": f"llamabox {__version__}",

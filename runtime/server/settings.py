@@ -41,3 +41,4 @@ class ServerSettings:
     model: ModelFacts
     system_prompt: str | None = None
     access: Access = field(default_factory=Access)
+    metrics: bool = False  # GET /metrics answers (--metrics)
