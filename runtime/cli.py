@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from runtime import __version__, packaged
+from runtime.cache_types import CACHE_TYPES
 from runtime.errors import LlamaboxError
 from runtime.model_source import OwnBundle, own_bundle
 
@@ -79,6 +80,22 @@ class _UserErrors(click.Command):
 )
 @click.option("--cors", "cors_origins", multiple=True, help="Let web pages from this origin call the API (repeatable; * for any) [default: pages from localhost, 127.0.0.1 and [::1] only, as llama-server].")
 @click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens for each request (0: the model's own).")
+@click.option(
+    "-ctk",
+    "--cache-type-k",
+    type=click.Choice(CACHE_TYPES),
+    default="f16",
+    show_default=True,
+    help="The type of the cache's keys, as llama-server: q8_0 takes about half the memory of f16, so twice the context or slots.",
+)
+@click.option(
+    "-ctv",
+    "--cache-type-v",
+    type=click.Choice(CACHE_TYPES),
+    default="f16",
+    show_default=True,
+    help="The type of the cache's values (quantized ones need flash attention, which llama.cpp turns on where it can).",
+)
 @click.option(
     "-np",
     "--parallel",

@@ -57,6 +57,8 @@ class RunOptions:
     nobrowser: bool
     verbose: bool
     metrics: bool
+    cache_type_k: str
+    cache_type_v: str
 
     @property
     def sampling(self) -> Sampling:
@@ -103,6 +105,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             gpu_devices=tuple(g.index for g in placement.gpus),
             system_prompt=options.system_prompt,
             verbose=options.verbose,
+            cache_type_k=options.cache_type_k,
+            cache_type_v=options.cache_type_v,
         ),
     )
     for warning in engine.warnings:
@@ -132,7 +136,7 @@ def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions,
         raise LlamaboxError(f"--gpu-device {options.gpu_device}: no usable GPU here ({why})")
     if not machine.gpus:
         return machine.offload
-    facts = model_facts(source.location)
+    facts = model_facts(source.location, options.cache_type_k, options.cache_type_v)
     request = offload.OffloadRequest(
         layers=options.gpu_layers,
         device=options.gpu_device,

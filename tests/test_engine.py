@@ -4,6 +4,7 @@ prompt reuse, cancellation, the waiting line and context limits."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -222,3 +223,21 @@ def test_a_model_without_a_tokenizer_is_refused_not_aborted(tmp_path: Path) -> N
     path = proof_model.ensure(tmp_path / "no-tokenizer.gguf")
     with pytest.raises(ModelFileError, match="holds no tokenizer"):
         Engine(ModelLocation(path=path), EngineOptions(ctx_size=256, parallel=1, threads=1))
+
+
+def test_quantized_caches_take_what_memory_py_says_and_answer_alike(smollm2: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """-ctk/-ctv: llama.cpp's own account of the cache (its log) against the size the slot count is chosen by."""
+    from runtime.engine import memory
+
+    answers = {}
+    for kind in ("f16", "q8_0", "q4_0"):
+        capfd.readouterr()
+        options = EngineOptions(ctx_size=512, parallel=1, threads=2, cache_type_k=kind, cache_type_v=kind, verbose=True)
+        with Engine(ModelLocation(smollm2), options) as quantized:
+            log = capfd.readouterr().err
+            answers[kind] = quantized.complete(ask(quantized, "What is the capital of France?"), Sampling(temperature=0, max_tokens=6)).text
+            predicted = memory.kv_bytes_per_token(quantized.metadata, kind, kind) * quantized.n_ctx / 2**20
+        size = float(re.search(rf"llama_kv_cache: size = +([\d.]+) MiB .* K \({kind}\): .* V \({kind}\):", log).group(1))
+        assert size == pytest.approx(predicted, abs=0.01), kind
+    assert answers["q8_0"] == answers["f16"]  # 8 bits per value lose too little to change a short greedy answer
+    assert answers["q4_0"]

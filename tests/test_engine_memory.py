@@ -13,6 +13,9 @@ GIB = 2**30
 def test_kv_bytes_per_token_from_metadata() -> None:
     assert kv_bytes_per_token(SMOLLM2) == 30 * 3 * (64 + 64) * 2  # 23,040 bytes
     assert kv_bytes_per_token({"general.architecture": "llama"}) == 0  # unknown: no guess
+    # Quantized caches, as ggml stores them: q8_0 keeps 32 values in 34 bytes, q4_0 in 18.
+    assert kv_bytes_per_token(SMOLLM2, "q8_0", "q8_0") == 30 * 3 * (64 + 64) * 34 // 32
+    assert kv_bytes_per_token(SMOLLM2, "q8_0", "q4_0") == 30 * 3 * 64 * (34 + 18) // 32
 
 
 def test_four_slots_where_memory_allows_fewer_where_not() -> None:

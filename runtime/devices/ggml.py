@@ -78,6 +78,11 @@ def devices() -> list[Device]:
     return found
 
 
+def row_size(ggml_type: int, n: int) -> int:
+    """Bytes that `n` values of a ggml type take (quantized types: in whole blocks)."""
+    return ggml().ggml_row_size(ggml_type, n)
+
+
 def device_handle(index: int) -> int:
     """The ggml_backend_dev_t of device `index`, for llama_model_params.devices."""
     return ggml().ggml_backend_dev_get(index)
@@ -106,6 +111,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         ("ggml_backend_dev_memory", [p, ctypes.POINTER(s), ctypes.POINTER(s)], None),
         ("ggml_backend_dev_backend_reg", [p], p),
         ("ggml_backend_reg_name", [p], ctypes.c_char_p),
+        ("ggml_row_size", [ctypes.c_int, ctypes.c_int64], s),
     ]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype

@@ -25,7 +25,7 @@ class ModelFacts:
 
     n_layer: int  # repeating layers; llama.cpp counts one more (the output layer) in n_gpu_layers
     weights_bytes: int
-    kv_bytes_per_token: int  # keys and values of one token in every layer (F16 cache)
+    kv_bytes_per_token: int  # keys and values of one token in every layer, in the cache's types
     n_vocab: int
     n_embd: int
     n_ctx_train: int

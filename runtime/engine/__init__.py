@@ -70,6 +70,8 @@ class EngineOptions:
     gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
     system_prompt: str | None = None
     verbose: bool = False
+    cache_type_k: str = "f16"  # runtime.cache_types: quantized caches hold more tokens in the same memory
+    cache_type_v: str = "f16"
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ class Engine:
         self.chat_template = metadata.get("tokenizer.chat_template")
         self.model_name = metadata.get("general.name") or location.path.stem
         per_slot = options.ctx_size or self._model.n_ctx_train()
-        self.parallel = options.parallel or memory.auto_parallel(memory.kv_bytes_per_token(metadata), per_slot, memory.available_memory())
+        per_token = memory.kv_bytes_per_token(metadata, options.cache_type_k, options.cache_type_v)
+        self.parallel = options.parallel or memory.auto_parallel(per_token, per_slot, memory.available_memory())
         context = self._new_context(per_slot * self.parallel, self.parallel)
         while context is None and self.gpu_layers > 0:
             # The cache and compute buffers of the offloaded layers did not fit on the GPU: fewer layers there.
@@ -163,6 +166,7 @@ class Engine:
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_UBATCH
         params.n_seq_max, params.kv_unified = parallel, False  # each slot has its own part of the cache
         params.n_threads = params.n_threads_batch = self.options.threads or 0
+        params.type_k, params.type_v = memory.GGML_CACHE_TYPES[self.options.cache_type_k], memory.GGML_CACHE_TYPES[self.options.cache_type_v]
         # llama.cpp's choice, on where the backend has it, as llama-server: on the CPU too. Off there, decoding at
         # 1,400 tokens of context was faster (45-52 against 27-37 tok/s) but prompts read 10-15 % slower and short
         # chats decoded no faster (BENCHMARKS.md, "The GPU").

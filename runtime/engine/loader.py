@@ -115,7 +115,7 @@ class InPlaceModel(internals.LlamaModel):
         self._exit_stack.callback(free_model)
 
 
-def model_facts(location: ModelLocation) -> ModelFacts:
+def model_facts(location: ModelLocation, cache_type_k: str = "f16", cache_type_v: str = "f16") -> ModelFacts:
     """What placing the model needs to know, read by llama.cpp without allocating or mapping the weights."""
     try:
         model = InPlaceModel(location, 0, verbose=False, no_alloc=True)
@@ -126,7 +126,7 @@ def model_facts(location: ModelLocation) -> ModelFacts:
         return ModelFacts(
             n_layer=llama_cpp.llama_model_n_layer(raw),
             weights_bytes=llama_cpp.llama_model_size(raw),
-            kv_bytes_per_token=kv_bytes_per_token(model.metadata()),
+            kv_bytes_per_token=kv_bytes_per_token(model.metadata(), cache_type_k, cache_type_v),
             n_vocab=llama_cpp.llama_vocab_n_tokens(model.vocab),
             n_embd=llama_cpp.llama_model_n_embd(raw),
             n_ctx_train=llama_cpp.llama_model_n_ctx_train(raw),

@@ -1,20 +1,29 @@
 """How many slots the machine's memory allows by default: each slot has its own KV cache.
 
 llama.cpp sizes the cache only when a context is made; the figure is needed before, so it is
-worked out from the model's metadata (layers, key/value heads and their width, 16-bit cells), as
-Ollama does for its default OLLAMA_NUM_PARALLEL.
+worked out from the model's metadata (layers, key/value heads and their width) and the cache's types
+(16-bit cells unless --cache-type-k/-v say otherwise), as Ollama does for its default OLLAMA_NUM_PARALLEL.
 """
 
 from __future__ import annotations
 
 import os
 
+import llama_cpp
+
+from runtime.cache_types import CACHE_TYPES
+from runtime.devices import ggml
+
+# --cache-type-k and --cache-type-v as ggml's types. A quantized V cache needs flash attention, which llama.cpp
+# turns on by itself where the backend has it.
+GGML_CACHE_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in CACHE_TYPES}
+
 DEFAULT_PARALLEL = 4
 MEMORY_SHARE = 0.25  # of the memory available at start that the slots' caches may take by default
 
 
-def kv_bytes_per_token(metadata: dict[str, str]) -> int:
-    """Bytes of keys and values one token takes in the cache (F16), from GGUF metadata; 0 if unknown."""
+def kv_bytes_per_token(metadata: dict[str, str], type_k: str = "f16", type_v: str = "f16") -> int:
+    """Bytes of keys and values one token takes in the cache, from GGUF metadata; 0 if unknown."""
     arch = metadata.get("general.architecture", "")
 
     def number(key: str) -> int:
@@ -28,7 +37,13 @@ def kv_bytes_per_token(metadata: dict[str, str]) -> int:
         return 0
     key_width = number("attention.key_length") or width // heads
     value_width = number("attention.value_length") or width // heads
-    return layers * (heads_kv or heads) * (key_width + value_width) * 2
+    return layers * (heads_kv or heads) * (_row_bytes(type_k, key_width) + _row_bytes(type_v, value_width))
+
+
+def _row_bytes(cache_type: str, width: int) -> int:
+    """What one head's keys (or values) of one token take in a cache of this type, as ggml stores them (asked for
+    256 values, a whole number of blocks of every type: ggml aborts on a width its blocks do not divide)."""
+    return -(-ggml.row_size(GGML_CACHE_TYPES[cache_type], 256) * width // 256)
 
 
 def auto_parallel(bytes_per_token: int, ctx_per_slot: int, available: int | None) -> int:
