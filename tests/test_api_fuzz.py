@@ -322,6 +322,8 @@ def nested_schema(depth: int) -> dict[str, Any]:
 # Well-formed bodies that are hard on the grammar machinery: lengths that expand into huge grammars,
 # deep nesting, grammars that allow no text at all. Each once, every run.
 HARD: list[tuple[str, dict[str, Any]]] = [
+    # Whole numbers too large for a float, where floats are read (Python's JSON keeps them as exact ints).
+    *[(path, {**ROUTES[path].body, field: 10**400}) for path in ROUTES for field in ("temperature", "top_p", "repeat_penalty") if path != "/props"],
     *[("/completion", {"prompt": "Hello", "n_predict": 3, "grammar": grammar}) for grammar in (
         "root ::= [^\\x00-\\U0010FFFF]",  # no text at all: llama.cpp aborts when the end token comes
         "root ::= " + "(" * 100_000 + '"a"' + ")" * 100_000,

@@ -86,10 +86,13 @@ class Body:
         value = self.data.get(name)
         if value is None:
             return None
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
             raise self.fail(name, "must be a number")
-        self._check_range(name, value, minimum, maximum)
-        return float(value)
+        self._check_range(name, value, minimum, maximum)  # a whole number of any size compares with the bounds exactly
+        try:
+            return float(value)
+        except OverflowError:  # a whole number of over 308 digits, with no bound to refuse it
+            raise self.fail(name, "must be a number of at most 308 digits") from None
 
     def strings(self, name: str, *, limit: int | None = None) -> list[str] | None:
         """A string or a list of strings (as `stop` is in every dialect)."""

@@ -199,7 +199,7 @@ def _typed(value: str) -> Any:
             number = kind(value)
         except ValueError:
             continue
-        return number if math.isfinite(number) else value
+        return number if isinstance(number, int) or math.isfinite(number) else value
     return value
 
 
