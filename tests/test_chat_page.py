@@ -508,6 +508,12 @@ def test_busy_too_long_and_gone_are_readable_errors_with_a_retry(browser: Any, b
         second.page.wait_for_selector(".error-box >> text=The server is busy")
         first.page.keyboard.press("Escape")
         first.until("!document.getElementById('send').classList.contains('stop')", 10)
+        # The server frees the slot at its next step after it sees the tab's connection close: retry only then
+        # (earlier, the retry is rightly told "busy" again).
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "health").json()["slots_idle"] != 1:
+            assert time.monotonic() < deadline, "the stopped reply's slot was never freed"
+            time.sleep(0.05)
         second.page.click(".error-box [data-action=retry]")
         second.until("document.querySelector('.msg.assistant .stats')", 180)
         assert second.page.locator(".error-box").count() == 0
