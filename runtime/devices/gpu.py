@@ -70,8 +70,8 @@ def load(backend: str, path: Path) -> tuple[list[GpuDevice], str | None]:
     if driver is not None and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(driver, mode=ctypes.RTLD_GLOBAL)
-        except OSError as exc:
-            return [], f"{backend}: not usable here ({exc}); it needs {needs}"
+        except OSError:  # its words are PyInstaller's in the frozen runtime ("... not found when the application was frozen")
+            return [], f"{backend}: not usable here ({driver} not found); it needs {needs}"
     for companion in COMPANIONS.get(backend, ()):
         if (path.parent / companion).exists():
             ctypes.CDLL(str(path.parent / companion), mode=ctypes.RTLD_GLOBAL)
