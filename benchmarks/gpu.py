@@ -63,12 +63,12 @@ def placed_layers(url: str) -> tuple[int, int]:
     return hardware.get("gpu_layers") or 0, hardware.get("layers_total") or 0
 
 
-def time_to_first_token(target: Target, runs: int) -> None:
+def time_to_first_token(target: Target, runs: int, eos: int) -> None:
     server = Running(target.command(free_port(), []))
     try:
-        stream_completion(server.url, TTFT_PROMPT, 4, eos=-1)  # warm-up: the GPU's first kernels
+        stream_completion(server.url, TTFT_PROMPT, 4, eos)  # warm-up: the GPU's first kernels
         for _ in range(runs):
-            target.add("ttft", stream_completion(server.url, f"{TTFT_PROMPT} ({os.urandom(4).hex()})", 4, eos=-1)[1])
+            target.add("ttft", stream_completion(server.url, f"{TTFT_PROMPT} ({os.urandom(4).hex()})", 4, eos)[1])
     finally:
         server.stop()
 
@@ -137,7 +137,7 @@ def main() -> None:
         print("A/B runs...", file=sys.stderr)
         measure_ab([ours, native], args.runs, eos)
         for target in (ours, native):
-            time_to_first_token(target, 5)
+            time_to_first_token(target, 5, eos)
         print("llama-bench...", file=sys.stderr)
         ceiling = llama_bench(bench_binary, model, native_env)
         gpus = gpu_names(bundle)
