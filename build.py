@@ -135,6 +135,9 @@ def debug_stripped(entry):
 
 
 a.binaries = [debug_stripped(entry) for entry in a.binaries]
+# A GPU backend's companion libraries (cuBLAS, the CUDA runtime) belong beside it, where the runtime loads them
+# from; PyInstaller's dependency scan would add second copies (and links to them) elsewhere: 540 MB of cuBLASLt.
+a.binaries = [entry for entry in a.binaries if os.path.basename(entry[0]) not in {companions!r} or os.path.dirname(entry[0]) == {backends!r}]
 """
 
 # The one-file stub (Windows): everything in the executable, unpacked at every start.
@@ -303,6 +306,8 @@ def main() -> None:
             root=str(ROOT),
             binaries=[(str(p), "llama_cpp/lib") for p in core] + [(str(p), BACKENDS_DIR_NAME) for p in backend_modules],
             info=str(info),
+            companions=sorted(p.name for p in backend_modules if not p.name.startswith(("libggml-", "ggml-"))),
+            backends=BACKENDS_DIR_NAME,
             datas=[(str(info), "."), (str(ROOT / TEMPLATES_DIR_NAME), TEMPLATES_DIR_NAME), (str(proof), ".")],
             # Found by PyInstaller in optional imports of llama-cpp-python and others; never used by the runtime.
             excludes=list(EXCLUDED_MODULES),
