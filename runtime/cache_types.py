@@ -3,3 +3,4 @@ engine, so that the command line can offer them without loading llama.cpp (engin
 types)."""
 
 CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+UNQUANTIZED = ("f32", "f16")  # a V cache of any other type needs flash attention

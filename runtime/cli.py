@@ -97,6 +97,15 @@ class _UserErrors(click.Command):
     help="The type of the cache's values (quantized ones need flash attention, which llama.cpp turns on where it can).",
 )
 @click.option(
+    "-fa",
+    "--flash-attn",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Flash attention, as llama-server's -fa. auto: on where the GPU holds every layer (or a quantized -ctv needs it), "
+    "off on the CPU, where it slows decoding in long chats.",
+)
+@click.option(
     "-np",
     "--parallel",
     type=click.IntRange(1, 64),

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from runtime import hardware, model_source, packaged, supervisor
+from runtime.cache_types import UNQUANTIZED
 from runtime.devices import cpu as cpu_module
 from runtime.devices import offload
 from runtime.engine import Engine, EngineOptions, Sampling
@@ -59,6 +60,7 @@ class RunOptions:
     metrics: bool
     cache_type_k: str
     cache_type_v: str
+    flash_attn: str
 
     @property
     def sampling(self) -> Sampling:
@@ -77,6 +79,8 @@ class RunOptions:
 def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
     if options.chat and options.prompt is not None:
         raise LlamaboxError("choose one of -p (one prompt, then exit) and --chat (a conversation in the terminal)")
+    if options.flash_attn == "off" and options.cache_type_v not in UNQUANTIZED:
+        raise LlamaboxError(f"-ctv {options.cache_type_v} needs flash attention; leave out -fa off, or use -ctv f16")
     source = model_source.resolve(options.model, own)
     if options.verify and source.bundle is not None:
         model_source.verify(source.bundle)
@@ -107,6 +111,7 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             verbose=options.verbose,
             cache_type_k=options.cache_type_k,
             cache_type_v=options.cache_type_v,
+            flash_attn=options.flash_attn,
         ),
     )
     for warning in engine.warnings:

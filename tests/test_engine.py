@@ -241,3 +241,19 @@ def test_quantized_caches_take_what_memory_py_says_and_answer_alike(smollm2: Pat
         assert size == pytest.approx(predicted, abs=0.01), kind
     assert answers["q8_0"] == answers["f16"]  # 8 bits per value lose too little to change a short greedy answer
     assert answers["q4_0"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "cache_type_v", "logged"),
+    [("auto", "f16", "disabled"), ("on", "f16", "enabled"), ("auto", "q8_0", "enabled"), ("off", "f16", "disabled")],
+)
+def test_flash_attention_off_on_the_cpu_unless_asked_or_needed(
+    smollm2: Path, capfd: pytest.CaptureFixture[str], choice: str, cache_type_v: str, logged: str
+) -> None:
+    """-fa: auto leaves it off with every layer on the CPU, and to llama.cpp (which turns it on) where a quantized V
+    cache needs it; llama.cpp's log says what the context got."""
+    capfd.readouterr()
+    options = EngineOptions(ctx_size=256, parallel=1, threads=2, flash_attn=choice, cache_type_v=cache_type_v, verbose=True)
+    with Engine(ModelLocation(smollm2), options) as engine:
+        assert engine.complete(ask(engine, "Hi"), Sampling(temperature=0, max_tokens=2)).completion_tokens == 2
+    assert re.search(rf"llama_context: flash_attn += {logged}\n", capfd.readouterr().err)

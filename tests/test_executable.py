@@ -161,6 +161,10 @@ def test_bad_model_argument(bundle: Path, tmp_path: Path) -> None:
     assert_user_error(run(bundle, "-m", str(text), "-p", "hi"), "neither a GGUF model nor a llamabox bundle")
 
 
+def test_quantized_v_cache_without_flash_attention_is_refused(bundle: Path) -> None:
+    assert_user_error(run(bundle, "-fa", "off", "-ctv", "q8_0", "-p", "hi"), "-ctv q8_0 needs flash attention")
+
+
 def test_model_without_chat_template(bundle: Path, smollm2: Path, tmp_path: Path) -> None:
     """Renaming the template key hides it: completions work, chat falls back to ChatML."""
     plain = tmp_path / "no-template.gguf"

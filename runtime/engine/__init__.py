@@ -16,6 +16,7 @@ import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from runtime.cache_types import UNQUANTIZED
 from runtime.engine import memory
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.loader import InPlaceModel
@@ -52,6 +53,17 @@ CHATML_STOP = "<|im_end|>"
 N_BATCH, N_UBATCH = 2048, 512
 
 
+def flash_attention(choice: str, gpu_layers: int, n_layer: int, cache_type_v: str) -> int:
+    """llama.cpp's flash-attention setting for `choice` (-fa). auto: on where a GPU holds every layer (and where a
+    quantized V cache needs it), off on the CPU, as llamafile found it best: decoding after 1,400 tokens of context
+    ran at 45-52 tok/s off against 27-37 on, for prompts read 10-15 % slower (BENCHMARKS.md, "The GPU")."""
+    if choice != "auto":
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if choice == "on" else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if gpu_layers > n_layer or cache_type_v not in UNQUANTIZED:
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO  # on where the backend has it, llama-server's default
+    return llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
 class PromptTooLongError(LlamaboxError):
     """The prompt does not fit into a slot's context window."""
 
@@ -72,6 +84,7 @@ class EngineOptions:
     verbose: bool = False
     cache_type_k: str = "f16"  # runtime.cache_types: quantized caches hold more tokens in the same memory
     cache_type_v: str = "f16"
+    flash_attn: str = "auto"  # auto, on or off: see flash_attention()
 
 
 @dataclass(frozen=True)
@@ -167,10 +180,8 @@ class Engine:
         params.n_seq_max, params.kv_unified = parallel, False  # each slot has its own part of the cache
         params.n_threads = params.n_threads_batch = self.options.threads or 0
         params.type_k, params.type_v = memory.GGML_CACHE_TYPES[self.options.cache_type_k], memory.GGML_CACHE_TYPES[self.options.cache_type_v]
-        # llama.cpp's choice, on where the backend has it, as llama-server: on the CPU too. Off there, decoding at
-        # 1,400 tokens of context was faster (45-52 against 27-37 tok/s) but prompts read 10-15 % slower and short
-        # chats decoded no faster (BENCHMARKS.md, "The GPU").
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.flash_attn_type = flash_attention(
+            self.options.flash_attn, self.gpu_layers, llama_cpp.llama_model_n_layer(self._model.model), self.options.cache_type_v)
         with suppress_stdout_stderr(disable=self.options.verbose):
             context = llama_cpp.llama_init_from_model(self._model.model, params)
         return context or None
