@@ -5,8 +5,8 @@
 For 1, 2, 4 and 8 slots: aggregate tokens per second of as many streaming clients (every client asks
 for CONCURRENT_TOKENS tokens with EOS suppressed), alternating llamabox and native runs. Also the
 single-stream decode rate (as benchmarks/run.py measures it), the time to first token of the 10th turn of a chat whose history the server has cached, and the peak
-RSS at -np 4. Both servers get the same cache: llama-server's -c is shared by its slots, llamabox's
-is per slot. Prints a Markdown table naming the CPU.
+RSS at -np 4. Both servers get the same cache, one of 1,024 tokens a slot shared by the slots, and
+flash attention off (the bundle's default on the CPU). Prints a Markdown table naming the CPU.
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ def main() -> None:
         bundle = build_bundle(model, stub, Path(tmp) / "model.run")
 
         def ours(n: int) -> list[str]:
-            return [str(bundle), "--nobrowser", "--port", str(free_port()), "-np", str(n), "-c", str(CTX_PER_SLOT), *threads]
+            return [str(bundle), "--nobrowser", "--port", str(free_port()), "-np", str(n), "-c", str(CTX_PER_SLOT * n), *threads]
 
         def native(n: int) -> list[str]:
             return [str(native_binary), "-m", str(model), "--port", str(free_port()), "-np", str(n), "-c", str(CTX_PER_SLOT * n),
-                    *threads, "--no-webui"]
+                    *threads, "-fa", "off", "--no-webui"]  # flash attention off: the bundle's default on the CPU
 
         for run in range(args.runs):
             for name, command in (("llamabox", ours), ("llama-server", native))[:: 1 if run % 2 == 0 else -1]:
@@ -101,7 +101,7 @@ def main() -> None:
 
     cpu = cpu_info()
     print(f"Measured on {cpu.name} ({args.threads} threads), {model.name}, median of {args.runs} alternating runs; "
-          f"{CONCURRENT_TOKENS} tokens per client, {CTX_PER_SLOT} tokens of context per slot on both sides.\n")
+          f"{CONCURRENT_TOKENS} tokens per client, one cache of {CTX_PER_SLOT} tokens a slot shared by the slots on both sides.\n")
     print("| metric | llamabox | native llama-server | ratio (ours / native) |")
     print("|---|---:|---:|---:|")
     for metric, values in rows.items():

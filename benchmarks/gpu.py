@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.native import CMAKE_FLAGS, native_gpu_tool  # noqa: E402
-from benchmarks.run import METRICS, Running, Target, build_bundle, eos_token, free_port, measure_ab, stream_completion, summary  # noqa: E402
+from benchmarks.run import Running, Target, build_bundle, eos_token, free_port, measure_ab, metrics, stream_completion, summary  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import STUB_DIR  # noqa: E402
 from runtime import __version__  # noqa: E402
@@ -45,7 +45,7 @@ from runtime.packaged import backend_dir  # noqa: E402
 from runtime.platform_tag import current_platform, stub_file_name  # noqa: E402
 
 CTX = 4096
-CLIENTS = 4
+SLOTS = 4  # both sides: one cache of CTX tokens shared by 4 slots (llama-server's default -np auto)
 TTFT_PROMPT = "In one sentence, what is a llama?"
 
 
@@ -64,7 +64,7 @@ def placed_layers(url: str) -> tuple[int, int]:
 
 
 def time_to_first_token(target: Target, runs: int, eos: int) -> None:
-    server = Running(target.command(free_port(), []))
+    server = Running(target.command(free_port()))
     try:
         stream_completion(server.url, TTFT_PROMPT, 4, eos)  # warm-up: the GPU's first kernels
         for _ in range(runs):
@@ -119,15 +119,14 @@ def main() -> None:
         subprocess.run([str(bundle), "--info"], check=True, capture_output=True, text=True)
         ours = Target(
             "llamabox",
-            lambda port, extra: [str(bundle), "--nobrowser", "--port", str(port),
-                                 *(["-np", str(CLIENTS), "-c", str(CTX // CLIENTS)] if extra else ["-np", "1", "-c", str(CTX)])],
+            lambda port: [str(bundle), "--nobrowser", "--port", str(port), "-c", str(CTX), "-np", str(SLOTS)],
         )
         native = Target(
             "llama-server",
-            lambda port, extra: ["env", f"LD_LIBRARY_PATH={library_path}", str(server_binary), "-m", str(model), "--port", str(port), "-c", str(CTX), "-ngl", "99",
-                                 "-np", str(CLIENTS if extra else 1), "--no-webui"],
+            lambda port: ["env", f"LD_LIBRARY_PATH={library_path}", str(server_binary), "-m", str(model), "--port", str(port), "-c", str(CTX), "-ngl", "99",
+                                 "-np", str(SLOTS), "--no-webui"],
         )
-        check = Running(ours.command(free_port(), []))
+        check = Running(ours.command(free_port()))
         try:
             layers, total = placed_layers(check.url)
         finally:
@@ -143,14 +142,14 @@ def main() -> None:
         gpus = gpu_names(bundle)
 
     cpu = cpu_info()
-    rows = [*METRICS, ("ttft", "time to first streamed token, short prompt (s)", False)]
+    rows = [*metrics(), ("ttft", "time to first streamed token, short prompt (s)", False)]
     lines = [
         f"- GPU: {'; '.join(gpus) or 'none found'}",
         f"- machine: {cpu.name}, {os.cpu_count()} logical CPUs, {platform.platform()}",
         f"- backend: {args.backend} (the module in {stub.name}, loaded by both sides); model: {model.name} ({model.stat().st_size / 1e6:.1f} MB)",
         f"- versions: llamabox {__version__}; native built with `cmake {' '.join(CMAKE_FLAGS)} -DGGML_BACKEND_DL=ON`",
-        f"- method: {args.runs} alternating A/B runs, median (min–max); native `llama-server -ngl 99 -c {CTX} -np 1` "
-        f"(`-np {CLIENTS}` for the concurrent row), the bundle `-c {CTX} -np 1` (`-np {CLIENTS} -c {CTX // CLIENTS}`) with every layer on the GPU by its own fit",
+        f"- method: {args.runs} alternating A/B runs, median (min–max); native `llama-server -ngl 99 -c {CTX} -np {SLOTS}`, "
+        f"the bundle `-c {CTX} -np {SLOTS}` with every layer on the GPU by its own fit (both: one cache shared by the slots)",
         f"- reproduce: `python benchmarks/gpu.py --backend {args.backend}{f' --model {args.model}' if args.model else ''} --runs {args.runs}`",
         "",
         f"| metric ({args.backend}) | llamabox | native llama-server | ratio (ours / native) |",

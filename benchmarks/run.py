@@ -47,6 +47,7 @@ CTX = 4096
 FINDINGS_MARKER = "<!-- findings: kept when benchmarks/run.py rewrites this file -->"
 VARIANT_DECODE_TOKENS = 128
 VARIANT_PP_TOKENS = 300  # words; the slowest variants process ~25 tokens/s
+BUILDS, STARTS = 3, 5  # `llamabox build` and repeated starts of the default stub timed
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Target:
     """A server to measure: how to start it, given a port and extra arguments."""
 
     name: str
-    command: Callable[[int, list[str]], list[str]]
+    command: Callable[[int], list[str]]  # the server's command line, given a port
     samples: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, metric: str, value: float) -> None:
@@ -176,22 +177,24 @@ def measure_ab(targets: list[Target], runs: int, eos: int) -> None:
     filler = ""
     for run in range(runs):
         for target in targets if run % 2 == 0 else reversed(targets):
-            server = Running(target.command(free_port(), []))
+            server = Running(target.command(free_port()))
             try:
                 target.add("start_first" if run == 0 else "start_repeat", server.ready_after)
                 filler = filler or filler_text(server.url)
                 target.add("decode", decode_rate(server.url, eos))
                 target.add("prompt", prompt_rate(server.url, filler))
+                target.add("concurrent", concurrent_rate(server.url, eos, CONCURRENT_CLIENTS))
+                target.add("concurrent8", concurrent_rate(server.url, eos, 2 * CONCURRENT_CLIENTS))
                 target.add("rss", server.peak_rss_mb())
+                target.add("context", one_request_context(server.url))
             finally:
                 server.stop()
             print(f"  run {run + 1}/{runs} {target.name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in target.samples.items()), file=sys.stderr)
-    for target in targets:
-        server = Running(target.command(free_port(), ["parallel"]))
-        try:
-            target.add("concurrent", concurrent_rate(server.url, eos))
-        finally:
-            server.stop()
+
+
+def one_request_context(url: str) -> float:
+    """The tokens of context one request may fill, as the server's /props says (llama-server's slot n_ctx)."""
+    return float(httpx.get(url + "/props", timeout=30).json()["default_generation_settings"]["n_ctx"])
 
 
 def measure_variants(bundle: Path, eos: int, runnable: list[str], rounds: int) -> dict[str, tuple[float, float]]:
@@ -249,7 +252,7 @@ def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
 
     llamabox = [sys.executable, "-c", "from bundler.cli import main; main()"]
     builds, copies = [], []
-    for i in range(3):
+    for i in range(BUILDS):
         copies.append(timed(["cp", str(model), str(workdir / f"copy{i}.gguf")]))
         builds.append(timed([*llamabox, "build", str(model), "-o", str(workdir / f"b{i}.run"), "--stub", str(stub)]))
     bundle = workdir / "b0.run"
@@ -258,7 +261,7 @@ def build_costs(model: Path, stub: Path, workdir: Path) -> dict[str, float]:
         "overhead_mb": (bundle.stat().st_size - model.stat().st_size) / 1e6,
         "build_s": statistics.median(builds),
         "cp_s": statistics.median(copies),
-        "start": start_times([str(bundle), "--nobrowser"], 5),
+        "start": start_times([str(bundle), "--nobrowser"], STARTS),
     }
 
 
@@ -268,21 +271,27 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
-METRICS = [
-    ("start_first", "first start to /health (s)", False),
-    ("start_repeat", "repeated start to /health (s)", False),
-    ("decode", f"decode tok/s ({DECODE_TOKENS} tokens)", True),
-    ("prompt", f"prompt processing tok/s (~{PP_TOKENS} tokens)", True),
-    ("rss", "peak RSS of the process tree (MB)", False),
-    ("concurrent", f"aggregate tok/s, {CONCURRENT_CLIENTS} streaming clients", True),
-]
+def metrics() -> list[tuple[str, str, bool]]:
+    """(key, label, higher is better) of every A/B row, labelled with the workload of this run."""
+    return [
+        ("start_first", "first start to /health (s)", False),
+        ("start_repeat", "repeated start to /health (s)", False),
+        ("decode", f"decode tok/s ({DECODE_TOKENS} tokens)", True),
+        ("prompt", f"prompt processing tok/s (~{PP_TOKENS} tokens)", True),
+        ("rss", "peak RSS of the process tree (MB)", False),
+        ("concurrent", f"aggregate tok/s, {CONCURRENT_CLIENTS} streaming clients", True),
+        ("concurrent8", f"aggregate tok/s, {2 * CONCURRENT_CLIENTS} streaming clients (4 wait)", True),
+        ("context", "context one request may fill at defaults (tokens)", True),
+    ]
 
 
 def report(ours: Target, native: Target, variants: dict[str, tuple[float, float]], costs: dict[str, float], meta: dict[str, str]) -> tuple[str, dict[str, float]]:
     ratios = {}
     on = f"measured on {meta['machine'].split(',')[0]}"
     lines = [f"| metric ({on}) | llamabox | native llama-server | ratio (ours / native) |", "|---|---|---|---|"]
-    for key, label, _higher_is_better in METRICS:
+    for key, label, _higher_is_better in metrics():
+        if key not in ours.samples:
+            continue  # start_repeat after a single run
         a, b = ours.samples[key], native.samples[key]
         ratios[key] = statistics.median(a) / statistics.median(b)
         lines.append(f"| {label} | {summary(a)} | {summary(b)} | {ratios[key]:.2f}× |")
@@ -292,9 +301,9 @@ def report(ours: Target, native: Target, variants: dict[str, tuple[float, float]
         "|---|---|",
         f"| runtime stub size | {costs['stub_mb']:.1f} MB |",
         f"| bundle size minus GGUF size | {costs['overhead_mb']:.1f} MB |",
-        f"| `llamabox build` (median of 3) | {costs['build_s']:.2f} s |",
-        f"| `cp` of the same GGUF (median of 3) | {costs['cp_s']:.2f} s |",
-        f"| repeated start to /health, default stub (5 runs) | {summary(costs['start'])} s |",
+        f"| `llamabox build` (median of {BUILDS}) | {costs['build_s']:.2f} s |",
+        f"| `cp` of the same GGUF (median of {BUILDS}) | {costs['cp_s']:.2f} s |",
+        f"| repeated start to /health, default stub ({STARTS} runs) | {summary(costs['start'])} s |",
         "",
         f"| CPU variant (llamabox, {on}) | decode tok/s | prompt tok/s |",
         "|---|---|---|",
@@ -310,9 +319,10 @@ def chart(ratios: dict[str, float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for key, label, _ in METRICS]
+    rows = [(key, label) for key, label, _ in metrics() if key in ratios]
+    labels = [label for _, label in rows]
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.barh(labels, [ratios[key] for key, _, _ in METRICS], color="#2563eb")
+    ax.barh(labels, [ratios[key] for key, _ in rows], color="#2563eb")
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_title("llamabox / native llama-server")
     ax.set_xlabel("ratio (seconds and MB: lower is better; tok/s: higher is better)")
@@ -327,10 +337,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="alternating A/B runs (default 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--stub", type=Path, help="the runtime stub to bundle with (default: build.py's, built if missing)")
+    parser.add_argument("--quick", action="store_true", help="a few tokens per measurement and one round: proves the script runs, measures nothing")
     args = parser.parse_args()
+    if args.quick:
+        _shrink_workload()
 
     model = (args.model or default_model_path()).resolve()
-    stub = default_stub_path()
+    stub = args.stub or default_stub_path()
     if not stub.exists():
         subprocess.run([sys.executable, str(ROOT / "build.py")], check=True)
     native_binary = llama_server()
@@ -342,23 +356,16 @@ def main() -> None:
         print("Build costs...", file=sys.stderr)
         costs = build_costs(model, stub, workdir)
         bundle = workdir / "b0.run"
-        # The same cache on both sides: llama-server's -c is shared by its slots, ours is per slot.
-        ours = Target(
-            "llamabox",
-            lambda port, extra: [str(bundle), "--nobrowser", "--port", str(port), *threads,
-                                 *(["-np", str(CONCURRENT_CLIENTS), "-c", str(CTX // CONCURRENT_CLIENTS)] if extra else ["-np", "1", "-c", str(CTX)])],
-        )
-        native = Target(
-            "llama-server",
-            lambda port, extra: [str(native_binary), "-m", str(model), "--port", str(port), "-c", str(CTX), *threads,
-                                 "-np", str(CONCURRENT_CLIENTS if extra else 1), "--no-webui"],
-        )
+        # Both at their defaults, which make the same cache: the model's own context (memory allowing) shared by
+        # 4 slots. Native gets -fa off, the bundle's default on the CPU, so that both run the same kernels.
+        ours = Target("llamabox", lambda port: [str(bundle), "--nobrowser", "--port", str(port), *threads])
+        native = Target("llama-server", lambda port: [str(native_binary), "-m", str(model), "--port", str(port), *threads, "-fa", "off", "--no-webui"])
         print("A/B runs...", file=sys.stderr)
         measure_ab([ours, native], args.runs, eos)
         print("CPU variants...", file=sys.stderr)
         info = subprocess.run([str(bundle), "--info"], capture_output=True, text=True, check=True).stdout
         runnable = info.split("runnable here: ")[1].split(")")[0].split(", ")
-        variants = measure_variants(bundle, eos, runnable, rounds=3)
+        variants = measure_variants(bundle, eos, runnable, rounds=1 if args.quick else 3)
 
     cpu = cpu_info()
     meta = {
@@ -367,8 +374,9 @@ def main() -> None:
         "versions": f"llamabox {__version__}, llama-cpp-python {_version('llama-cpp-python')}, Python {platform.python_version()}, "
         f"PyInstaller {_version('pyinstaller')}",
         "model": f"{model.name} ({model.stat().st_size / 1e6:.1f} MB)",
-        "llamabox command": f"`<bundle> --nobrowser --port P -c {CTX} -np 1 --threads {args.threads}` (`-np {CONCURRENT_CLIENTS} -c {CTX // CONCURRENT_CLIENTS}` for the concurrent row; stub from build.py, bundle from `llamabox build`)",
-        "native command": f"`llama-server -m {model.name} --port P -c {CTX} --threads {args.threads} -np 1 --no-webui` (`-np {CONCURRENT_CLIENTS}` for the concurrent row), built with `cmake {' '.join(CMAKE_FLAGS)}` from the llama.cpp vendored in llama-cpp-python {_version('llama-cpp-python')}",
+        "llamabox command": f"`<bundle> --nobrowser --port P --threads {args.threads}`: its defaults (stub from build.py, bundle from `llamabox build`)",
+        "native command": f"`llama-server -m {model.name} --port P --threads {args.threads} -fa off --no-webui`: its defaults but flash attention, off as the bundle's on the CPU; built with `cmake {' '.join(CMAKE_FLAGS)}` from the llama.cpp vendored in llama-cpp-python {_version('llama-cpp-python')}",
+        "cache": "both make one cache of the model's own context shared by 4 slots (llama-server's -c 0 and -np auto; the bundle's defaults), so one request may fill it; the context row says how much",
         "method": f"{args.runs} alternating A/B runs; median (min–max); greedy sampling, EOS suppressed so every decode run produces {DECODE_TOKENS} tokens; decode rate from the first to the last streamed token; prompt rate = prompt tokens / request time with a fresh prompt each time",
         "reproduce": "`python benchmarks/run.py" + (f" --model {args.model}" if args.model else "") + f" --runs {args.runs}`",
     }
@@ -382,6 +390,12 @@ def main() -> None:
     findings = previous[previous.index(FINDINGS_MARKER):] if FINDINGS_MARKER in previous else FINDINGS_MARKER + "\n"
     args.output.write_text(f"# Benchmarks\n\n{text}\n\n![ratios](benchmarks/ratios.png)\n\n{findings}")
     print(f"\nWrote {args.output} and {png}", file=sys.stderr)
+
+
+def _shrink_workload() -> None:
+    """--quick: every measurement with a few tokens (module constants, as concurrency.py and gpu.py share them)."""
+    global DECODE_TOKENS, PP_TOKENS, CONCURRENT_TOKENS, VARIANT_DECODE_TOKENS, VARIANT_PP_TOKENS, BUILDS, STARTS
+    DECODE_TOKENS, PP_TOKENS, CONCURRENT_TOKENS, VARIANT_DECODE_TOKENS, VARIANT_PP_TOKENS, BUILDS, STARTS = 8, 32, 4, 4, 16, 1, 1
 
 
 def _memory_gb() -> float:

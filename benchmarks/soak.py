@@ -94,7 +94,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "build.py")], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = build_bundle(model, stub, Path(tmp) / "model.run")
-        server = Running([str(bundle), "--nobrowser", "--port", str(free_port()), "-np", str(args.parallel), "-c", "1024"])
+        server = Running([str(bundle), "--nobrowser", "--port", str(free_port()), "-np", str(args.parallel), "-c", str(1024 * args.parallel)])  # 1,024 tokens a slot, shared
         try:
             tally = Tally()
             deadline = time.monotonic() + args.minutes * 60

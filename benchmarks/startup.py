@@ -338,6 +338,10 @@ def measure(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
         servers["checkout (python -m runtime)"] = lambda port: [PYTHON, "-m", "runtime", "-m", str(model), *serve_args(port)]
         servers["native llama-server"] = lambda port: [str(server_bin), "-m", str(model), "--port", str(port), "-c", ctx,
                                                        "--threads", threads, "-np", "1", "--no-webui"]
+        # Each program as a receiver starts it, with no flags: both make one cache of the model's own context
+        # (memory allowing) shared by 4 slots.
+        servers["bundle, its defaults"] = lambda port: [str(bundles["bundle"]), "--nobrowser", "--port", str(port)]
+        servers["native llama-server, its defaults"] = lambda port: [str(server_bin), "-m", str(model), "--port", str(port), "--no-webui"]
 
         # 2. First start: nothing of this bundle in $TMPDIR or in the llamabox cache (the launcher unpacks the
         # runtime, the kernel self-test runs); then the next start, which finds both.
@@ -507,6 +511,9 @@ def report(r: dict, meta: dict[str, str]) -> str:  # type: ignore[type-arg]
         [
             ["repeated start to `/health` (s)", *both(lambda n: summary(starts[n])), summary(starts[checkout]),
              f"{summary(native_start)} (llama-server)", *both(lambda n: ratio(starts[n], native_start)), f"≤ {target_start:.2f} s"],
+            ["repeated start to `/health`, each program's defaults (s)", summary(starts["bundle, its defaults"]), "", "",
+             f"{summary(starts['native llama-server, its defaults'])} (llama-server -m MODEL)",
+             ratio(starts["bundle, its defaults"], starts["native llama-server, its defaults"]), "", "≤ 1.3× (issue 24)"],
             ["first start: fresh copy, fresh `$TMPDIR`, empty `$LLAMABOX_CACHE` (s)", *both(first_cell), "", "", "", "", "≤ 2.5 s"],
             ["`-p Hi -n 8 --temp 0` wall time (s)", *both(lambda n: summary(prompts[n])), summary(prompts[checkout]),
              f"{summary(native_prompt)} (llama-completion -cnv -st --jinja)", *both(lambda n: ratio(prompts[n], native_prompt)),

@@ -79,7 +79,19 @@ class _UserErrors(click.Command):
     help="Accept requests for this host name too (repeatable); by default only IP addresses and localhost, against DNS rebinding.",
 )
 @click.option("--cors", "cors_origins", multiple=True, help="Let web pages from this origin call the API (repeatable; * for any) [default: pages from localhost, 127.0.0.1 and [::1] only, as llama-server].")
-@click.option("-c", "--ctx-size", default=4096, show_default=True, type=click.IntRange(0), help="Context size in tokens for each request (0: the model's own).")
+@click.option(
+    "-c",
+    "--ctx-size",
+    type=click.IntRange(0),
+    help="Tokens of context, one cache shared by the --parallel requests: any one may use all of it (0: the model's own) "
+    "[default: the model's own, cut to what a quarter of the free memory holds, not below 4096, as llama-server's --fit].",
+)
+@click.option(
+    "--ctx-per-slot",
+    is_flag=True,
+    help="Give each of the --parallel requests its own --ctx-size tokens of cache instead of one shared cache "
+    "(each user is sure of a share; the cache's memory grows with --parallel).",
+)
 @click.option(
     "-ctk",
     "--cache-type-k",
@@ -109,9 +121,9 @@ class _UserErrors(click.Command):
     "-np",
     "--parallel",
     type=click.IntRange(1, 64),
-    help="Requests served at once, decoded together; each has its own --ctx-size tokens of context, so the "
-    "cache's memory grows with it (as Ollama's OLLAMA_NUM_PARALLEL). More requests wait in line. -p uses one. "
-    "[default: 4, fewer if their caches would take more than a quarter of the memory free at start]",
+    help="Requests served at once, decoded together in the shared cache (as llama-server's -np). More requests wait in "
+    "line. -p uses one. [default: 4; with --ctx-per-slot, fewer if their caches would take more than a quarter of the "
+    "memory free at start]",
 )
 @click.option(
     "--queue",

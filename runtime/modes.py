@@ -17,6 +17,7 @@ from runtime import hardware, model_source, packaged, supervisor
 from runtime.cache_types import UNQUANTIZED
 from runtime.devices import cpu as cpu_module
 from runtime.devices import offload
+from runtime.cache_plan import CachePlan, plan_cache
 from runtime.engine import Engine, EngineOptions, Sampling
 from runtime.engine.loader import model_facts
 from runtime.errors import LlamaboxError
@@ -39,7 +40,8 @@ class RunOptions:
     api_key: str | None
     allowed_hosts: tuple[str, ...]
     cors_origins: tuple[str, ...]
-    ctx_size: int
+    ctx_size: int | None  # None: the model's own, capped by memory
+    ctx_per_slot: bool
     parallel: int | None
     max_waiting: int
     threads: int | None
@@ -94,15 +96,19 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
     parallel = 1 if options.prompt is not None or options.chat else options.parallel
     machine = machine.placed(_place(source, machine, options, parallel))
     if options.info:
-        print_info(source, machine)
+        facts = model_facts(source.location, options.cache_type_k, options.cache_type_v)
+        asked = plan_cache(options.ctx_size, options.ctx_per_slot, parallel, facts.kv_bytes_per_token, facts.n_ctx_train)
+        print_info(source, machine, machine.offload.cache or asked)
         return
 
     placement = machine.offload
+    fitted = placement.cache  # a smaller cache that keeps the model whole on the GPU, if one was needed
     engine = Engine(
         source.location,
         EngineOptions(
-            ctx_size=options.ctx_size,
-            parallel=placement.parallel or parallel,
+            ctx_size=fitted.per_request if fitted else options.ctx_size,
+            ctx_per_slot=options.ctx_per_slot,
+            parallel=fitted.parallel if fitted else parallel,
             max_waiting=options.max_waiting,
             threads=options.threads or cpu_module.default_threads(),
             gpu_layers=placement.layers,
@@ -130,6 +136,12 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             run_server(engine, options, source, machine, started)
 
 
+def _slots_line(cache: CachePlan) -> str:
+    if cache.shared:
+        return f"{cache.cells} tokens shared by {cache.parallel} slots (one request may use all of them)"
+    return f"{cache.parallel} slots of {cache.per_request} tokens each (--ctx-per-slot)"
+
+
 def _say(line: str) -> None:
     click.echo(f"llamabox: {line}", err=True)
 
@@ -143,10 +155,10 @@ def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions,
         return machine.offload
     facts = model_facts(source.location, options.cache_type_k, options.cache_type_v)
     request = offload.OffloadRequest(
+        cache=plan_cache(options.ctx_size, options.ctx_per_slot, parallel, facts.kv_bytes_per_token, facts.n_ctx_train),
         layers=options.gpu_layers,
         device=options.gpu_device,
-        parallel=parallel,
-        ctx_per_slot=options.ctx_size or facts.n_ctx_train,
+        flexible=parallel is None if options.ctx_per_slot else options.ctx_size is None,
     )
     return offload.plan(list(machine.gpus), facts, request)
 
@@ -157,7 +169,7 @@ def run_server(engine: Engine, options: RunOptions, source: ModelSource, machine
 
     listeners = Listeners.open(options.host, options.port, options.explicit_port, options.ollama_port)
     click.echo(
-        f"llamabox: loaded {source.name} in {time.monotonic() - started:.2f} s, {engine.parallel} slots of {engine.n_ctx} tokens of context; "
+        f"llamabox: loaded {source.name} in {time.monotonic() - started:.2f} s, {_slots_line(engine.cache)}; "
         f"{machine.offload.note}",
         err=True,
     )
@@ -206,7 +218,7 @@ def exit_without_teardown() -> None:
     os._exit(0)
 
 
-def print_info(source: ModelSource, machine: hardware.Hardware) -> None:
+def print_info(source: ModelSource, machine: hardware.Hardware, cache: CachePlan) -> None:
     if source.bundle is not None:
         click.echo("Manifest:")
         click.echo(json.dumps(_manifest_dict(source), indent=2, sort_keys=True))
@@ -214,6 +226,7 @@ def print_info(source: ModelSource, machine: hardware.Hardware) -> None:
         click.echo(f"Model: {source.location.path}")
     for line in machine.lines():
         click.echo(line)
+    click.echo(f"Context: {_slots_line(cache)}")
     started = packaged.launch()
     if started is not None and started.temporary:
         click.echo(f"Runtime: unpacked for this run only in {started.runtime_dir} (the cache could not be used)")

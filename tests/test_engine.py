@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.cache_plan import CachePlan
 from runtime.devices import cpu as backends
 from runtime.engine import (
     Engine,
@@ -36,7 +37,10 @@ def cpu_kernels() -> None:
 
 @pytest.fixture(scope="module")
 def engine(smollm2: Path) -> Engine:
-    return Engine(ModelLocation(smollm2), EngineOptions(ctx_size=1024, parallel=4, max_waiting=2, threads=2))
+    """Four slots with 1,024 cells of cache each. Each sequence's cells then lie together, so greedy answers
+    beside others are exactly the answers alone; in one shared cache (the default, tested below) they drift
+    apart after a while, as llama-server's do."""
+    return Engine(ModelLocation(smollm2), EngineOptions(ctx_size=1024, ctx_per_slot=True, parallel=4, max_waiting=2, threads=2))
 
 
 def ask(engine: Engine, text: str) -> Prompt:
@@ -128,6 +132,47 @@ def test_generation_stops_at_the_end_of_its_context(smollm2: Path) -> None:
     assert done.finish_reason == "length" and len(prompt.tokens) + done.completion_tokens <= small.n_ctx
     with pytest.raises(PromptTooLongError, match=f"the context holds {small.n_ctx};"):
         small.stream(small.text_prompt("word " * (small.n_ctx + 10)), GREEDY)
+
+
+def test_one_request_may_use_the_whole_shared_cache_and_a_part_per_slot_may_not(smollm2: Path) -> None:
+    """The same 512 cells: shared, one request may fill them; split in two parts (--ctx-per-slot), it may not."""
+    shared = Engine(ModelLocation(smollm2), EngineOptions(ctx_size=512, parallel=2, threads=2))
+    assert shared.cache == CachePlan(512, 2, shared=True) and shared.n_ctx == 512
+    long_prompt = shared.text_prompt("word " * 300)
+    assert shared.complete(long_prompt, Sampling(temperature=0, max_tokens=8)).completion_tokens == 8
+    shared.close()
+    split = Engine(ModelLocation(smollm2), EngineOptions(ctx_size=256, ctx_per_slot=True, parallel=2, threads=2))
+    assert split.cache == CachePlan(512, 2, shared=False) and split.n_ctx == 256
+    with pytest.raises(PromptTooLongError, match="the context holds 256;"):
+        split.stream(long_prompt, GREEDY)
+    split.close()
+
+
+def test_requests_that_fill_the_shared_cache_end_or_wait_and_never_corrupt_each_other(smollm2: Path) -> None:
+    """Two endless requests share 256 cells: they grow together until the cache is full, then the one holding
+    most ends with "length" and the other goes on in the cells it freed; a third, whose prompt does not fit beside them, waits for
+    their cells and then answers as it does alone.
+
+    (Beside another sequence in one cache, attention sums the same terms in another order, as in llama-server,
+    so long greedy texts drift apart from the ones given alone after a few dozen tokens; they start alike.)"""
+    shared = Engine(ModelLocation(smollm2), EngineOptions(ctx_size=256, parallel=3, threads=2))
+    ends = [shared.tokenize(end, add_bos=False)[0] for end in ("<|endoftext|>", "<|im_end|>")]
+    endless = Sampling(temperature=0, max_tokens=1000, logit_bias={token: -100 for token in ends})
+    prompts = [shared.text_prompt("Once upon a time"), shared.text_prompt("The history of Rome")]
+    late = (shared.text_prompt("word " * 180 + "The capital of France is"), Sampling(temperature=0, max_tokens=6))
+    alone = [shared.complete(prompt, endless) for prompt in prompts] + [shared.complete(*late)]
+    assert [done.finish_reason for done in alone] == ["length"] * 3
+    assert all(len(prompt.tokens) + done.completion_tokens >= 250 for prompt, done in zip(prompts, alone))  # each filled it
+    together = run_together(shared, [(prompt, endless) for prompt in prompts] + [late])
+    assert [reason for _, reason in together] == ["length"] * 3
+    assert [text[:30] for text, _ in together[:2]] == [done.text[:30] for done in alone[:2]]
+    assert together[2][0] == alone[2].text  # read once the others had ended: as alone
+    # They grew side by side until the 256 cells were full; the one ended then, the other had the cells it freed.
+    shorter, longer = sorted(len(prompt.tokens) + len(shared.tokenize(text, add_bos=False)) for prompt, (text, _) in zip(prompts, together))
+    assert shorter <= 128 + 4 and longer >= 250
+    slots, waiting = shared.slots()
+    assert not any(s.is_processing for s in slots) and waiting == 0
+    shared.close()
 
 
 def test_bad_settings_are_refused_before_any_output(engine: Engine) -> None:

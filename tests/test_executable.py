@@ -62,7 +62,7 @@ def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
     health = httpx.get(server.url + "health").json()
     assert health["status"] == "ok" and health["slots_idle"] + health["slots_processing"] == 4  # the default --parallel
     slots = httpx.get(server.url + "slots").json()
-    assert [slot["id"] for slot in slots] == [0, 1, 2, 3] and all(slot["n_ctx"] == 4096 for slot in slots)
+    assert [slot["id"] for slot in slots] == [0, 1, 2, 3] and all(slot["n_ctx"] == 8192 for slot in slots)  # the shared cache: SmolLM2's own context
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]
 
 
@@ -191,7 +191,7 @@ def test_props_report_the_hardware(server: Server) -> None:
     proof = "the portable kernels, the self-test's reference" if portable else "proven on this CPU"
     assert hw["cpu_variant_proof"] == f"{hw['cpu_variant']}: {proof}"
     assert hw["gpu"] is None and hw["gpu_layers"] == 0 and "CPU" in hw["offload"]
-    assert props["n_ctx"] == 4096 and props["chat_template"]
+    assert props["n_ctx"] == props["n_ctx_slot"] == 8192 and props["chat_template"]
 
 
 def test_cpu_variant_choice_from_the_executable(bundle: Path) -> None:

@@ -4,8 +4,9 @@ llama.cpp's own fitting (common/fit.cpp, llama-server's --fit) is not part of it
 worked out here from what the model says of itself (llama.cpp reads it without allocating anything: the
 weights' size, the layer count, the cache's bytes per token) and what the GPUs report as free. As llama-server,
 a margin of each GPU's memory is left free (its --fit-target, 1 GiB), and every layer goes to the GPU when all
-fit, else as many as fit. Fewer slots are taken before fewer layers when that keeps the whole model on the GPU,
-since a model split with the CPU runs at nearly the CPU's speed.
+fit, else as many as fit. Before fewer layers, a smaller cache is taken when that keeps the whole model on the
+GPU, since a model split with the CPU runs at nearly the CPU's speed: a shorter default context (as
+llama-server's --fit, not below its --fit-ctx of 4096 tokens), or with --ctx-per-slot fewer slots.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.devices.gpu import GpuDevice
+from runtime.cache_plan import CELL_ROUNDING, MIN_AUTO_CONTEXT, CachePlan
 from runtime.errors import BackendError
 
 MARGIN_BYTES = 1 << 30  # left free on each GPU, as llama-server's --fit-target default
@@ -33,13 +35,12 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class OffloadRequest:
-    """The command line's say: --gpu-layers, --gpu-device, --parallel, and the context per slot."""
+    """The command line's say: --gpu-layers and --gpu-device, and the cache the engine would make."""
 
+    cache: CachePlan
     layers: int | None = None  # None: as many as fit
     device: str | None = None  # a GPU's name (Vulkan0, CUDA0); None: every proven GPU of the best backend
-    parallel: int | None = None  # None: the default, fewer where that keeps the model on the GPU
-    ctx_per_slot: int = 4096
-    default_parallel: int = 4
+    flexible: bool = True  # whether the cache may shrink to keep the model whole: --ctx-size, or --parallel, not given
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Offload:
     gpus: tuple[GpuDevice, ...]
     layers: int  # for llama_model_params.n_gpu_layers (0..n_layer + 1)
     total_layers: int  # n_layer + 1, as llama.cpp counts them
-    parallel: int | None  # slots: as asked, or fewer where the fit chose them; None: the engine's default
+    cache: CachePlan | None  # a smaller cache than asked for, to keep the model whole; None: the one asked for
     note: str  # "Vulkan0 NVIDIA H100: 31/31 layers"
 
     @property
@@ -58,7 +59,7 @@ class Offload:
 
 
 def cpu_only(note: str, facts: ModelFacts | None = None) -> Offload:
-    return Offload(gpus=(), layers=0, total_layers=(facts.n_layer + 1) if facts else 0, parallel=None, note=note)
+    return Offload(gpus=(), layers=0, total_layers=(facts.n_layer + 1) if facts else 0, cache=None, note=note)
 
 
 def plan(gpus: list[GpuDevice], facts: ModelFacts, request: OffloadRequest) -> Offload:
@@ -75,37 +76,53 @@ def plan(gpus: list[GpuDevice], facts: ModelFacts, request: OffloadRequest) -> O
         layers = min(request.layers, total)
         return Offload(tuple(chosen), layers, total, None, f"{_names(chosen)}: {layers}/{total} layers (--gpu-layers)")
     free = sum(max(0, g.free_bytes - MARGIN_BYTES) for g in chosen)
-    parallel = request.parallel or request.default_parallel
-    candidates = [parallel] if request.parallel else range(parallel, 0, -1)
-    for slots in candidates:
-        if _bytes_needed(facts, total, slots, request.ctx_per_slot) <= free:
-            chose = None if slots == parallel and not request.parallel else slots
-            fewer = f", {slots} slots to keep it whole" if slots < parallel else ""
-            return Offload(tuple(chosen), total, total, chose, f"{_names(chosen)}: {total}/{total} layers{fewer}")
-    layers = max((n for n in range(total) if _bytes_needed(facts, n, parallel, request.ctx_per_slot) <= free), default=0)
-    need = _bytes_needed(facts, total, parallel, request.ctx_per_slot)
+    cache = request.cache
+    if _bytes_needed(facts, total, cache.cells) <= free:
+        return Offload(tuple(chosen), total, total, None, f"{_names(chosen)}: {total}/{total} layers")
+    smaller = _smaller_cache(facts, cache, free) if request.flexible else None
+    if smaller is not None:
+        what = f"context cut to {smaller.cells} tokens" if smaller.shared else f"{smaller.parallel} slots"
+        return Offload(tuple(chosen), total, total, smaller, f"{_names(chosen)}: {total}/{total} layers, {what} to keep it whole")
+    layers = max((n for n in range(total) if _bytes_needed(facts, n, cache.cells) <= free), default=0)
+    need = _bytes_needed(facts, total, cache.cells)
     if layers == 0:
         return cpu_only(f"{_names(chosen)} has {free // MIB} MiB free, the model needs {need // MIB} MiB even for one layer: running on the CPU", facts)
     return Offload(
-        tuple(chosen), layers, total, request.parallel,
+        tuple(chosen), layers, total, None,
         f"{_names(chosen)}: {layers}/{total} layers (all of them need {need // MIB} MiB, {free // MIB} MiB free; the rest on the CPU)",
     )
+
+
+def _smaller_cache(facts: ModelFacts, cache: CachePlan, free: int) -> CachePlan | None:
+    """The largest cache, no smaller than allowed, with which every layer fits `free` bytes; None if none does. A
+    shared cache keeps its slots and gets fewer cells, not below MIN_AUTO_CONTEXT; parts per slot keep their size
+    and there are fewer of them."""
+    total = facts.n_layer + 1
+    if cache.shared:
+        floor = min(cache.cells, MIN_AUTO_CONTEXT)
+        cells = range(cache.cells - CELL_ROUNDING, floor - 1, -CELL_ROUNDING)
+        fits = next((n for n in cells if _bytes_needed(facts, total, n) <= free), None)
+        return None if fits is None else CachePlan(fits, cache.parallel, shared=True)
+    part = cache.per_request
+    slots = next((n for n in range(cache.parallel - 1, 0, -1) if _bytes_needed(facts, total, part * n) <= free), None)
+    return None if slots is None else CachePlan(part * slots, slots, shared=False)
 
 
 def after_fallback(planned: Offload, layers: int) -> Offload:
     """The placement once the engine had to put fewer layers on the GPU than planned (it ran out of memory)."""
     if layers == 0:
-        return Offload((), 0, planned.total_layers, planned.parallel, f"{_names(planned.gpus)} ran out of memory even for one layer: running on the CPU")
-    return Offload(planned.gpus, layers, planned.total_layers, planned.parallel, f"{_names(planned.gpus)}: {layers}/{planned.total_layers} layers (fewer than planned: it ran out of memory)")
+        return Offload((), 0, planned.total_layers, planned.cache, f"{_names(planned.gpus)} ran out of memory even for one layer: running on the CPU")
+    return Offload(planned.gpus, layers, planned.total_layers, planned.cache, f"{_names(planned.gpus)}: {layers}/{planned.total_layers} layers (fewer than planned: it ran out of memory)")
 
 
-def _bytes_needed(facts: ModelFacts, layers: int, slots: int, ctx_per_slot: int) -> int:
-    """GPU memory for `layers` of the model (llama.cpp's count), their share of the cache, and the compute buffers."""
+def _bytes_needed(facts: ModelFacts, layers: int, cells: int) -> int:
+    """GPU memory for `layers` of the model (llama.cpp's count), their share of a cache of `cells` tokens, and the
+    compute buffers."""
     if layers == 0:
         return 0
     total = facts.n_layer + 1
     weights = facts.weights_bytes * layers // total
-    cache = facts.kv_bytes_per_token * min(layers, facts.n_layer) // max(facts.n_layer, 1) * slots * ctx_per_slot
+    cache = facts.kv_bytes_per_token * min(layers, facts.n_layer) // max(facts.n_layer, 1) * cells
     # The largest compute buffer is the logits of one ubatch (512 tokens) and its activations.
     compute = 512 * (facts.n_vocab + 4 * facts.n_embd) * 4
     return weights + cache + compute

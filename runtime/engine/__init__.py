@@ -16,6 +16,7 @@ import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from runtime.cache_plan import CachePlan, plan_cache
 from runtime.cache_types import UNQUANTIZED
 from runtime.engine import memory
 from runtime.engine.embeddings import Embedder, EmbeddingError
@@ -74,8 +75,9 @@ class ChatTemplateError(LlamaboxError):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    ctx_size: int = 4096  # tokens of context per slot; 0: the model's own
-    parallel: int | None = 1  # sequences decoded together; None: as many as memory allows, up to 4 (memory.py)
+    ctx_size: int | None = 4096  # tokens of context, shared by the slots; 0: the model's own; None: cache_plan.auto_context
+    ctx_per_slot: bool = False  # each slot its own ctx_size tokens (--ctx-per-slot) instead of one cache they share
+    parallel: int | None = 1  # sequences decoded together; None: 4, or as many as memory allows with ctx_per_slot (cache_plan.py)
     max_waiting: int = 64  # requests that may wait for a slot before new ones are refused
     threads: int | None = None
     gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
@@ -139,22 +141,27 @@ class Engine:
         self.metadata: dict[str, str] = metadata  # the GGUF's key-value metadata, as llama.cpp reads it
         self.chat_template = metadata.get("tokenizer.chat_template")
         self.model_name = metadata.get("general.name") or location.path.stem
-        per_slot = options.ctx_size or self._model.n_ctx_train()
         per_token = memory.kv_bytes_per_token(metadata, options.cache_type_k, options.cache_type_v)
-        self.parallel = options.parallel or memory.auto_parallel(per_token, per_slot, memory.available_memory())
-        context = self._new_context(per_slot * self.parallel, self.parallel)
+        cache = plan_cache(options.ctx_size, options.ctx_per_slot, options.parallel, per_token, self._model.n_ctx_train())
+        self.parallel, cells = cache.parallel, cache.cells
+        context = self._new_context(cells, self.parallel)
         while context is None and self.gpu_layers > 0:
             # The cache and compute buffers of the offloaded layers did not fit on the GPU: fewer layers there.
             self._model.close()
             self._fewer_layers("making the context")
             self._model = self._load(location)
-            context = self._new_context(per_slot * self.parallel, self.parallel)
+            context = self._new_context(cells, self.parallel)
         if context is None:
-            raise ModelFileError(f"llama.cpp could not make a context of {per_slot * self.parallel} tokens for this model; try a smaller --ctx-size")
+            raise ModelFileError(f"llama.cpp could not make a context of {cells} tokens for this model; try a smaller --ctx-size")
         self._context = context
-        self.n_ctx = llama_cpp.llama_n_ctx(self._context) // self.parallel  # per slot, as llama.cpp rounded it
+        # The cache as llama.cpp rounded its cells, and how many one request may use: all of them when shared.
+        self.cache = CachePlan(llama_cpp.llama_n_ctx(self._context), self.parallel, shared=not options.ctx_per_slot)
+        self.n_ctx = self.cache.per_request
         self._formatter = self._make_formatter()
-        self._scheduler = Scheduler(self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting)
+        self._scheduler = Scheduler(
+            self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting,
+            shared_cells=self.cache.cells if self.cache.shared else None,
+        )
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
 
     def _load(self, location: ModelLocation) -> InPlaceModel:
@@ -177,7 +184,8 @@ class Engine:
         """A context for `parallel` slots, or None where llama.cpp cannot make one (out of memory)."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_UBATCH
-        params.n_seq_max, params.kv_unified = parallel, False  # each slot has its own part of the cache
+        # One cache shared by the slots (llama-server's default), or each slot its own part of it (--ctx-per-slot).
+        params.n_seq_max, params.kv_unified = parallel, not self.options.ctx_per_slot
         params.n_threads = params.n_threads_batch = self.options.threads or 0
         params.type_k, params.type_v = memory.GGML_CACHE_TYPES[self.options.cache_type_k], memory.GGML_CACHE_TYPES[self.options.cache_type_v]
         params.flash_attn_type = flash_attention(

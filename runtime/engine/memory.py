@@ -1,13 +1,12 @@
-"""How many slots the machine's memory allows by default: each slot has its own KV cache.
+"""What one token takes in the KV cache, before llama.cpp makes it.
 
-llama.cpp sizes the cache only when a context is made; the figure is needed before, so it is
-worked out from the model's metadata (layers, key/value heads and their width) and the cache's types
-(16-bit cells unless --cache-type-k/-v say otherwise), as Ollama does for its default OLLAMA_NUM_PARALLEL.
+llama.cpp sizes the cache only when a context is made; the figure is needed before (runtime/cache_plan.py
+sizes the default cache by it, runtime/devices/offload.py fits the GPU by it), so it is worked out from the
+model's metadata (layers, key/value heads and their width) and the cache's types (16-bit cells unless
+--cache-type-k/-v say otherwise), as Ollama does for its default OLLAMA_NUM_PARALLEL.
 """
 
 from __future__ import annotations
-
-import os
 
 import llama_cpp
 
@@ -17,10 +16,6 @@ from runtime.devices import ggml
 # --cache-type-k and --cache-type-v as ggml's types. A quantized V cache needs flash attention, which llama.cpp
 # turns on by itself where the backend has it.
 GGML_CACHE_TYPES = {name: getattr(llama_cpp, f"GGML_TYPE_{name.upper()}") for name in CACHE_TYPES}
-
-DEFAULT_PARALLEL = 4
-MEMORY_SHARE = 0.25  # of the memory available at start that the slots' caches may take by default
-
 
 def kv_bytes_per_token(metadata: dict[str, str], type_k: str = "f16", type_v: str = "f16") -> int:
     """Bytes of keys and values one token takes in the cache, from GGUF metadata; 0 if unknown."""
@@ -44,26 +39,3 @@ def _row_bytes(cache_type: str, width: int) -> int:
     """What one head's keys (or values) of one token take in a cache of this type, as ggml stores them (asked for
     256 values, a whole number of blocks of every type: ggml aborts on a width its blocks do not divide)."""
     return -(-ggml.row_size(GGML_CACHE_TYPES[cache_type], 256) * width // 256)
-
-
-def auto_parallel(bytes_per_token: int, ctx_per_slot: int, available: int | None) -> int:
-    """DEFAULT_PARALLEL slots, fewer (down to 1) where their caches would take more than MEMORY_SHARE."""
-    if not bytes_per_token or not available:
-        return DEFAULT_PARALLEL
-    fits = int(available * MEMORY_SHARE // (bytes_per_token * ctx_per_slot))
-    return max(1, min(DEFAULT_PARALLEL, fits))
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux: MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None

@@ -1,7 +1,12 @@
 """Slots and continuous batching: several sequences decoded together in one llama.cpp context.
 
 Modelled on how llama.cpp's own server schedules its slots. The context holds `parallel`
-sequences, each with its own part of the KV cache (`ctx_size` tokens each). One thread owns the
+sequences, which share one KV cache (any one may use all of it), or each have their own part of it
+(--ctx-per-slot). In a shared cache, a request starts only when its prompt fits beside what the
+others hold (the caches of idle slots, kept for prompt reuse, are dropped least recently used first
+to make room), so a prompt being read always has its cells; when the generating requests together
+fill the cache, the one holding most ends with "length", as it would at the end of its own context.
+One thread owns the
 context and loops: every step is one `llama_decode` over a batch holding the next token of every
 generating sequence plus a chunk of any prompt being read (prompts are read in chunks, so a long
 prompt does not stall the others). A new request goes to the free slot whose cached tokens share
@@ -178,13 +183,16 @@ class SlotState:
 
 
 class Scheduler:
-    def __init__(self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, max_waiting: int) -> None:
+    def __init__(
+        self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, max_waiting: int, shared_cells: int | None = None
+    ) -> None:
         self._model, self._context = model, context
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._n_swa = llama_cpp.llama_model_n_swa(model)
         self._memory = llama_cpp.llama_get_memory(context)
         self.n_ctx_slot, self._n_batch, self._max_waiting = n_ctx_slot, n_batch, max_waiting
+        self._shared_cells = shared_cells  # the shared cache's size; None: each slot has n_ctx_slot cells of its own
         self._slots = [_Slot(i) for i in range(parallel)]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._requests_started = 0
@@ -284,8 +292,11 @@ class Scheduler:
             free = [slot for slot in self._slots if slot.request is None]
             if not free:
                 return
-            request = self._waiting.popleft()
+            request = self._waiting[0]
             slot = max(free, key=lambda s: (_common_prefix(s.cached, request.tokens), -s.last_used))
+            if not self._room_for(request, slot):
+                return  # it waits, first in line, until the requests running now free their cells
+            self._waiting.popleft()
             try:
                 self._start(slot, request)
             except Exception as exc:  # this request cannot start; the others go on
@@ -310,18 +321,59 @@ class Scheduler:
         slot.text = TextStream(request.stop)
         slot.request = request
 
+    def _free_cells(self) -> int:
+        """Cells of the shared cache that hold no token and are not promised to a prompt being read."""
+        assert self._shared_cells is not None
+        return self._shared_cells - sum(len(s.cached) + len(s.pending) for s in self._slots)
+
+    def _room_for(self, request: _Request, slot: _Slot) -> bool:
+        """Whether `request` fits the shared cache on `slot` (its prompt and one token), dropping the caches of
+        idle slots, least recently used first, until it does."""
+        if self._shared_cells is None:
+            return True
+        keep = min(_common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)
+        need = len(request.tokens) - keep + 1
+        freed_on_slot = len(slot.cached) - keep  # what _start cuts from the chosen slot's own cache
+        for idle in sorted((s for s in self._slots if s.request is None and s is not slot and s.cached), key=lambda s: s.last_used):
+            if self._free_cells() + freed_on_slot >= need:
+                break
+            self._drop_cache(idle)
+        return self._free_cells() + freed_on_slot >= need
+
+    def _make_room_to_generate(self, generating: list[_Slot]) -> list[_Slot]:
+        """Room in the shared cache for one more token of each generating slot: idle slots' caches go first, then
+        the request holding most ends with "length". The slots that still generate."""
+        if self._shared_cells is None:
+            return generating
+        for idle in sorted((s for s in self._slots if s.request is None and s.cached), key=lambda s: s.last_used):
+            if self._free_cells() >= len(generating):
+                break
+            self._drop_cache(idle)
+        while generating and self._free_cells() < len(generating):
+            longest = max(generating, key=lambda s: len(s.cached))
+            generating.remove(longest)
+            self._finish(longest, "length", longest.text.flush() if longest.text is not None else "", keep_cache=False)
+        return generating
+
+    def _drop_cache(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)
+        slot.cached = []
+
     def _free(self, slot: _Slot, keep_cache: bool) -> None:
         if slot.sampler is not None:
             slot.sampler.close()
         if not keep_cache:
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)
-            slot.cached = []
+            self._drop_cache(slot)
         slot.request, slot.sampler, slot.text, slot.pending, slot.next_token = None, None, None, [], None
 
     def _step(self) -> None:
         batch, n = self._batch, 0
+        with self._wake:
+            self._make_room_to_generate([slot for slot in self._slots if slot.request is not None and slot.next_token is not None])
         active = [slot for slot in self._slots if slot.request is not None]
         generating = [slot for slot in active if slot.next_token is not None]
+        if not active:
+            return
         for slot in generating:
             self._add(n, slot.next_token, len(slot.cached), slot.id, True)
             slot.cached.append(slot.next_token)
@@ -404,14 +456,21 @@ class Scheduler:
             return
         if not text.stopped:
             piece += text.flush()
-        now = time.perf_counter()
-        timings = Timings((slot.first_token_at - slot.started_at) * 1000, (now - slot.first_token_at) * 1000)
         with self._wake:
-            request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word))
-            self._metrics.request_done(
-                len(request.tokens) - slot.reused, slot.reused, timings.prompt_ms / 1000, slot.generated, timings.predicted_ms / 1000
-            )
-            self._free(slot, keep_cache=True)
+            self._finish(slot, finish, piece, keep_cache=True)
+
+    def _finish(self, slot: _Slot, finish: str, piece: str, keep_cache: bool) -> None:
+        """End the slot's request with its last piece, its finish reason and its counts."""
+        request, text = slot.request, slot.text
+        assert request is not None and text is not None
+        now = time.perf_counter()
+        first = slot.first_token_at or now
+        timings = Timings((first - slot.started_at) * 1000, (now - first) * 1000)
+        request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word))
+        self._metrics.request_done(
+            len(request.tokens) - slot.reused, slot.reused, timings.prompt_ms / 1000, slot.generated, timings.predicted_ms / 1000
+        )
+        self._free(slot, keep_cache=keep_cache)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -160,7 +160,8 @@ async def props(request: Request) -> Response:
             "webui": True,
             "chat_template": engine.chat_template or "",
             "build_info": f"llamabox {__version__}",
-            "n_ctx": engine.n_ctx,
+            "n_ctx": engine.cache.cells,  # the cache's size; with a shared cache one request may use all of it
+            "n_ctx_slot": engine.n_ctx,
             "hardware": settings.hardware,
         }
     )
