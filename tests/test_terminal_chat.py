@@ -194,7 +194,7 @@ def test_interactive_chat_in_a_pseudo_terminal(bundle: Path, tmp_path: Path) -> 
         child.sendline('"""')
         child.sendline("Name a colour")
         child.sendline('of the sky."""')
-        child.expect(r"context \d+/4096\]")
+        child.expect(r"context \d+/8192\]")
         child.expect(">>> ")
         saved = tmp_path / "chat.json"
         child.sendline(f"/save {saved}")
