@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.native import CMAKE_FLAGS, native_gpu_tool  # noqa: E402
+from benchmarks.provenance import stamp  # noqa: E402
 from benchmarks.run import Running, Target, build_bundle, eos_token, free_port, measure_ab, metrics, stream_completion, summary  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import STUB_DIR  # noqa: E402
@@ -144,6 +145,7 @@ def main() -> None:
     cpu = cpu_info()
     rows = [*metrics(), ("ttft", "time to first streamed token, short prompt (s)", False)]
     lines = [
+        *(f"- {key}: {value}" for key, value in stamp().items()),
         f"- GPU: {'; '.join(gpus) or 'none found'}",
         f"- machine: {cpu.name}, {os.cpu_count()} logical CPUs, {platform.platform()}",
         f"- backend: {args.backend} (the module in {stub.name}, loaded by both sides); model: {model.name} ({model.stat().st_size / 1e6:.1f} MB)",

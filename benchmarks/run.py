@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.native import CMAKE_FLAGS, llama_server  # noqa: E402
+from benchmarks.provenance import stamp  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
 from runtime import __version__  # noqa: E402
@@ -369,6 +370,7 @@ def main() -> None:
 
     cpu = cpu_info()
     meta = {
+        **stamp(),
         "machine": f"{cpu.name}, {os.cpu_count()} logical CPUs, {_memory_gb():.0f} GiB RAM, {platform.platform()}",
         "CPU features": " ".join(cpu.features),
         "versions": f"llamabox {__version__}, llama-cpp-python {_version('llama-cpp-python')}, Python {platform.python_version()}, "

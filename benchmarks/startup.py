@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.native import llama_server  # noqa: E402
+from benchmarks.provenance import stamp  # noqa: E402
 from benchmarks.run import build_bundle, free_port, summary  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import default_stub_path  # noqa: E402
@@ -441,10 +442,10 @@ def measure(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
         return f"{stubs[name].name} ({size:.1f} MB, {unpacked[name]['kind']} layout, built {built[name]:%Y-%m-%d %H:%M} UTC)"
 
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **stamp(),
         "machine": f"{cpu.name}, {os.cpu_count()} logical CPUs",
         "load average (1, 5, 15 min)": f"{' '.join(uptime_before)} before, {' '.join(uptime_after)} after (a shared machine)",
-        "model": f"{model.name} ({model.stat().st_size / 1e6:.1f} MB), `-c {ctx} --threads {threads} -np 1` everywhere",
+        "model": f"{model.name} ({model.stat().st_size / 1e6:.1f} MB), `-c {ctx} --threads {threads} -np 1` everywhere but the row of each program's defaults",
         "stub": described("bundle") + ": the \"bundle\" column",
     }
     if "before" in stubs:
