@@ -12,7 +12,8 @@ auto`), which this script checks. Measured over HTTP for both servers, in altern
 to /health, decode and prompt tokens per second, time to the first streamed token, peak memory of the process
 tree and 4 concurrent streaming clients; llama-bench's pp512/tg128 on the same GPU are printed as the ceiling.
 The table names the GPU, its driver and the CPU. A dry run on a machine without a GPU: Mesa's lavapipe,
-with `VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json GGML_VK_VISIBLE_DEVICES=0` and --backend vulkan.
+with `VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json GGML_VK_VISIBLE_DEVICES=0`, --backend vulkan
+and --quick (a few tokens per measurement: lavapipe reads a 1,000-token prompt in minutes).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.native import CMAKE_FLAGS, native_gpu_tool  # noqa: E402
 from benchmarks.provenance import stamp  # noqa: E402
-from benchmarks.run import Running, Target, build_bundle, eos_token, free_port, measure_ab, metrics, stream_completion, summary  # noqa: E402
+from benchmarks.run import Running, Target, build_bundle, eos_token, free_port, measure_ab, metrics, shrink_workload, stream_completion, summary  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
 from bundler.stubs import STUB_DIR  # noqa: E402
 from runtime import __version__  # noqa: E402
@@ -74,12 +75,13 @@ def time_to_first_token(target: Target, runs: int, eos: int) -> None:
         server.stop()
 
 
-def llama_bench(binary: Path, model: Path, env: dict[str, str]) -> dict[str, float]:
+def llama_bench(binary: Path, model: Path, env: dict[str, str], quick: bool) -> dict[str, float]:
     """llama-bench's prompt (pp512) and generation (tg128) tokens per second with every layer on the GPU."""
-    out = subprocess.run([str(binary), "-m", str(model), "-ngl", "99", "-p", "512", "-n", "128", "-r", "3", "-o", "json"],
+    sizes = ["-p", "32", "-n", "8", "-r", "1"] if quick else ["-p", "512", "-n", "128", "-r", "3"]
+    out = subprocess.run([str(binary), "-m", str(model), "-ngl", "99", *sizes, "-o", "json"],
                          capture_output=True, text=True, check=True, env=env).stdout
     rows = json.loads(out)
-    return {("pp512" if row["n_prompt"] else "tg128"): row["avg_ts"] for row in rows}
+    return {(f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"): row["avg_ts"] for row in rows}
 
 
 def gpu_names(bundle: Path) -> list[str]:
@@ -100,7 +102,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="GGUF to measure (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--runs", type=int, default=3, help="alternating A/B runs (default 3)")
     parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--quick", action="store_true", help="a few tokens per measurement: proves the script runs (lavapipe), measures nothing")
     args = parser.parse_args()
+    if args.quick:
+        shrink_workload()
 
     model = (args.model or default_model_path()).resolve()
     stub = args.stub or STUB_DIR / stub_file_name(current_platform(), "cuda" if args.backend == "cuda" else None)
@@ -137,9 +142,9 @@ def main() -> None:
         print("A/B runs...", file=sys.stderr)
         measure_ab([ours, native], args.runs, eos)
         for target in (ours, native):
-            time_to_first_token(target, 5, eos)
+            time_to_first_token(target, 2 if args.quick else 5, eos)
         print("llama-bench...", file=sys.stderr)
-        ceiling = llama_bench(bench_binary, model, native_env)
+        ceiling = llama_bench(bench_binary, model, native_env, args.quick)
         gpus = gpu_names(bundle)
 
     cpu = cpu_info()

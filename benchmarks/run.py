@@ -2,10 +2,13 @@
 
     python benchmarks/run.py                    # SmolLM2, 3 alternating A/B runs
     python benchmarks/run.py --model X.gguf --runs 5
+    python benchmarks/run.py --quick --runs 1 --output /tmp/B.md  # a few tokens each: proves it runs (the tests do)
 
 Measures, for both servers over their HTTP APIs: time from exec to the first successful /health
 (first and repeated start), decode and prompt-processing tokens per second, peak resident memory
-of the serving process tree, aggregate tokens per second with 4 concurrent streaming clients; for
+of the serving process tree, aggregate tokens per second with 4 and 8 concurrent streaming clients, and
+the context one request may fill, both programs at their defaults (one cache of the model's own context
+shared by 4 slots; native with -fa off, the bundle's default on the CPU, so both run the same kernels); for
 llamabox alone: stub size, bundle overhead, `llamabox build` against `cp`, and every CPU variant
 this machine can run. Prints the table and writes BENCHMARKS.md and benchmarks/ratios.png.
 """
@@ -342,7 +345,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few tokens per measurement and one round: proves the script runs, measures nothing")
     args = parser.parse_args()
     if args.quick:
-        _shrink_workload()
+        shrink_workload()
 
     model = (args.model or default_model_path()).resolve()
     stub = args.stub or default_stub_path()
@@ -394,7 +397,7 @@ def main() -> None:
     print(f"\nWrote {args.output} and {png}", file=sys.stderr)
 
 
-def _shrink_workload() -> None:
+def shrink_workload() -> None:
     """--quick: every measurement with a few tokens (module constants, as concurrency.py and gpu.py share them)."""
     global DECODE_TOKENS, PP_TOKENS, CONCURRENT_TOKENS, VARIANT_DECODE_TOKENS, VARIANT_PP_TOKENS, BUILDS, STARTS
     DECODE_TOKENS, PP_TOKENS, CONCURRENT_TOKENS, VARIANT_DECODE_TOKENS, VARIANT_PP_TOKENS, BUILDS, STARTS = 8, 32, 4, 4, 16, 1, 1
