@@ -34,14 +34,16 @@ class CachePlan:
 
 
 def plan_cache(ctx_size: int | None, per_slot: bool, parallel: int | None, bytes_per_token: int, n_ctx_train: int) -> CachePlan:
-    """The cache for --ctx-size (None: auto_context; 0: the model's own), --ctx-per-slot and --parallel (None: the
-    default, fewer slots with --ctx-per-slot where their parts would take too much memory)."""
+    """The cache for --ctx-size (0: the model's own), --ctx-per-slot and --parallel. By default: auto_context shared
+    by DEFAULT_PARALLEL slots; with --ctx-per-slot, MIN_AUTO_CONTEXT tokens a slot for DEFAULT_PARALLEL slots, fewer
+    where their parts would take too much memory."""
     available = available_memory()
-    ctx = (ctx_size or n_ctx_train) if ctx_size is not None else auto_context(bytes_per_token, n_ctx_train, available)
     if not per_slot:
+        ctx = (ctx_size or n_ctx_train) if ctx_size is not None else auto_context(bytes_per_token, n_ctx_train, available)
         return CachePlan(ctx, parallel or DEFAULT_PARALLEL, shared=True)
-    slots = parallel or auto_parallel(bytes_per_token, ctx, available)
-    return CachePlan(ctx * slots, slots, shared=False)
+    part = (ctx_size or n_ctx_train) if ctx_size is not None else min(MIN_AUTO_CONTEXT, n_ctx_train)
+    slots = parallel or auto_parallel(bytes_per_token, part, available)
+    return CachePlan(part * slots, slots, shared=False)
 
 
 def auto_parallel(bytes_per_token: int, ctx_per_slot: int, available: int | None) -> int:
@@ -54,9 +56,10 @@ def auto_parallel(bytes_per_token: int, ctx_per_slot: int, available: int | None
 
 def auto_context(bytes_per_token: int, n_ctx_train: int, available: int | None) -> int:
     """The default context: the model's own (as llama-server's -c 0), cut to what MEMORY_SHARE of the available
-    memory holds, but not below MIN_AUTO_CONTEXT (nor above the model's own)."""
+    memory holds, but not below MIN_AUTO_CONTEXT (nor above the model's own); MIN_AUTO_CONTEXT where either size
+    is unknown (a model's 131,072 tokens could take 16 GiB)."""
     if not bytes_per_token or not available:
-        return n_ctx_train
+        return min(n_ctx_train, MIN_AUTO_CONTEXT)
     fits = int(available * MEMORY_SHARE // bytes_per_token) // CELL_ROUNDING * CELL_ROUNDING
     return min(n_ctx_train, max(fits, MIN_AUTO_CONTEXT))
 

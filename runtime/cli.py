@@ -6,6 +6,7 @@ Heavy modules (llama.cpp, the server) are imported only once a mode needs them, 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,24 @@ class _LayerCount(click.ParamType):
 
 
 _LAYERS = _LayerCount()
+
+
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, object]:
+    """--chat-template-kwargs: a JSON object whose keys are not the template's own variables."""
+    if value is None:
+        return {}
+    from runtime.engine.templates import RESERVED_NAMES  # here, not at the top: it loads llama.cpp
+
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON ({exc}); give an object such as '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object, such as '{\"enable_thinking\": false}'")
+    taken = sorted(RESERVED_NAMES & parsed.keys())
+    if taken:
+        raise click.BadParameter(f"{taken[0]} is the server's to set; leave it out")
+    return parsed
 
 
 class _UserErrors(click.Command):
@@ -143,6 +162,27 @@ class _UserErrors(click.Command):
 @click.option("-n", "--n-predict", default=-1, show_default=True, type=int, help="Default maximum tokens to generate (-1: until the context is full).")
 @click.option("--system-prompt", help="System message prepended to every chat that has none.")
 @click.option(
+    "--chat-template",
+    metavar="NAME|FILE|TEMPLATE",
+    help="The chat template instead of the model's own: one of llama.cpp's built-in ones by name (chatml, llama3, "
+    "mistral-v7, ...), a Jinja file, or Jinja text, as llama-server's.",
+)
+@click.option(
+    "--jinja/--no-jinja",
+    default=True,
+    show_default=True,
+    help="Render chat templates with Jinja (tools, chat_template_kwargs); --no-jinja uses llama.cpp's built-in template "
+    "that matches the model's.",
+)
+@click.option(
+    "--chat-template-kwargs",
+    "chat_template_kwargs",
+    metavar="JSON",
+    callback=_json_object,
+    help='More variables for every chat\'s template, as a JSON object (e.g. \'{"enable_thinking": false}\'); a request\'s '
+    "chat_template_kwargs go over them.",
+)
+@click.option(
     "--cpu-variant",
     envvar="LLAMABOX_CPU_VARIANT",
     help="Force one set of CPU kernels, e.g. x64 (portable) or haswell [default: the best this CPU runs; env LLAMABOX_CPU_VARIANT].",
@@ -162,7 +202,7 @@ class _UserErrors(click.Command):
     default="auto",
     show_default=True,
     help="Layers of the model on the GPU: auto puts every layer there when they, the cache and a 1 GiB margin fit its free "
-    "memory (taking fewer --parallel slots first), else as many as fit; N puts N there (0: none).",
+    "memory (with a shorter default context first, not below 4096 tokens, as llama-server's --fit), else as many as fit; N puts N there (0: none).",
 )
 @click.option("--gpu-device", help="Use only this GPU, by its name in --info (Vulkan0, CUDA1) [default: every GPU of the best backend].")
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")

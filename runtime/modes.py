@@ -19,6 +19,7 @@ from runtime.devices import cpu as cpu_module
 from runtime.devices import offload
 from runtime.cache_plan import CachePlan, plan_cache
 from runtime.engine import Engine, EngineOptions, Sampling
+from runtime.engine.templates import TemplateChoice
 from runtime.engine.loader import model_facts
 from runtime.errors import LlamaboxError
 from runtime.model_source import ModelSource, OwnBundle
@@ -53,6 +54,9 @@ class RunOptions:
     seed: int
     n_predict: int
     system_prompt: str | None
+    chat_template: str | None
+    jinja: bool
+    chat_template_kwargs: dict[str, Any]
     cpu_variant: str | None
     gpu: str
     gpu_layers: int | None  # None: auto
@@ -102,7 +106,7 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         return
 
     placement = machine.offload
-    fitted = placement.cache  # a smaller cache that keeps the model whole on the GPU, if one was needed
+    fitted = placement.cache  # the cache the GPU's fit counted with (None on the CPU: the engine plans it)
     engine = Engine(
         source.location,
         EngineOptions(
@@ -118,6 +122,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             cache_type_k=options.cache_type_k,
             cache_type_v=options.cache_type_v,
             flash_attn=options.flash_attn,
+            template=TemplateChoice(options.chat_template, options.jinja),
+            template_kwargs=options.chat_template_kwargs,
         ),
     )
     for warning in engine.warnings:

@@ -224,7 +224,7 @@ function showInfo() {
   const hw = info.hardware || {};
   const rows = [
     ["Model", m.id], ["File", m.file_name], ["Size", bytes(m.size)], ["Parameters", m.parameters], ["Architecture", m.architecture],
-    ["Licence", m.license || "not stated in the file"], ["Context", `${number.format(info.n_ctx)} tokens per chat`],
+    ["Licence", m.license || "not stated in the file"], ["Context", `${number.format(info.n_ctx)} tokens per chat${info.shared_cache && info.slots > 1 ? `, shared by up to ${info.slots} chats at once` : ""}`],
     ["Chats at once", info.slots], ["CPU", hw.cpu?.name], ["CPU kernels", hw.cpu_variant_proof || hw.cpu_variant],
     ["GPU", hw.offload || (hw.gpu ? hw.gpu.name : "none")], ["llamabox", info.version],
   ];
@@ -583,12 +583,15 @@ function updateContext() {
   el.context.hidden = !n;
   if (!n) return;
   const fill = Math.min(used / n, 1);
-  const full = tooLong || cut;
+  // A reply cut well before its own chat filled the context: other chats held the rest of a shared cache.
+  const crowded = cut && !tooLong && state.info.shared_cache && used < n * 0.95;
+  const full = (tooLong || cut) && !crowded;
   el.contextFill.style.width = `${(full ? 1 : fill) * 100}%`;
   el.context.classList.toggle("full", full);
   el.context.classList.toggle("warn", !full && fill >= WARN_FILL);
   let text = `${number.format(used)} / ${number.format(n)} tokens of context`;
   if (full) text = `Context full (${number.format(n)} tokens): start a new chat, or edit an earlier message`;
+  else if (crowded) text += " · the last reply was cut: other chats filled the context this server shares; ask again";
   else if (fill >= WARN_FILL) text += " · almost full";
   el.contextText.textContent = text;
 }

@@ -82,6 +82,7 @@ ROUTES: dict[str, Route] = {
     "/v1/messages/count_tokens": Route({"model": "any", "messages": SAY_OK}, None, ("system", "tools", "tool_choice", "thinking")),
     "/completion": Route({"prompt": "Hello", "n_predict": 3}, ("n_predict",), NATIVE_SAMPLING),
     "/completions": Route({"prompt": "Hello", "n_predict": 3}, ("n_predict",), NATIVE_SAMPLING),
+    "/infill": Route({"input_prefix": "def f():", "input_suffix": "", "n_predict": 3}, ("n_predict",), (*NATIVE_SAMPLING, "input_extra", "prompt")),
     "/apply-template": Route({"messages": SAY_OK}, None, ("tools", "tool_choice")),
     "/tokenize": Route({"content": "Hello"}, None, ("add_special", "parse_special", "with_pieces")),
     "/detokenize": Route({"tokens": [1, 2, 3]}, None, ()),

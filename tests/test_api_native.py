@@ -270,11 +270,76 @@ def test_completion_errors(http: httpx.Client) -> None:
     assert_llama_error(response, 400, "exceed_context_size_error")
     error = response.json()["error"]
     assert error["n_ctx"] == n_ctx and error["n_prompt_tokens"] > n_ctx
-    assert_llama_error(http.post("/infill", json={"prompt": "x"}), 501, "not_supported_error")
     assert complete(http, n_predict=1)["tokens_predicted"] == 1  # still serving
 
 
+# --- /infill ------------------------------------------------------------------------------------
+
+# Tokens of SmolLM2's vocabulary that a copy of it declares as its fill-in-the-middle tokens (SmolLM2 has none):
+# what the assembly puts where, with the real engine, whatever the model makes of it.
+FIM_IDS = {"fim_pre": 11, "fim_suf": 12, "fim_mid": 13, "fim_sep": 5, "fim_rep": 3}
+FIM_TEXT = {"fim_pre": "<jupyter_start>", "fim_suf": "<jupyter_text>", "fim_mid": "<jupyter_code>", "fim_sep": "<file_sep>", "fim_rep": "<repo_name>"}
+
+
+@pytest.fixture(scope="module")
+def fim_server(bundle: Path, smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    import subprocess
+    import sys
+
+    copy = tmp_path_factory.mktemp("fim") / "smollm2-fim.gguf"
+    ids = [arg for kind, token in FIM_IDS.items() for arg in ("--special-token-by-id", kind, str(token))]
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2), str(copy), *ids, "--force"],
+                   check=True, capture_output=True, timeout=300)
+    server = start_server(bundle, "-m", str(copy), "--temp", "0", "--port", str(free_port()))
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            yield client
+    finally:
+        stop_server(server)
+
+
+def test_infill_puts_the_code_around_the_cursor_between_the_models_fim_tokens(fim_server: httpx.Client) -> None:
+    body = {
+        "input_prefix": "def add(a, b):\n    return ",
+        "input_suffix": "\n\nprint(add(1, 2))\n",
+        "input_extra": [{"filename": "util.py", "text": "X = 1\n"}],
+        "prompt": "a",
+        "n_predict": 4,
+    }
+    answer = fim_server.post("/infill", json=body).json()
+    t = FIM_TEXT
+    assert answer["prompt"] == (
+        f"{t['fim_rep']}myproject\n{t['fim_sep']}util.py\nX = 1\n{t['fim_sep']}filename\n"
+        f"{t['fim_pre']}def add(a, b):\n    return a{t['fim_suf']}\n\nprint(add(1, 2))\n{t['fim_mid']}"
+    )
+    assert 0 < answer["tokens_predicted"] <= 4 and answer["stop"] is True and FINAL_KEYS <= answer.keys()
+    events = []
+    with fim_server.stream("POST", "/infill", json={**body, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["content"] for e in events) == answer["content"] and events[-1]["stop"] is True
+    # Without other files: nothing before the prefix; token ids may stand for text, as in /completion.
+    bare = fim_server.post("/infill", json={"input_prefix": [FIM_IDS["fim_rep"], "x = "], "input_suffix": "", "n_predict": 1}).json()
+    assert bare["prompt"] == f"{t['fim_pre']}{t['fim_rep']}x = {t['fim_suf']}{t['fim_mid']}"
+
+
+def test_infill_errors_in_llama_servers_shape(http: httpx.Client, fim_server: httpx.Client) -> None:
+    message = assert_llama_error(http.post("/infill", json={"input_prefix": "a", "input_suffix": "b"}), 400)
+    assert message.startswith("Infill is not supported by this model: prefix token is missing. suffix token is missing. middle token is missing.")
+    assert "input_suffix" in assert_llama_error(fim_server.post("/infill", json={"input_prefix": "a"}), 400)
+    assert "input_extra" in assert_llama_error(fim_server.post("/infill", json={"input_prefix": "a", "input_suffix": "", "input_extra": ["x"]}), 400)
+    assert "text" in assert_llama_error(fim_server.post("/infill", json={"input_prefix": "a", "input_suffix": "", "input_extra": [{"filename": "f"}]}), 400)
+
+
 # --- tokens --------------------------------------------------------------------------------------
+
+
+def test_apply_template_continues_a_last_assistant_message_and_checks_template_kwargs(http: httpx.Client) -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    prompt = http.post("/apply-template", json={"messages": messages, "chat_template_kwargs": {"unused": True}}).json()["prompt"]
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, I am")
+    refused = http.post("/apply-template", json={"messages": messages, "chat_template_kwargs": {"add_generation_prompt": False}})
+    assert "chat_template_kwargs.add_generation_prompt" in assert_llama_error(refused, 400)
 
 
 def test_apply_template_writes_the_prompt_that_chat_completions_reads(http: httpx.Client) -> None:

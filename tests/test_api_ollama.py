@@ -138,7 +138,7 @@ def test_list_show_ps_version(client: ollama.Client, ollama_url: str) -> None:
     assert shown.modelinfo["general.architecture"] == "llama" and shown.modelinfo["llama.context_length"] == 8192
     assert "<|im_start|>" in shown.template and "temperature" in shown.parameters
     [loaded] = client.ps().models
-    assert loaded.model == model.model and loaded.context_length == 4096 and loaded.expires_at.year > 2100
+    assert loaded.model == model.model and loaded.context_length == 8192 and loaded.expires_at.year > 2100
     assert httpx.get(ollama_url + "/api/version").json()["version"].count(".") == 2
     assert httpx.head(ollama_url + "/api/version").status_code == 200
     assert client.pull("llama3.2").status == "success"  # every name is already here
@@ -228,5 +228,5 @@ def test_errors_in_ollama_shape(client: ollama.Client, ollama_url: str) -> None:
     r = httpx.post(ollama_url + "/api/generate", content=b'{"model": "m", "prompt": "Hi"}', headers={"content-type": "text/plain"})
     assert r.status_code == 415 and "Content-Type" in r.json()["error"]
     with pytest.raises(ollama.ResponseError) as long_prompt:  # refused before the stream's first byte
-        list(client.generate(model="m", prompt="word " * 5000, stream=True))
+        list(client.generate(model="m", prompt="word " * 9000, stream=True))
     assert long_prompt.value.status_code == 400 and "--ctx-size" in long_prompt.value.error

@@ -60,6 +60,12 @@ def test_text_completion_streaming_and_not(client: openai.OpenAI) -> None:
     assert streamed == text
 
 
+def test_a_last_assistant_message_is_continued(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is"}]
+    reply = client.chat.completions.create(model="any", messages=messages, max_tokens=4, temperature=0).choices[0].message.content
+    assert "Paris" in reply and not reply.startswith("The capital")  # the answer goes on from the prefill
+
+
 def test_system_prompt_and_stop(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model="any", messages=[{"role": "system", "content": "Answer with one word."}, *CATS], max_tokens=24, temperature=0, stop=["."]
@@ -73,7 +79,7 @@ def test_api_errors_are_openai_shaped(server: Server, client: openai.OpenAI) -> 
     assert "messages" in str(info.value)
     response = httpx.post(server.url + "v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
-    long_prompt = "word " * 5000
+    long_prompt = "word " * 9000  # more than the 8192 tokens of SmolLM2's context, the default
     response = httpx.post(server.url + "v1/completions", json={"prompt": long_prompt, "max_tokens": 4})
     assert response.status_code == 400 and "--ctx-size" in response.json()["error"]["message"]
     for bad, param in [

@@ -36,7 +36,7 @@ def test_the_default_context_is_the_models_own_cut_by_memory_not_below_4096() ->
     assert auto_context(llama_8b, 131072, 16 * GIB) == 32768  # a quarter of 16 GiB holds 32,768 tokens
     assert auto_context(llama_8b, 131072, 1 * GIB) == 4096  # not below llama-server's --fit-ctx
     assert auto_context(llama_8b, 2048, 1 * GIB) == 2048  # nor above the model's own
-    assert auto_context(0, 8192, 1 * GIB) == 8192  # unknown size: the model's own
+    assert auto_context(0, 131072, 64 * GIB) == 4096 and auto_context(llama_8b, 131072, None) == 4096  # unknown: 4096
 
 
 def test_a_shared_cache_or_a_part_for_each_slot() -> None:
@@ -44,4 +44,5 @@ def test_a_shared_cache_or_a_part_for_each_slot() -> None:
     assert plan_cache(0, False, 2, 1000, 8192) == CachePlan(8192, 2, shared=True)
     per_slot = plan_cache(4096, True, 3, 1000, 8192)
     assert per_slot == CachePlan(12288, 3, shared=False) and per_slot.per_request == 4096
+    assert plan_cache(None, True, 2, 1000, 131072) == CachePlan(8192, 2, shared=False)  # 4096 a slot by default
     assert CachePlan(8192, 4, shared=True).per_request == 8192

@@ -27,7 +27,7 @@ def gpu(free_gib: float, name: str = "Vulkan0", index: int = 1) -> GpuDevice:
 
 def test_every_layer_when_everything_fits() -> None:
     placed = plan([gpu(80)], SEVEN_B, ask())
-    assert (placed.layers, placed.total_layers, placed.cache) == (29, 29, None)
+    assert (placed.layers, placed.total_layers, placed.cache) == (29, 29, SHARED)
     assert placed.whole_model_on_gpu
     assert placed.note == "Vulkan0 Test GPU: 29/29 layers"
 
@@ -41,9 +41,11 @@ def test_a_shorter_default_context_before_fewer_layers() -> None:
     assert "29/29 layers, context cut to 12544 tokens to keep it whole" in placed.note
 
 
-def test_the_context_is_not_cut_below_4096_tokens() -> None:
+def test_the_context_is_not_cut_below_4096_tokens_and_the_layers_split_beside_that() -> None:
     placed = plan([gpu(5.9)], SEVEN_B, ask(CachePlan(32768, 4, shared=True)))
-    assert 0 < placed.layers < placed.total_layers and placed.cache is None
+    assert 0 < placed.layers < placed.total_layers and placed.cache == CachePlan(4096, 4, shared=True)
+    kept = plan([gpu(5.9)], SEVEN_B, ask(CachePlan(32768, 4, shared=True), flexible=False))  # -c 32768 given
+    assert kept.cache == CachePlan(32768, 4, shared=True) and kept.layers < placed.layers
 
 
 def test_fewer_slots_before_fewer_layers_with_a_part_for_each() -> None:
@@ -56,7 +58,7 @@ def test_fewer_slots_before_fewer_layers_with_a_part_for_each() -> None:
 def test_an_asked_for_cache_is_kept_and_layers_shrink() -> None:
     placed = plan([gpu(4)], SEVEN_B, ask(flexible=False))
     assert 0 < placed.layers < placed.total_layers
-    assert placed.cache is None
+    assert placed.cache == SHARED
     assert "the rest on the CPU" in placed.note
 
 

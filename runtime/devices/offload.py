@@ -50,7 +50,7 @@ class Offload:
     gpus: tuple[GpuDevice, ...]
     layers: int  # for llama_model_params.n_gpu_layers (0..n_layer + 1)
     total_layers: int  # n_layer + 1, as llama.cpp counts them
-    cache: CachePlan | None  # a smaller cache than asked for, to keep the model whole; None: the one asked for
+    cache: CachePlan | None  # the cache the engine makes, smaller than asked where that keeps the model on the GPU; None: no GPU, the engine plans it
     note: str  # "Vulkan0 NVIDIA H100: 31/31 layers"
 
     @property
@@ -74,34 +74,43 @@ def plan(gpus: list[GpuDevice], facts: ModelFacts, request: OffloadRequest) -> O
         return cpu_only(f"{_names(chosen)} present, --gpu-layers 0: running on the CPU", facts)
     if request.layers is not None:
         layers = min(request.layers, total)
-        return Offload(tuple(chosen), layers, total, None, f"{_names(chosen)}: {layers}/{total} layers (--gpu-layers)")
+        return Offload(tuple(chosen), layers, total, request.cache, f"{_names(chosen)}: {layers}/{total} layers (--gpu-layers)")
     free = sum(max(0, g.free_bytes - MARGIN_BYTES) for g in chosen)
     cache = request.cache
     if _bytes_needed(facts, total, cache.cells) <= free:
-        return Offload(tuple(chosen), total, total, None, f"{_names(chosen)}: {total}/{total} layers")
-    smaller = _smaller_cache(facts, cache, free) if request.flexible else None
-    if smaller is not None:
-        what = f"context cut to {smaller.cells} tokens" if smaller.shared else f"{smaller.parallel} slots"
-        return Offload(tuple(chosen), total, total, smaller, f"{_names(chosen)}: {total}/{total} layers, {what} to keep it whole")
+        return Offload(tuple(chosen), total, total, cache, f"{_names(chosen)}: {total}/{total} layers")
+    if request.flexible:
+        smaller = _smaller_cache(facts, cache, free)
+        if smaller is not None:
+            what = f"context cut to {smaller.cells} tokens" if smaller.shared else f"{smaller.parallel} slots"
+            return Offload(tuple(chosen), total, total, smaller, f"{_names(chosen)}: {total}/{total} layers, {what} to keep it whole")
+        cache = _smallest_cache(cache)  # split with the CPU: the most layers on the GPU beside the least cache
     layers = max((n for n in range(total) if _bytes_needed(facts, n, cache.cells) <= free), default=0)
     need = _bytes_needed(facts, total, cache.cells)
     if layers == 0:
         return cpu_only(f"{_names(chosen)} has {free // MIB} MiB free, the model needs {need // MIB} MiB even for one layer: running on the CPU", facts)
     return Offload(
-        tuple(chosen), layers, total, None,
+        tuple(chosen), layers, total, cache,
         f"{_names(chosen)}: {layers}/{total} layers (all of them need {need // MIB} MiB, {free // MIB} MiB free; the rest on the CPU)",
     )
 
 
+def _smallest_cache(cache: CachePlan) -> CachePlan:
+    """The least a flexible cache may shrink to: MIN_AUTO_CONTEXT shared tokens, or one slot's part."""
+    if cache.shared:
+        return CachePlan(min(cache.cells, MIN_AUTO_CONTEXT), cache.parallel, shared=True)
+    return CachePlan(cache.per_request, 1, shared=False)
+
+
 def _smaller_cache(facts: ModelFacts, cache: CachePlan, free: int) -> CachePlan | None:
-    """The largest cache, no smaller than allowed, with which every layer fits `free` bytes; None if none does. A
-    shared cache keeps its slots and gets fewer cells, not below MIN_AUTO_CONTEXT; parts per slot keep their size
-    and there are fewer of them."""
+    """The largest cache, no smaller than _smallest_cache, with which every layer fits `free` bytes; None if none
+    does. A shared cache keeps its slots and gets fewer cells (in steps of CELL_ROUNDING); parts per slot keep their
+    size and there are fewer of them."""
     total = facts.n_layer + 1
     if cache.shared:
-        floor = min(cache.cells, MIN_AUTO_CONTEXT)
-        cells = range(cache.cells - CELL_ROUNDING, floor - 1, -CELL_ROUNDING)
-        fits = next((n for n in cells if _bytes_needed(facts, total, n) <= free), None)
+        floor = _smallest_cache(cache).cells
+        sizes = [*range((cache.cells - 1) // CELL_ROUNDING * CELL_ROUNDING, floor, -CELL_ROUNDING), floor]
+        fits = next((n for n in sizes if n < cache.cells and _bytes_needed(facts, total, n) <= free), None)
         return None if fits is None else CachePlan(fits, cache.parallel, shared=True)
     part = cache.per_request
     slots = next((n for n in range(cache.parallel - 1, 0, -1) if _bytes_needed(facts, total, part * n) <= free), None)

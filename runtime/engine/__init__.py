@@ -14,12 +14,13 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from runtime.cache_plan import CachePlan, plan_cache
 from runtime.cache_types import UNQUANTIZED
-from runtime.engine import memory
+from runtime.engine import memory, templates
 from runtime.engine.embeddings import Embedder, EmbeddingError
+from runtime.engine.infill import FimTokens
+from runtime.engine.templates import ChatTemplateError, TemplateChoice, render_chat
 from runtime.engine.loader import InPlaceModel
 from runtime.engine.metrics import Metrics
 from runtime.engine.sampling import Sampling, SamplingError
@@ -43,13 +44,6 @@ __all__ = [
     "TokenLogprob",
 ]
 
-# Used for chat when a model has no template of its own: plain ChatML, which most base and
-# instruct models without a template handle sensibly.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CHATML_STOP = "<|im_end|>"
 # llama-server's batch sizes: prompts are evaluated up to 2048 tokens per step, 512 per ubatch.
 N_BATCH, N_UBATCH = 2048, 512
 
@@ -69,10 +63,6 @@ class PromptTooLongError(LlamaboxError):
     """The prompt does not fit into a slot's context window."""
 
 
-class ChatTemplateError(LlamaboxError):
-    """The model's chat template rejected the messages."""
-
-
 @dataclass(frozen=True)
 class EngineOptions:
     ctx_size: int | None = 4096  # tokens of context, shared by the slots; 0: the model's own; None: cache_plan.auto_context
@@ -87,6 +77,8 @@ class EngineOptions:
     cache_type_k: str = "f16"  # runtime.cache_types: quantized caches hold more tokens in the same memory
     cache_type_v: str = "f16"
     flash_attn: str = "auto"  # auto, on or off: see flash_attention()
+    template: TemplateChoice = TemplateChoice()  # --chat-template and --jinja
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # --chat-template-kwargs, under each request's own
 
 
 @dataclass(frozen=True)
@@ -139,7 +131,7 @@ class Engine:
                 "use a GGUF converted with its tokenizer"
             )
         self.metadata: dict[str, str] = metadata  # the GGUF's key-value metadata, as llama.cpp reads it
-        self.chat_template = metadata.get("tokenizer.chat_template")
+        own_template = metadata.get("tokenizer.chat_template")
         self.model_name = metadata.get("general.name") or location.path.stem
         per_token = memory.kv_bytes_per_token(metadata, options.cache_type_k, options.cache_type_v)
         cache = plan_cache(options.ctx_size, options.ctx_per_slot, options.parallel, per_token, self._model.n_ctx_train())
@@ -157,7 +149,13 @@ class Engine:
         # The cache as llama.cpp rounded its cells, and how many one request may use: all of them when shared.
         self.cache = CachePlan(llama_cpp.llama_n_ctx(self._context), self.parallel, shared=not options.ctx_per_slot)
         self.n_ctx = self.cache.per_request
-        self._formatter = self._make_formatter()
+        eos, bos = self._model.token_eos(), self._model.token_bos()
+        self._template = templates.choose(
+            options.template, own_template,
+            eos=self._model.token_get_text(eos) if eos != -1 else "", bos=self._model.token_get_text(bos) if bos != -1 else "",
+        )
+        # The template in use, as /props and Ollama's /api/show report it; None where chat falls back to ChatML.
+        self.chat_template = self._template.source if own_template or options.template.template else None
         self._scheduler = Scheduler(
             self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting,
             shared_cells=self.cache.cells if self.cache.shared else None,
@@ -198,14 +196,6 @@ class Engine:
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
 
-    def _make_formatter(self) -> Jinja2ChatFormatter:
-        eos, bos = self._model.token_eos(), self._model.token_bos()
-        return Jinja2ChatFormatter(
-            template=self.chat_template or CHATML_TEMPLATE,
-            eos_token=self._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=self._model.token_get_text(bos) if bos != -1 else "",
-        )
-
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
@@ -221,6 +211,10 @@ class Engine:
         vocab = llama_cpp.llama_model_get_vocab(self._model.model)
         return b"".join(token_bytes(vocab, t) for t in tokens)
 
+    def fim_tokens(self) -> FimTokens:
+        """The model's fill-in-the-middle tokens (runtime/engine/infill.py)."""
+        return FimTokens.of(self._model.vocab)
+
     def text_prompt(self, text: str, add_bos: bool = True) -> Prompt:
         bos = self._model.token_bos()
         return Prompt(tokens=self.tokenize(text, add_bos=add_bos) if text else ([bos] if bos >= 0 else []))
@@ -228,22 +222,22 @@ class Engine:
     @property
     def template_knows_tools(self) -> bool:
         """Whether the chat template renders a `tools` list itself (otherwise callers describe tools in text)."""
-        return bool(self.chat_template) and "tools" in self.chat_template
+        return self._template.takes_tools
 
-    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
-        """Apply the chat template (or ChatML) to OpenAI-style messages, adding --system-prompt.
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None
+    ) -> Prompt:
+        """Apply the chat template (or ChatML) to OpenAI-style messages, adding --system-prompt; a last assistant
+        message is continued (templates.render_chat).
 
-        `tools` (OpenAI's function tools) go to templates that render them (`template_knows_tools`).
+        `tools` (OpenAI's function tools) go to templates that render them (`template_knows_tools`);
+        `template_kwargs` (a request's chat_template_kwargs) over --chat-template-kwargs, to Jinja templates.
         """
         if self.options.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.options.system_prompt}, *messages]
-        try:
-            formatted = self._formatter(messages=messages, tools=tools or None)
-        except Exception as exc:  # Jinja templates raise anything, by design of their authors
-            raise ChatTemplateError(f"the model's chat template rejected these messages: {exc}") from None
-        stop = [s for s in [*(formatted.stop or []), None if self.chat_template else CHATML_STOP] if s]
+        rendered = render_chat(self._template, messages, tools, {**self.options.template_kwargs, **(template_kwargs or {})})
         # The template writes the BOS token itself where the model wants one.
-        return Prompt(tokens=self.tokenize(formatted.prompt, add_bos=False), stop=stop, text=formatted.prompt)
+        return Prompt(tokens=self.tokenize(rendered.text, add_bos=False), stop=rendered.stop, text=rendered.text)
 
     def stream(self, prompt: Prompt, sampling: Sampling) -> Iterator[Chunk]:
         """Generate text piece by piece; the last piece has the finish reason and token counts.

@@ -3,7 +3,7 @@
 llama.cpp sizes the cache only when a context is made; the figure is needed before (runtime/cache_plan.py
 sizes the default cache by it, runtime/devices/offload.py fits the GPU by it), so it is worked out from the
 model's metadata (layers, key/value heads and their width) and the cache's types (16-bit cells unless
---cache-type-k/-v say otherwise), as Ollama does for its default OLLAMA_NUM_PARALLEL.
+--cache-type-k/-v say otherwise), as Ollama sizes its caches before it loads a model.
 """
 
 from __future__ import annotations

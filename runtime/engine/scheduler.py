@@ -334,11 +334,14 @@ class Scheduler:
         keep = min(_common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)
         need = len(request.tokens) - keep + 1
         freed_on_slot = len(slot.cached) - keep  # what _start cuts from the chosen slot's own cache
-        for idle in sorted((s for s in self._slots if s.request is None and s is not slot and s.cached), key=lambda s: s.last_used):
+        idle = sorted((s for s in self._slots if s.request is None and s is not slot and s.cached), key=lambda s: s.last_used)
+        if self._free_cells() + freed_on_slot + sum(len(s.cached) for s in idle) < need:
+            return False  # not even without every idle cache: keep them for prompt reuse while it waits
+        for other in idle:
             if self._free_cells() + freed_on_slot >= need:
                 break
-            self._drop_cache(idle)
-        return self._free_cells() + freed_on_slot >= need
+            self._drop_cache(other)
+        return True
 
     def _make_room_to_generate(self, generating: list[_Slot]) -> list[_Slot]:
         """Room in the shared cache for one more token of each generating slot: idle slots' caches go first, then

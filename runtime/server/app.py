@@ -41,6 +41,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
                 "model": {"id": settings.model_id, **dataclasses.asdict(settings.model)},
                 "n_ctx": engine.n_ctx,
                 "slots": engine.parallel,
+                "shared_cache": engine.cache.shared,  # the slots share n_ctx tokens, rather than each having them
                 "system_prompt": settings.system_prompt or "",
                 "defaults": {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
                              "min_p": defaults.min_p, "max_tokens": defaults.max_tokens},

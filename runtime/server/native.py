@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime import __version__
-from runtime.engine import Chunk, Engine, Prompt, Sampling, Timings, TokenLogprob
+from runtime.engine import N_BATCH, Chunk, Engine, Prompt, Sampling, Timings, TokenLogprob
+from runtime.engine.infill import InfillRequest, infill_tokens
 from runtime.engine.sampling import PENALTY_LAST_N
 from runtime.server import prometheus
 from runtime.server import sampling as sampling_fields
@@ -31,7 +32,7 @@ from runtime.server.body import Body, read_json
 from runtime.server.dialect import Dialect
 from runtime.server.errors import ApiError
 from runtime.server.generation import Generation, sse, timings_of
-from runtime.server.openai import chat_messages, tool_use
+from runtime.server.openai import chat_messages, template_kwargs, tool_use
 from runtime.server.settings import ServerSettings
 from runtime.server.structured import json_grammar
 
@@ -79,6 +80,7 @@ def routes() -> list[Route]:
         NATIVE.route("/slots", list_slots, ["GET"]),
         NATIVE.route("/completion", completion, ["POST"]),
         NATIVE.route("/completions", completion, ["POST"]),
+        NATIVE.route("/infill", infill, ["POST"]),
         NATIVE.route("/tokenize", tokenize, ["POST"]),
         NATIVE.route("/detokenize", detokenize, ["POST"]),
         NATIVE.route("/embedding", embedding, ["POST"]),
@@ -92,7 +94,6 @@ def routes() -> list[Route]:
 
 # llama-server routes for features llamabox does not have: 501, as llama-server answers for a disabled feature.
 UNSUPPORTED = [
-    ("/infill", "fill-in-the-middle (/infill)", ["POST"]),
     ("/rerank", "reranking", ["POST"]),
     ("/reranking", "reranking", ["POST"]),
     ("/slots/{id_slot}", "saving, restoring and erasing slots", ["POST"]),
@@ -172,7 +173,7 @@ async def apply_template(request: Request) -> Response:
     generating: llama-server's {"prompt": ...}. The body is /v1/chat/completions'; its errors are too."""
     body = await read_json(request)
     engine: Engine = request.app.state.engine
-    prompt = await run_in_threadpool(tool_use(body).prompt, engine, chat_messages(body))
+    prompt = await run_in_threadpool(tool_use(body).prompt, engine, chat_messages(body), template_kwargs(body))
     return JSONResponse({"prompt": prompt.text})
 
 
@@ -459,9 +460,43 @@ def token_sequence(engine: Engine, value: Any, *, add_special: bool, name: str) 
 
 async def completion(request: Request) -> Response:
     body = await read_json(request)
+    prompts, several = await run_in_threadpool(read_prompts, request.app.state.engine, body.raw("prompt"))
+    return await _answer(request, body, prompts, several)
+
+
+async def infill(request: Request) -> Response:
+    """llama-server's /infill: a /completion whose prompt is built from the code around the cursor."""
+    body = await read_json(request)
+    prompt = await run_in_threadpool(_infill_prompt, body, request.app.state.engine, request.app.state.settings)
+    return await _answer(request, body, [prompt], False)
+
+
+def _infill_prompt(body: Body, engine: Engine, settings: ServerSettings) -> Prompt:
+    fim = engine.fim_tokens()
+    if fim.missing():
+        raise ApiError(400, f"Infill is not supported by this model: {fim.missing().strip()} Use a code model with fill-in-the-middle tokens.")
+    pieces = {}
+    for name in ("input_prefix", "input_suffix"):
+        if body.raw(name) is None:
+            raise body.fail(name, "is required: the code before (input_prefix) and after (input_suffix) the cursor")
+        pieces[name] = token_sequence(engine, body.raw(name), add_special=False, name=name)
+    prompt = body.string("prompt") or ""
+    extra = []
+    for i, chunk in enumerate(body.array("input_extra") or []):
+        if not isinstance(chunk, dict):
+            raise body.fail("input_extra", 'must be an array of {"filename": string, "text": string}')
+        part = Body(chunk, prefix=f"input_extra[{i}].")
+        extra.append((part.string("filename") or "tmp", part.string("text", required=True) or ""))
+    request = InfillRequest(pieces["input_prefix"], pieces["input_suffix"], engine.tokenize(prompt, add_bos=False) if prompt else [], extra)
+    n_predict = settings.defaults.max_tokens or -1  # the server's -n, as llama-server budgets the other files by it
+    tokens = infill_tokens(fim, request, lambda text: engine.tokenize(text, add_bos=False) if text else [], N_BATCH, engine.n_ctx, n_predict)
+    return Prompt(tokens=tokens)
+
+
+async def _answer(request: Request, body: Body, prompts: list[Prompt], several: bool) -> Response:
+    """Generate for `prompts` as /completion answers, streamed (SSE) or whole."""
     engine: Engine = request.app.state.engine
     settings: ServerSettings = request.app.state.settings
-    prompts, several = await run_in_threadpool(read_prompts, engine, body.raw("prompt"))
     options = await run_in_threadpool(_options, body, engine, settings)
     for prompt in prompts:
         if len(prompt.tokens) >= engine.n_ctx:

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime.engine import Completion, Engine, Prompt, Sampling, TokenLogprob
+from runtime.engine.templates import RESERVED_NAMES
 from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import OPENAI, openai_error
@@ -68,7 +69,7 @@ async def chat_completions(request: Request) -> Response:
     grammar = response_grammar(body)
     if grammar is not None and tools.forced:
         raise ApiError(400, "'response_format' and a forced 'tool_choice' cannot be combined", param="response_format")
-    prompt = await run_in_threadpool(tools.prompt, engine, messages)
+    prompt = await run_in_threadpool(tools.prompt, engine, messages, template_kwargs(body))
     top = _chat_logprobs(body)
     sampling = request_sampling(body, request.app.state.settings.defaults, grammar=grammar or tools.grammar(), logprobs=top)
     reply = _Reply(request, body, "chatcmpl", tools)
@@ -87,6 +88,17 @@ def _refuse_unsupported(body: Body) -> None:
         raise ApiError(400, "this model answers in text only: leave out 'audio' and non-text 'modalities'", param="modalities")
     if "web_search_options" in body:
         raise ApiError(400, "this server cannot search the web: leave out 'web_search_options'", param="web_search_options")
+
+
+def template_kwargs(body: Body) -> dict[str, Any]:
+    """llama-server's chat_template_kwargs: more variables for the model's chat template (enable_thinking, ...)."""
+    given = body.obj("chat_template_kwargs")
+    if given is None:
+        return {}
+    taken = sorted(RESERVED_NAMES & given.data.keys())
+    if taken:
+        raise given.fail(taken[0], "is the server's to set: leave it out of chat_template_kwargs")
+    return dict(given.data)
 
 
 def chat_messages(body: Body) -> list[dict[str, Any]]:

@@ -125,12 +125,13 @@ class ToolUse:
         }
         return json_grammar(schema, param="tools")
 
-    def prompt(self, engine: Engine, messages: list[dict[str, Any]]) -> Prompt:
-        """The chat prompt, with the tools given to the template or described in a system message."""
+    def prompt(self, engine: Engine, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> Prompt:
+        """The chat prompt, with the tools given to the template or described in a system message, and a request's
+        chat_template_kwargs."""
         if not self.active:
-            return engine.chat_prompt(_plain_history(messages))
+            return engine.chat_prompt(_plain_history(messages), template_kwargs=template_kwargs)
         if engine.template_knows_tools:
-            return engine.chat_prompt(_with_argument_objects(messages), tools=[t.openai() for t in self.tools])
+            return engine.chat_prompt(_with_argument_objects(messages), tools=[t.openai() for t in self.tools], template_kwargs=template_kwargs)
         described = "\n".join(json.dumps(t.openai()["function"], ensure_ascii=False) for t in self.tools)
         instructions = (
             "You can call these tools:\n" + described + "\nTo call a tool, answer with only a JSON object "
@@ -141,7 +142,7 @@ class ToolUse:
             history = [{"role": "system", "content": history[0]["content"] + "\n\n" + instructions}, *history[1:]]
         else:
             history = [{"role": "system", "content": instructions}, *history]
-        return engine.chat_prompt(history)
+        return engine.chat_prompt(history, template_kwargs=template_kwargs)
 
     def parse(self, text: str) -> list[ToolCall]:
         """The tool calls in a generated answer (none if it is not a call to one of the tools)."""
