@@ -141,7 +141,10 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(bundle: Path) -> Iterator[Server]:
-    running = start_server(bundle, "--temp", "0", "--port", str(free_port()))
+    # Each slot with a cache of its own (--ctx-per-slot, 4,096 tokens each): greedy answers are then the same for
+    # the same request whatever else the server holds, which the API tests compare across requests and dialects.
+    # In one shared cache (the default, tested in test_executable.py and test_engine.py) later tokens can differ.
+    running = start_server(bundle, "--temp", "0", "--ctx-per-slot", "--port", str(free_port()))
     yield running
     stop_server(running)
 

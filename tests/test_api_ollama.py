@@ -31,7 +31,7 @@ WEATHER_CALL = {
 @pytest.fixture(scope="module")
 def ollama_url(bundle: Path) -> Iterator[str]:
     port = free_port()
-    server = start_server(bundle, "--temp", "0", "--port", str(free_port()), "--ollama-port", str(port))
+    server = start_server(bundle, "--temp", "0", "--ctx-per-slot", "--port", str(free_port()), "--ollama-port", str(port))  # as conftest's server
     yield f"http://127.0.0.1:{port}"
     stop_server(server)
 
@@ -138,7 +138,7 @@ def test_list_show_ps_version(client: ollama.Client, ollama_url: str) -> None:
     assert shown.modelinfo["general.architecture"] == "llama" and shown.modelinfo["llama.context_length"] == 8192
     assert "<|im_start|>" in shown.template and "temperature" in shown.parameters
     [loaded] = client.ps().models
-    assert loaded.model == model.model and loaded.context_length == 8192 and loaded.expires_at.year > 2100
+    assert loaded.model == model.model and loaded.context_length == 4096 and loaded.expires_at.year > 2100
     assert httpx.get(ollama_url + "/api/version").json()["version"].count(".") == 2
     assert httpx.head(ollama_url + "/api/version").status_code == 200
     assert client.pull("llama3.2").status == "success"  # every name is already here

@@ -154,7 +154,7 @@ def test_reply_streams_in_with_its_numbers_and_stop_frees_the_slot(tab: Tab, ser
     # Settings through the dialog, persisted per model.
     page.click("#open-settings")
     assert page.input_value("#set-temperature") == "0"  # the bundle's default (the server runs with --temp 0)
-    assert "Context" in page.inner_text("#about") and "8,192 tokens" in page.inner_text("#about")
+    assert "Context" in page.inner_text("#about") and "4,096 tokens" in page.inner_text("#about")
     page.fill("#set-max-tokens", "32")
     page.click("#settings button[value=save]")
     assert json.loads(page.evaluate(f"localStorage.getItem('llamabox-settings:{MODEL_ID}')"))["max_tokens"] == 32
@@ -177,7 +177,7 @@ def test_reply_streams_in_with_its_numbers_and_stop_frees_the_slot(tab: Tab, ser
     stats = page.inner_text(".msg.assistant .stats")
     assert f"{usage['completion_tokens']} tokens" in stats and "tokens/s" in stats and f"prompt {usage['prompt_tokens']}" in stats
     used = usage["prompt_tokens"] + usage["completion_tokens"]
-    assert page.inner_text("#context-text") == f"{used} / 8,192 tokens of context"
+    assert page.inner_text("#context-text") == f"{used} / 4,096 tokens of context"
 
     # Back to the bundle's defaults (no token limit), then stop a long reply with Esc.
     page.click("#open-settings")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_models_and_health(server: Server, client: openai.OpenAI) -> None:
     health = httpx.get(server.url + "health").json()
     assert health["status"] == "ok" and health["slots_idle"] + health["slots_processing"] == 4  # the default --parallel
     slots = httpx.get(server.url + "slots").json()
-    assert [slot["id"] for slot in slots] == [0, 1, 2, 3] and all(slot["n_ctx"] == 8192 for slot in slots)  # the shared cache: SmolLM2's own context
+    assert [slot["id"] for slot in slots] == [0, 1, 2, 3] and all(slot["n_ctx"] == 4096 for slot in slots)
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]
 
 
@@ -112,6 +113,26 @@ def _children(pid: int) -> list[int]:
         for child in (task / "children").read_text().split():
             found += [int(child), *_children(int(child))]
     return found
+
+
+def test_at_its_defaults_one_cache_is_shared_and_one_request_may_fill_it(bundle: Path) -> None:
+    """No flags, as a receiver starts it: SmolLM2's own 8,192 tokens shared by 4 slots; a prompt longer than a
+    quarter of them is read, and four requests at once all finish."""
+    info = run(bundle, "--info")
+    assert "Context: 8192 tokens shared by 4 slots (one request may use all of them)" in info.stdout
+    server = start_server(bundle, "--port", str(free_port()))
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            props = http.get("/props").json()
+            assert props["n_ctx"] == props["n_ctx_slot"] == props["default_generation_settings"]["n_ctx"] == 8192
+            long = http.post("/completion", json={"prompt": "word " * 5000, "n_predict": 2}).json()
+            assert long["tokens_evaluated"] > 5000 and long["tokens_predicted"] == 2
+            client = openai.OpenAI(base_url=server.url + "v1", api_key="x")
+            with ThreadPoolExecutor(4) as pool:
+                replies = list(pool.map(lambda i: client.completions.create(model="m", prompt=f"Story {i}:", max_tokens=16, temperature=0), range(4)))
+            assert all(r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0 for r in replies)
+    finally:
+        stop_server(server)
 
 
 def test_port_in_use_falls_back_unless_explicit(bundle: Path) -> None:
@@ -191,7 +212,7 @@ def test_props_report_the_hardware(server: Server) -> None:
     proof = "the portable kernels, the self-test's reference" if portable else "proven on this CPU"
     assert hw["cpu_variant_proof"] == f"{hw['cpu_variant']}: {proof}"
     assert hw["gpu"] is None and hw["gpu_layers"] == 0 and "CPU" in hw["offload"]
-    assert props["n_ctx"] == props["n_ctx_slot"] == 8192 and props["chat_template"]
+    assert props["n_ctx"] == 4 * 4096 and props["n_ctx_slot"] == 4096 and props["chat_template"]
 
 
 def test_cpu_variant_choice_from_the_executable(bundle: Path) -> None:
