@@ -278,7 +278,6 @@ def test_completion_errors(http: httpx.Client) -> None:
 # Tokens of SmolLM2's vocabulary that a copy of it declares as its fill-in-the-middle tokens (SmolLM2 has none):
 # what the assembly puts where, with the real engine, whatever the model makes of it.
 FIM_IDS = {"fim_pre": 11, "fim_suf": 12, "fim_mid": 13, "fim_sep": 5, "fim_rep": 3}
-FIM_TEXT = {"fim_pre": "<jupyter_start>", "fim_suf": "<jupyter_text>", "fim_mid": "<jupyter_code>", "fim_sep": "<file_sep>", "fim_rep": "<repo_name>"}
 
 
 @pytest.fixture(scope="module")
@@ -299,28 +298,28 @@ def fim_server(bundle: Path, smollm2: Path, tmp_path_factory: pytest.TempPathFac
 
 
 def test_infill_puts_the_code_around_the_cursor_between_the_models_fim_tokens(fim_server: httpx.Client) -> None:
-    body = {
-        "input_prefix": "def add(a, b):\n    return ",
-        "input_suffix": "\n\nprint(add(1, 2))\n",
-        "input_extra": [{"filename": "util.py", "text": "X = 1\n"}],
-        "prompt": "a",
-        "n_predict": 4,
-    }
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    body = {"input_prefix": prefix, "input_suffix": suffix, "input_extra": [{"filename": "util.py", "text": "X = 1\n"}], "prompt": "a", "n_predict": 4}
+
+    def tokens(text: str) -> list[int]:
+        return fim_server.post("/tokenize", json={"content": text, "add_special": False}).json()["tokens"]
+
+    ids = FIM_IDS
+    expected = [
+        ids["fim_rep"], *tokens("myproject\n"), ids["fim_sep"], *tokens("util.py\n"), *tokens("X = 1\n"), ids["fim_sep"], *tokens("filename\n"),
+        ids["fim_pre"], *tokens(prefix), *tokens("a"), ids["fim_suf"], *tokens(suffix), ids["fim_mid"],
+    ]
     answer = fim_server.post("/infill", json=body).json()
-    t = FIM_TEXT
-    assert answer["prompt"] == (
-        f"{t['fim_rep']}myproject\n{t['fim_sep']}util.py\nX = 1\n{t['fim_sep']}filename\n"
-        f"{t['fim_pre']}def add(a, b):\n    return a{t['fim_suf']}\n\nprint(add(1, 2))\n{t['fim_mid']}"
-    )
+    assert answer["tokens_evaluated"] == len(expected)
+    assert answer["prompt"] == "myproject\nutil.py\nX = 1\nfilename\n" + prefix + "a" + suffix  # the prompt's text, as /completion shows it
     assert 0 < answer["tokens_predicted"] <= 4 and answer["stop"] is True and FINAL_KEYS <= answer.keys()
-    events = []
     with fim_server.stream("POST", "/infill", json={**body, "stream": True}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     assert "".join(e["content"] for e in events) == answer["content"] and events[-1]["stop"] is True
-    # Without other files: nothing before the prefix; token ids may stand for text, as in /completion.
-    bare = fim_server.post("/infill", json={"input_prefix": [FIM_IDS["fim_rep"], "x = "], "input_suffix": "", "n_predict": 1}).json()
-    assert bare["prompt"] == f"{t['fim_pre']}{t['fim_rep']}x = {t['fim_suf']}{t['fim_mid']}"
+    # Without other files nothing comes before PRE; token ids may stand for text, as in /completion.
+    bare = fim_server.post("/infill", json={"input_prefix": [ids["fim_rep"], "x = "], "input_suffix": "", "n_predict": 1}).json()
+    assert bare["tokens_evaluated"] == 4 + len(tokens("x = ")) and bare["prompt"] == "x = "
 
 
 def test_infill_errors_in_llama_servers_shape(http: httpx.Client, fim_server: httpx.Client) -> None:
