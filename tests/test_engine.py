@@ -175,6 +175,23 @@ def test_requests_that_fill_the_shared_cache_end_or_wait_and_never_corrupt_each_
     shared.close()
 
 
+def test_idle_prompts_wait_in_memory_and_come_back_for_the_next_turn(smollm2: Path) -> None:
+    """In a shared cache, a new request moves the idle slots' prompts out of it (they would slow it down); the next
+    turn of a parked chat gets its prompt back and reads only what is new."""
+    shared = Engine(ModelLocation(smollm2), EngineOptions(ctx_size=2048, parallel=2, threads=2))
+    history = [{"role": "user", "content": "Write one sentence about cats."}]
+    first = shared.complete(shared.chat_prompt(history), GREEDY)
+    shared.complete(ask(shared, "Name a color."), Sampling(temperature=0, max_tokens=4))
+    held = sorted(s.cached_tokens for s in shared.slots()[0])
+    assert held[0] == 0 and held[1] > 0  # only the last request's prompt stays in the cache
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And about dogs?"}]
+    turn = shared.chat_prompt(history)
+    second = shared.complete(turn, GREEDY)
+    assert second.cached_tokens >= len(shared.chat_prompt(history[:1]).tokens)  # the parked chat came back
+    assert second.text
+    shared.close()
+
+
 def test_bad_settings_are_refused_before_any_output(engine: Engine) -> None:
     with pytest.raises(SamplingError, match="outside the model's vocabulary"):
         engine.stream(ask(engine, "Hi"), Sampling(logit_bias={10**9: 1.0}))

@@ -17,7 +17,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from runtime.cache_plan import CachePlan, plan_cache
 from runtime.cache_types import UNQUANTIZED
-from runtime.engine import memory, templates
+from runtime.engine import memory, prompt_cache, templates
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.infill import FimTokens
 from runtime.engine.templates import ChatTemplateError, TemplateChoice, render_chat
@@ -158,7 +158,7 @@ class Engine:
         self.chat_template = self._template.source if own_template or options.template.template else None
         self._scheduler = Scheduler(
             self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting,
-            shared_cells=self.cache.cells if self.cache.shared else None,
+            shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(),
         )
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
 

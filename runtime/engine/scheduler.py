@@ -28,6 +28,7 @@ import llama_cpp
 import numpy as np
 
 from runtime.engine.metrics import Metrics
+from runtime.engine.prompt_cache import PromptCache, common_prefix
 from runtime.engine.sampling import SamplerChain, Sampling, SamplingError
 from runtime.engine.text import TextStream
 from runtime.errors import LlamaboxError
@@ -184,7 +185,8 @@ class SlotState:
 
 class Scheduler:
     def __init__(
-        self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, max_waiting: int, shared_cells: int | None = None
+        self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, max_waiting: int,
+        shared_cells: int | None = None, prompt_cache_bytes: int = 0,
     ) -> None:
         self._model, self._context = model, context
         self._vocab = llama_cpp.llama_model_get_vocab(model)
@@ -193,6 +195,8 @@ class Scheduler:
         self._memory = llama_cpp.llama_get_memory(context)
         self.n_ctx_slot, self._n_batch, self._max_waiting = n_ctx_slot, n_batch, max_waiting
         self._shared_cells = shared_cells  # the shared cache's size; None: each slot has n_ctx_slot cells of its own
+        # With a shared cache, idle slots' prompts wait in memory rather than in it (prompt_cache.py).
+        self._parked = PromptCache(context, prompt_cache_bytes) if shared_cells is not None else None
         self._slots = [_Slot(i) for i in range(parallel)]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._requests_started = 0
@@ -293,7 +297,9 @@ class Scheduler:
             if not free:
                 return
             request = self._waiting[0]
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, request.tokens), -s.last_used))
+            slot = max(free, key=lambda s: (common_prefix(s.cached, request.tokens), -s.last_used))
+            if self._parked is not None:
+                self._park_idle_slots(request, slot)
             if not self._room_for(request, slot):
                 return  # it waits, first in line, until the requests running now free their cells
             self._waiting.popleft()
@@ -304,7 +310,7 @@ class Scheduler:
                 self._free(slot, keep_cache=False)
 
     def _start(self, slot: _Slot, request: _Request) -> None:
-        keep = min(_common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)  # read at least one token
+        keep = min(common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)  # read at least one token
         cut = llama_cpp.llama_memory_seq_rm(self._memory, slot.id, keep, -1)
         # A sliding-window cache has already dropped what lies before the window: reuse needs it whole.
         if not cut or (self._n_swa > 0 and keep > 0 and llama_cpp.llama_memory_seq_pos_min(self._memory, slot.id) > max(0, keep - self._n_swa)):
@@ -321,6 +327,31 @@ class Scheduler:
         slot.text = TextStream(request.stop)
         slot.request = request
 
+    def _park_idle_slots(self, request: _Request, slot: _Slot) -> None:
+        """Move the prompts of the idle slots but `slot` out of the shared cache into memory, and put back in `slot`
+        the parked prompt that shares the longest start with `request`, when that is longer than `slot`'s own."""
+        assert self._parked is not None
+        for idle in self._slots:
+            if idle.request is None and idle is not slot and idle.cached:
+                self._parked.park(idle.id, idle.cached)
+                self._drop_cache(idle)
+        own = common_prefix(slot.cached, request.tokens)
+        if own < len(slot.cached) // 2:
+            # The request keeps less than half of this slot's prompt (another chat with the same system message):
+            # keep a copy of the whole in memory before _start cuts it, for that chat's next turn.
+            self._parked.park(slot.id, slot.cached)
+        parked, shared = self._parked.best(request.tokens)
+        if parked is None or shared <= own:
+            return
+        if len(parked.tokens) - len(slot.cached) > self._free_cells():
+            return  # no room for it beside the requests running now: read the prompt again
+        if slot.cached:
+            self._drop_cache(slot)  # kept in memory above when worth it
+        if self._parked.restore(parked, slot.id):
+            slot.cached = parked.tokens
+        else:
+            self._drop_cache(slot)
+
     def _free_cells(self) -> int:
         """Cells of the shared cache that hold no token and are not promised to a prompt being read."""
         assert self._shared_cells is not None
@@ -331,7 +362,7 @@ class Scheduler:
         idle slots, least recently used first, until it does."""
         if self._shared_cells is None:
             return True
-        keep = min(_common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)
+        keep = min(common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)
         need = len(request.tokens) - keep + 1
         freed_on_slot = len(slot.cached) - keep  # what _start cuts from the chosen slot's own cache
         idle = sorted((s for s in self._slots if s.request is None and s is not slot and s.cached), key=lambda s: s.last_used)
@@ -476,13 +507,6 @@ class Scheduler:
         self._free(slot, keep_cache=keep_cache)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def token_bytes(vocab: object, token: int) -> bytes:
