@@ -158,7 +158,7 @@ class Engine:
         self.chat_template = self._template.source if own_template or options.template.template else None
         self._scheduler = Scheduler(
             self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting,
-            shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(),
+            shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(self.cache.cells * per_token),
         )
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
 

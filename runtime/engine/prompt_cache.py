@@ -20,10 +20,11 @@ from runtime.cache_plan import available_memory
 LIMIT_BYTES = 8 << 30  # llama-server's --cache-ram default (8192 MiB)
 
 
-def default_limit() -> int:
-    """LIMIT_BYTES, or a quarter of the memory available at start where that is less."""
+def default_limit(cache_bytes: int) -> int:
+    """As much memory as the KV cache itself takes (`cache_bytes`), at most LIMIT_BYTES or a quarter of the memory
+    available at start: parked prompts may double the cache's memory, never more."""
     available = available_memory()
-    return min(LIMIT_BYTES, available // 4) if available else LIMIT_BYTES
+    return min(cache_bytes or LIMIT_BYTES, LIMIT_BYTES, available // 4 if available else LIMIT_BYTES)
 
 
 @dataclass
