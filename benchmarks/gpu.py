@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="GGUF to measure (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--runs", type=int, default=3, help="alternating A/B runs (default 3)")
     parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                        help="-fa for both sides (default auto: llama.cpp's choice, on where the GPU has it)")
     parser.add_argument("--quick", action="store_true", help="a few tokens per measurement: proves the script runs (lavapipe), measures nothing")
     args = parser.parse_args()
     if args.quick:
@@ -125,12 +127,12 @@ def main() -> None:
         subprocess.run([str(bundle), "--info"], check=True, capture_output=True, text=True)
         ours = Target(
             "llamabox",
-            lambda port: [str(bundle), "--nobrowser", "--port", str(port), "-c", str(CTX), "-np", str(SLOTS)],
+            lambda port: [str(bundle), "--nobrowser", "--port", str(port), "-c", str(CTX), "-np", str(SLOTS), "-fa", args.flash_attn],
         )
         native = Target(
             "llama-server",
             lambda port: ["env", f"LD_LIBRARY_PATH={library_path}", str(server_binary), "-m", str(model), "--port", str(port), "-c", str(CTX), "-ngl", "99",
-                                 "-np", str(SLOTS), "--no-webui"],
+                                 "-np", str(SLOTS), "-fa", args.flash_attn, "--no-webui"],
         )
         check = Running(ours.command(free_port()))
         try:
@@ -156,13 +158,15 @@ def main() -> None:
         f"- backend: {args.backend} (the module in {stub.name}, loaded by both sides); model: {model.name} ({model.stat().st_size / 1e6:.1f} MB)",
         f"- versions: llamabox {__version__}; native built with `cmake {' '.join(CMAKE_FLAGS)} -DGGML_BACKEND_DL=ON`",
         f"- method: {args.runs} alternating A/B runs, median (min–max); native `llama-server -ngl 99 -c {CTX} -np {SLOTS}`, "
-        f"the bundle `-c {CTX} -np {SLOTS}` with every layer on the GPU by its own fit (both: one cache shared by the slots)",
+        f"the bundle `-c {CTX} -np {SLOTS}` with every layer on the GPU by its own fit (both: one cache shared by the slots; `-fa {args.flash_attn}`)",
         f"- reproduce: `python benchmarks/gpu.py --backend {args.backend}{f' --model {args.model}' if args.model else ''} --runs {args.runs}`",
         "",
         f"| metric ({args.backend}) | llamabox | native llama-server | ratio (ours / native) |",
         "|---|---|---|---|",
     ]
     for key, label, _ in rows:
+        if key not in ours.samples:
+            continue  # start_repeat after a single run
         a, b = ours.samples[key], native.samples[key]
         lines.append(f"| {label} | {summary(a)} | {summary(b)} | {statistics.median(a) / statistics.median(b):.2f}× |")
     lines += ["", "| native llama-bench, -ngl 99 (the ceiling) | tok/s |", "|---|---|",

@@ -130,6 +130,7 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         click.echo(f"llamabox: warning: {warning}", err=True)
     if engine.gpu_layers != placement.layers:
         machine = machine.placed(offload.after_fallback(placement, engine.gpu_layers))
+    supervisor.running_on(", ".join(g.name for g in machine.offload.gpus) if engine.gpu_layers else "")
     with engine:
         if options.prompt is not None:
             run_prompt(engine, options.prompt, options.sampling)

@@ -4,13 +4,14 @@ If llama.cpp's kernels hit an instruction this CPU refuses (SIGILL) or a bad mem
 (SIGSEGV, SIGBUS), the process dies before any Python code can run, and the shell prints one word
 ("Illegal instruction"). So the model runs in a fork of this process; this one only waits for it,
 passes termination signals on, and when the child dies of such a signal, says which CPU kernels
-were in use and how to pick others. The fork happens after the CPU kernels are chosen and before
+(and GPU, where the child placed layers on one: `running_on`) were in use and how to pick others. The fork happens after the CPU kernels are chosen and before
 any GPU backend or the model is loaded; both processes share every page until one writes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import signal
 import sys
@@ -31,6 +32,15 @@ _CRASHES = {
 _IGNORED = (signal.SIGINT, signal.SIGQUIT)
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+# A page both processes share (anonymous mappings made before fork() are shared): where the child says which GPU
+# holds layers, for the watcher's message should the child die.
+_GPU_NOTE = mmap.mmap(-1, 512)
+
+
+def running_on(gpus: str) -> None:
+    """Called in the model's process once layers are placed on GPUs (their names), or with "" for none."""
+    data = gpus.encode()[: len(_GPU_NOTE) - 1]
+    _GPU_NOTE[:] = data + bytes(len(_GPU_NOTE) - len(data))
 
 
 def supervise(variant: str) -> None:
@@ -57,7 +67,14 @@ def supervise(variant: str) -> None:
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         name = signal.Signals(number).name
-        if number in _CRASHES:
+        gpus = bytes(_GPU_NOTE).rstrip(b"\0").decode(errors="replace")
+        if number in _CRASHES and gpus:
+            click.echo(
+                f"llamabox: the model's process died of {_CRASHES[number]} ({name}) with layers on {gpus} and the {variant} "
+                "CPU kernels; start again with -fa off, or --gpu off to leave the GPU out",
+                err=True,
+            )
+        elif number in _CRASHES:
             click.echo(
                 f"llamabox: the model's process died of {_CRASHES[number]} ({name}) in the {variant} CPU kernels; "
                 "start again with --cpu-variant x64 (portable) or another variant listed by --info",

@@ -153,6 +153,25 @@ def test_concurrent_requests_and_embeddings_on_the_gpu(bundle: Path, shared_cach
     assert "Vulkan0 llvmpipe" in server.process.stderr.read()
 
 
+def test_a_crash_with_layers_on_the_gpu_names_it(bundle: Path, shared_cache: Path) -> None:
+    """The model's process dying (here killed with SIGSEGV, as a fault in a GPU backend would) ends the executable
+    with one line naming the GPU that held layers, and the ways out."""
+    from tests.test_executable import _children
+
+    running = start_server(bundle, "--port", str(free_port()), env=lavapipe(shared_cache), timeout=300)
+    try:
+        variant = httpx.get(running.url + "props").json()["hardware"]["cpu_variant"]
+        subprocess.run(["kill", "-SEGV", str(_children(running.pid)[-1])], check=True)
+        _, stderr = running.process.communicate(timeout=60)
+    finally:
+        stop_server(running)
+    assert running.process.returncode == 139 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"llamabox: the model's process died of a bad memory access (SIGSEGV) with layers on Vulkan0 and the {variant} "
+        "CPU kernels; start again with -fa off, or --gpu off to leave the GPU out"
+    )
+
+
 def _chat_page_facts(url: str) -> str:
     """The model's facts under the chat page's header, as headless Chromium shows them."""
     chromium = shutil.which("chromium")
