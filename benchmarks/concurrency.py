@@ -80,7 +80,7 @@ def main() -> None:
 
         def native(n: int) -> list[str]:
             return [str(native_binary), "-m", str(model), "--port", str(free_port()), "-np", str(n), "-c", str(CTX_PER_SLOT * n),
-                    *threads, "-fa", "off", "--no-webui"]  # flash attention off: the bundle's default on the CPU
+                    *threads, "-kvu", "-fa", "off", "--no-webui"]  # one shared cache (-kvu, which a given -np turns off) and flash attention off, as the bundle's defaults on the CPU
 
         for run in range(args.runs):
             for name, command in (("llamabox", ours), ("llama-server", native))[:: 1 if run % 2 == 0 else -1]:

@@ -34,7 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.native import CMAKE_FLAGS, native_gpu_tool  # noqa: E402
+from benchmarks.native import DL_FLAGS, native_gpu_tool  # noqa: E402
 from benchmarks.provenance import stamp  # noqa: E402
 from benchmarks.run import Running, Target, build_bundle, eos_token, free_port, measure_ab, metrics, shrink_workload, stream_completion, summary  # noqa: E402
 from bundler.default_model import default_model_path  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> None:
         native = Target(
             "llama-server",
             lambda port: ["env", f"LD_LIBRARY_PATH={library_path}", str(server_binary), "-m", str(model), "--port", str(port), "-c", str(CTX), "-ngl", "99",
-                                 "-np", str(SLOTS), "-fa", args.flash_attn, "--no-webui"],
+                                 "-np", str(SLOTS), "-kvu", "-fa", args.flash_attn, "--no-webui"],  # -kvu: shared, as with -np auto
         )
         check = Running(ours.command(free_port()))
         try:
@@ -156,10 +156,10 @@ def main() -> None:
         f"- GPU: {'; '.join(gpus) or 'none found'}",
         f"- machine: {cpu.name}, {os.cpu_count()} logical CPUs, {platform.platform()}",
         f"- backend: {args.backend} (the module in {stub.name}, loaded by both sides); model: {model.name} ({model.stat().st_size / 1e6:.1f} MB)",
-        f"- versions: llamabox {__version__}; native built with `cmake {' '.join(CMAKE_FLAGS)} -DGGML_BACKEND_DL=ON`",
-        f"- method: {args.runs} alternating A/B runs, median (min–max); native `llama-server -ngl 99 -c {CTX} -np {SLOTS}`, "
+        f"- versions: llamabox {__version__}; native built with `cmake {' '.join(DL_FLAGS)}`",
+        f"- method: {args.runs} alternating A/B runs, median (min–max); native `llama-server -ngl 99 -c {CTX} -np {SLOTS} -kvu`, "
         f"the bundle `-c {CTX} -np {SLOTS}` with every layer on the GPU by its own fit (both: one cache shared by the slots; `-fa {args.flash_attn}`)",
-        f"- reproduce: `python benchmarks/gpu.py --backend {args.backend}{f' --model {args.model}' if args.model else ''} --runs {args.runs}`",
+        f"- reproduce: `python benchmarks/gpu.py --backend {args.backend}{f' --model {args.model}' if args.model else ''} --runs {args.runs} --flash-attn {args.flash_attn}{' --quick' if args.quick else ''}`",
         "",
         f"| metric ({args.backend}) | llamabox | native llama-server | ratio (ours / native) |",
         "|---|---|---|---|",
