@@ -2,10 +2,10 @@
 
 Modelled on how llama.cpp's own server schedules its slots. The context holds `parallel`
 sequences, which share one KV cache (any one may use all of it), or each have their own part of it
-(--ctx-per-slot). In a shared cache, a request starts only when its prompt fits beside what the
-others hold (the caches of idle slots, kept for prompt reuse, are dropped least recently used first
-to make room), so a prompt being read always has its cells; when the generating requests together
-fill the cache, the one holding most ends with "length", as it would at the end of its own context.
+(--ctx-per-slot). In a shared cache, a new request first moves the idle slots' prompts out of it into
+memory (prompt_cache.py), and starts only when its prompt fits beside what the running requests hold,
+so a prompt being read always has its cells; when the generating requests together fill the cache,
+the one holding most ends with "length", as it would at the end of its own context.
 One thread owns the
 context and loops: every step is one `llama_decode` over a batch holding the next token of every
 generating sequence plus a chunk of any prompt being read (prompts are read in chunks, so a long
@@ -358,21 +358,13 @@ class Scheduler:
         return self._shared_cells - sum(len(s.cached) + len(s.pending) for s in self._slots)
 
     def _room_for(self, request: _Request, slot: _Slot) -> bool:
-        """Whether `request` fits the shared cache on `slot` (its prompt and one token), dropping the caches of
-        idle slots, least recently used first, until it does."""
+        """Whether `request` fits the shared cache on `slot` (its prompt and one token) beside the running requests;
+        the idle slots' prompts are parked already (_park_idle_slots)."""
         if self._shared_cells is None:
             return True
         keep = min(common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)
-        need = len(request.tokens) - keep + 1
         freed_on_slot = len(slot.cached) - keep  # what _start cuts from the chosen slot's own cache
-        idle = sorted((s for s in self._slots if s.request is None and s is not slot and s.cached), key=lambda s: s.last_used)
-        if self._free_cells() + freed_on_slot + sum(len(s.cached) for s in idle) < need:
-            return False  # not even without every idle cache: keep them for prompt reuse while it waits
-        for other in idle:
-            if self._free_cells() + freed_on_slot >= need:
-                break
-            self._drop_cache(other)
-        return True
+        return self._free_cells() + freed_on_slot >= len(request.tokens) - keep + 1
 
     def _make_room_to_generate(self, generating: list[_Slot]) -> list[_Slot]:
         """Room in the shared cache for one more token of each generating slot: idle slots' caches go first, then
