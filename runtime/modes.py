@@ -100,9 +100,11 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
     parallel = 1 if options.prompt is not None or options.chat else options.parallel
     machine = machine.placed(_place(source, machine, options, parallel))
     if options.info:
-        facts = model_facts(source.location, options.cache_type_k, options.cache_type_v)
-        asked = plan_cache(options.ctx_size, options.ctx_per_slot, parallel, facts.kv_bytes_per_token, facts.n_ctx_train)
-        print_info(source, machine, machine.offload.cache or asked)
+        cache = machine.offload.cache  # planned already where a GPU's fit counted with it
+        if cache is None:
+            facts = model_facts(source.location, options.cache_type_k, options.cache_type_v)
+            cache = plan_cache(options.ctx_size, options.ctx_per_slot, parallel, facts.kv_bytes_per_token, facts.n_ctx_train)
+        print_info(source, machine, cache)
         return
 
     placement = machine.offload
