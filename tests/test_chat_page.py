@@ -98,9 +98,10 @@ class Tab:
         )
 
     def import_chat(self, chat: dict[str, Any], name: str = "chat.json") -> None:
-        count = self.page.locator(".chat-item").count()
+        # The page lists the chat before it opens it, and says "Imported" once it has: wait for that word.
+        self.page.evaluate("document.getElementById('toast').textContent = ''")
         self.page.set_input_files("#import-file", files=[{"name": name, "mimeType": "application/json", "buffer": json.dumps(chat).encode()}])
-        self.until(f"document.querySelectorAll('.chat-item').length > {count}", 10)
+        self.until("document.getElementById('toast').textContent.startsWith('Imported')", 10)
 
     def set_settings(self, **settings: Any) -> None:
         self.page.evaluate(f"localStorage.setItem('llamabox-settings:{MODEL_ID}', {json.dumps(json.dumps(settings))})")
