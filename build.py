@@ -4,6 +4,7 @@
     python build.py --dist DIR      # somewhere else
     python build.py --host          # on Linux: with this machine's Python, not the portable build
     python build.py --gpu cuda      # -> dist/stubs/llamabox-runtime-<platform>-cuda (after setup.sh --gpu cuda)
+    python build.py --platform windows-x86_64   # on Linux x86-64: the Windows stub, built under Wine
 
 The stub is model-independent: rebuild it only when the runtime changes. It carries Python,
 llama-cpp-python with every CPU variant library, the GPU backends every stub has (Vulkan on Linux), the
@@ -13,7 +14,9 @@ from the CUDA toolkit (runtime.devices.gpu.COMPANIONS), so that its receiver nee
 On Linux and macOS the stub is the launcher layout (runtime/bundle_format.py): PyInstaller builds the
 runtime as one folder, packed as .tar.gz behind a POSIX sh launcher (runtime/launcher.sh) that unpacks it
 once per runtime build into a cache and runs it from there. On Windows it is a PyInstaller onefile
-executable, which unpacks itself at every start.
+executable, which unpacks itself at every start. On Linux x86-64 the Windows stub is built by
+scripts/build_windows.sh, which runs this file under Wine on a Windows CPython with llama.cpp
+cross-compiled by MinGW-w64 (scripts/windows_toolchain.sh; setup.sh prepares both).
 
 On Linux x86-64, once scripts/setup.sh (as root) has prepared it, the stub is built by
 scripts/build_portable.sh inside a Debian 11 root, so that it needs glibc 2.31 at most; without
@@ -59,6 +62,9 @@ from runtime.platform_tag import GPU_STUBS, STUB_INFO_NAME, current_platform, st
 
 ROOT = Path(__file__).resolve().parent
 PORTABLE_SCRIPT = ROOT / "scripts" / "build_portable.sh"
+WINDOWS_SCRIPT = ROOT / "scripts" / "build_windows.sh"
+# Stubs this machine builds for another platform, and how.
+CROSS_BUILDS = {("linux-x86_64", "windows-x86_64"): WINDOWS_SCRIPT}
 EXCLUDED_MODULES = (
     "huggingface_hub", "hf_xet", "openai", "pydantic", "pydantic_core", "jiter", "yaml", "gguf", "httpx",
     "PyInstaller", "setuptools", "pkg_resources", "tkinter", "IPython", "matplotlib", "PIL", "pytest",
@@ -272,8 +278,20 @@ def main() -> None:
         help="also carry this GPU backend and the libraries it needs (CUDA: the CUDA runtime and cuBLAS, hundreds "
         "of MB), as llamabox-runtime-<platform>-cuda; scripts/setup.sh --gpu cuda builds the backend first",
     )
+    parser.add_argument(
+        "--platform",
+        default=current_platform(),
+        choices=sorted({current_platform(), *(target for host, target in CROSS_BUILDS if host == current_platform())}),
+        help="the platform the stub runs on: this one, or on Linux x86-64 also windows-x86_64 (built under Wine "
+        "with what scripts/setup.sh prepared)",
+    )
     args = parser.parse_args()
 
+    if args.platform != current_platform():
+        if args.gpu:
+            parser.error(f"--gpu {args.gpu} is built for {current_platform()} only")
+        command = [str(CROSS_BUILDS[current_platform(), args.platform]), "--dist", str(args.dist.resolve())]
+        os.execv(command[0], command)
     if not args.host and portable_ready():
         command = [str(PORTABLE_SCRIPT), "--dist", str(args.dist.resolve()), *(["--gpu", args.gpu] if args.gpu else [])]
         os.execv(command[0], command)

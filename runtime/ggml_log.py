@@ -11,8 +11,7 @@ LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_vo
 
 @contextlib.contextmanager
 def captured_log(lib: ctypes.CDLL) -> Iterator[list[str]]:
-    """Route ggml's log into the yielded list; `lib` is libggml-base or any library exporting ggml_log_set."""
-    lib.ggml_log_set.argtypes, lib.ggml_log_set.restype = [LOG_CALLBACK, ctypes.c_void_p], None
+    """Route ggml's log into the yielded list; `lib` is runtime.devices.ggml.ggml(), which declares ggml_log_set."""
     messages: list[str] = []
 
     def capture(_level: int, text: bytes, _user: int) -> None:

@@ -20,17 +20,22 @@ import click
 
 from runtime import runtime_cache
 
+# Windows has neither fork() nor most of these signals: the names that exist here (supervise is a no-op there).
 _CRASHES = {
-    signal.SIGILL: "an illegal instruction",
-    signal.SIGSEGV: "a bad memory access",
-    signal.SIGBUS: "a bad memory access",
-    signal.SIGFPE: "an arithmetic fault",
+    getattr(signal, name): what
+    for name, what in (
+        ("SIGILL", "an illegal instruction"),
+        ("SIGSEGV", "a bad memory access"),
+        ("SIGBUS", "a bad memory access"),
+        ("SIGFPE", "an arithmetic fault"),
+    )
+    if hasattr(signal, name)
 }
 # A terminal sends Ctrl+C (SIGINT) and Ctrl+\\ (SIGQUIT) to the whole process group, the child
 # included, so this process ignores them rather than deliver them twice (uvicorn reads a second
 # SIGINT as "stop at once"). SIGTERM and SIGHUP usually reach this process alone: passed on.
-_IGNORED = (signal.SIGINT, signal.SIGQUIT)
-_FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+_IGNORED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGQUIT") if hasattr(signal, name))
+_FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 _PR_SET_PDEATHSIG = 1
 # A page both processes share (anonymous mappings made before fork() are shared): where the child says which GPU
 # holds layers, for the watcher's message should the child die.

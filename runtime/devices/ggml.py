@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp
 
 from runtime.errors import BackendError
-from runtime.ggml_log import captured_log
+from runtime.ggml_log import LOG_CALLBACK, captured_log
 
 # ggml names its backend modules lib<name>.so everywhere but Windows (<name>.dll).
 _MODULE_PATTERN = "ggml-{}.dll" if sys.platform == "win32" else "libggml-{}.so"
@@ -92,14 +92,21 @@ def device_handle(index: int) -> int:
 def ggml() -> ctypes.CDLL:
     """libggml as libllama links it: the one whose backend registry the model loader reads."""
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    names = ["ggml.dll"] if sys.platform == "win32" else ["libggml.so.0", "libggml.0.dylib", "libggml.dylib", "libggml.so"]
+    if sys.platform == "win32":
+        # A DLL exports only its own functions (dlsym also searches a library's dependencies): the device
+        # functions are ggml-base.dll's, the registry's are ggml.dll's.
+        names = ["ggml.dll"]
+        bases = [ctypes.CDLL(str(lib_dir / "ggml-base.dll"))] if (lib_dir / "ggml-base.dll").exists() else []
+    else:
+        names, bases = ["libggml.so.0", "libggml.0.dylib", "libggml.dylib", "libggml.so"], []
     for name in names:
         if (lib_dir / name).exists():
-            return _declare(ctypes.CDLL(str(lib_dir / name)))
+            return _declare(ctypes.CDLL(str(lib_dir / name)), bases)
     raise BackendError(f"libggml not found in {lib_dir}; the runtime is damaged, download it again")
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _declare(lib: ctypes.CDLL, elsewhere: list[ctypes.CDLL]) -> ctypes.CDLL:
+    """`lib` with the functions used here declared; those it does not export are looked up in `elsewhere`."""
     p, s = ctypes.c_void_p, ctypes.c_size_t
     for name, argtypes, restype in [
         ("ggml_backend_load", [ctypes.c_char_p], p),
@@ -112,9 +119,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         ("ggml_backend_dev_backend_reg", [p], p),
         ("ggml_backend_reg_name", [p], ctypes.c_char_p),
         ("ggml_row_size", [ctypes.c_int, ctypes.c_int64], s),
+        ("ggml_log_set", [LOG_CALLBACK, p], None),
     ]:
-        fn = getattr(lib, name)
+        fn = next((getattr(owner, name) for owner in (lib, *elsewhere) if hasattr(owner, name)), None)
+        if fn is None:
+            raise BackendError(f"libggml lacks {name}; the runtime is damaged, download it again")
         fn.argtypes, fn.restype = argtypes, restype
+        setattr(lib, name, fn)
     return lib
 
 

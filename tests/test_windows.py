@@ -1,0 +1,192 @@
+"""The Windows stub, built on Linux (scripts/build_windows.sh) and run under Wine: the .exe bundle answers as the
+Linux one does, serves the APIs, loads every CPU variant, and carries every DLL it needs.
+
+Wine is not Windows: what only real Windows shows is listed in the README (section "Windows").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runtime.platform_tag import stub_file_name
+from tests import wine
+from tests.conftest import ROOT, SOURCE_DATE_EPOCH, free_port, llamabox
+
+PLATFORM = "windows-x86_64"
+PROMPT = "Name three colours."
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or wine.why_not_ready() is not None, reason=f"Windows stub: {wine.why_not_ready()}"
+)
+
+
+@pytest.fixture(scope="session")
+def windows_stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Windows stub, built from this checkout once per test session ($LLAMABOX_TEST_WINDOWS_STUB reuses one)."""
+    if os.environ.get("LLAMABOX_TEST_WINDOWS_STUB"):
+        return Path(os.environ["LLAMABOX_TEST_WINDOWS_STUB"])
+    dist = tmp_path_factory.mktemp("windows-stubs")
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "--platform", PLATFORM, "--dist", str(dist)], check=True, cwd=ROOT, timeout=1800)
+    return dist / stub_file_name(PLATFORM)
+
+
+def build_exe(smollm2: Path, stub: Path, out: Path, *extra: str) -> Path:
+    result = llamabox("build", smollm2, "-o", out, "--stub", stub, *extra, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def windows_bundle(tmp_path_factory: pytest.TempPathFactory, smollm2: Path, windows_stub: Path) -> Path:
+    # A folder with a space and non-ASCII letters: Windows paths are opened as wide strings.
+    folder = tmp_path_factory.mktemp("windows bundle") / "modèles ñ"
+    folder.mkdir()
+    return build_exe(smollm2, windows_stub, folder / "smollm2.exe")
+
+
+def info(exe: Path, *args: str) -> str:
+    result = wine.run(exe, "--info", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def chosen_variant(text: str) -> str:
+    match = re.search(r"^CPU kernels loaded: (\S+) \(", text, re.M)
+    assert match, text
+    return match.group(1)
+
+
+def test_the_exe_bundle_answers_as_the_linux_bundle_does_on_the_same_kernels(windows_bundle: Path, bundle: Path) -> None:
+    variant = chosen_variant(info(windows_bundle))
+    args = ("-p", PROMPT, "--temp", "0", "-n", "24", "--cpu-variant", variant)
+    on_windows = wine.run(windows_bundle, *args)
+    assert on_windows.returncode == 0, on_windows.stderr
+    on_linux = subprocess.run([str(bundle), *args], capture_output=True, text=True, timeout=300)
+    assert on_linux.returncode == 0, on_linux.stderr
+    assert on_windows.stdout.strip() and on_windows.stdout.replace("\r\n", "\n") == on_linux.stdout
+
+
+def test_info_names_the_windows_kernels_and_their_proof(windows_bundle: Path) -> None:
+    text = info(windows_bundle)
+    variant = chosen_variant(text)
+    assert f"CPU kernels loaded: {variant} (ggml-cpu-{variant}.dll, llama.cpp score " in text
+    assert re.search(rf"^CPU kernels self-test: {variant}: \S", text, re.M), text
+    assert '"platform": "windows-x86_64"' in text
+
+
+def test_every_cpu_variant_dll_loads_and_gives_the_score_the_linux_library_gives() -> None:
+    """Each ggml-cpu-*.dll the stub carries (the toolchain's, which build.py packs) opens under Wine and scores
+    this CPU as the Linux build of the same variant does."""
+    from runtime.devices.cpu import variant_scores
+
+    script = (
+        "import json, pathlib, llama_cpp\n"  # llama_cpp first: it puts ggml-base.dll where the variants find it
+        "from runtime.devices.cpu import variant_scores\n"
+        "scores, warnings = variant_scores(pathlib.Path(llama_cpp.__file__).parent.parent / 'bin')\n"
+        "print(json.dumps({'scores': {s.name: s.score for s in scores}, 'warnings': warnings}))\n"
+    )
+    result = wine.run(wine.windows_python(), "-c", script, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["warnings"] == []
+    linux = {s.name: s.score for s in variant_scores()[0]}
+    # sapphirerapids builds for Windows too (scripts/patches/windows/); every variant is there and scores alike.
+    assert report["scores"] == linux
+
+
+@pytest.fixture(scope="module")
+def windows_server(windows_bundle: Path) -> Iterator[str]:
+    port = free_port()
+    process = wine.start(windows_bundle, "--nobrowser", "--temp", "0", "--ctx-per-slot", "--port", str(port))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            try:
+                if httpx.get(url + "health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the Windows server never became healthy")
+        yield url
+    finally:
+        # The onefile .exe runs the runtime in a child process that Wine keeps when its parent is killed.
+        subprocess.run(["wineserver", "-k"], env=wine.environment())
+        process.wait(timeout=30)
+
+
+def test_the_windows_server_answers_health_openai_streaming_and_ollama(windows_server: str) -> None:
+    import ollama
+    import openai
+
+    health = httpx.get(windows_server + "health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+    client = openai.OpenAI(base_url=windows_server + "v1", api_key="none")
+    stream = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0, stream=True
+    )
+    chunks = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(chunks) > 2 and "".join(chunks).strip()
+
+    reply = ollama.Client(host=windows_server.rstrip("/")).chat(
+        model="smollm2", messages=[{"role": "user", "content": PROMPT}], options={"temperature": 0, "num_predict": 16}
+    )
+    assert reply.message.content.strip() and reply.done
+
+
+def test_the_sidecar_bundle_answers(tmp_path: Path, smollm2: Path, windows_stub: Path) -> None:
+    exe = build_exe(smollm2, windows_stub, tmp_path / "side car.exe", "--sidecar")
+    assert (tmp_path / "side car.gguf").exists() and exe.stat().st_size < smollm2.stat().st_size
+    result = wine.run(exe, "-p", PROMPT, "--temp", "0", "-n", "8")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_the_exe_imports_only_windows_system_dlls_and_what_it_carries(windows_stub: Path) -> None:
+    """Every PE file in the stub (the bootloader, Python, the extension modules, llama.cpp's DLLs) imports only
+    DLLs that every Windows has or that the stub carries."""
+    pefile = pytest.importorskip("pefile")
+    from PyInstaller.archive.readers import CArchiveReader
+
+    archive = CArchiveReader(str(windows_stub))
+    files = {name: archive.extract(name) for name in archive.toc if name.lower().endswith((".dll", ".pyd"))}
+    files[windows_stub.name] = windows_stub.read_bytes()
+    carried = {Path(name).name.lower() for name in files}
+    missing: dict[str, set[str]] = {}
+    for name, data in files.items():
+        pe = pefile.PE(data=data, fast_load=True)
+        pe.parse_data_directories(directories=[pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_IMPORT"]])
+        for entry in getattr(pe, "DIRECTORY_ENTRY_IMPORT", []):
+            dll = entry.dll.decode().lower()
+            if dll not in carried and not is_windows_system_dll(dll):
+                missing.setdefault(name, set()).add(dll)
+    assert not missing, f"DLLs that neither Windows nor the stub has: {missing}"
+    assert {"libllama.dll", "ggml-base.dll", "libstdc++-6.dll", "libwinpthread-1.dll", "ggml-cpu-x64.dll"} <= carried
+
+
+# What every Windows 10 and 11 has in System32 (the API sets, the universal C runtime, the Win32 core), and
+# msvcrt.dll, which MinGW-built DLLs use as their C runtime.
+SYSTEM_DLLS = {
+    "kernel32.dll", "user32.dll", "advapi32.dll", "shell32.dll", "ole32.dll", "oleaut32.dll", "ws2_32.dll",
+    "msvcrt.dll", "ucrtbase.dll", "ntdll.dll", "gdi32.dll", "comctl32.dll", "comdlg32.dll", "crypt32.dll",
+    "bcrypt.dll", "secur32.dll", "shlwapi.dll", "version.dll", "winmm.dll", "iphlpapi.dll", "rpcrt4.dll",
+    "setupapi.dll", "cfgmgr32.dll", "userenv.dll", "psapi.dll", "dbghelp.dll", "imm32.dll", "mswsock.dll",
+    "netapi32.dll", "powrprof.dll", "shcore.dll", "uxtheme.dll", "wtsapi32.dll", "dwmapi.dll", "winhttp.dll",
+    "wininet.dll", "cabinet.dll", "msi.dll", "ncrypt.dll", "normaliz.dll", "urlmon.dll", "wintrust.dll",
+}
+
+
+def is_windows_system_dll(name: str) -> bool:
+    return name in SYSTEM_DLLS or name.startswith(("api-ms-win-", "ext-ms-win-"))
