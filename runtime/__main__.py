@@ -1,6 +1,13 @@
 """Entry point of the runtime, both frozen by PyInstaller and as `python -m runtime`."""
 
-from runtime import packaged, runtime_cache
+import sys
+
+if sys.platform == "win32":  # a child the kernel self-test spawned (runtime/devices/proof/child.py) runs its work here
+    import multiprocessing
+
+    multiprocessing.freeze_support()
+
+from runtime import packaged, runtime_cache  # noqa: E402
 
 runtime_cache.prepare(packaged.launch())  # first: a damaged unpacked runtime must not go on loading
 

@@ -42,8 +42,8 @@ class Verdict:
 def choose(ranked: list[VariantScore], cpu_signature: str, threads: int, say: Callable[[str], None]) -> Verdict:
     """The best variant in `ranked` (best first, the portable one last) that passes the self-test."""
     portable = ranked[-1]
-    if not child.can_fork():
-        return Verdict(ranked[0], f"{ranked[0].name}: not proven (the self-test needs fork(), which {sys.platform} lacks)", None)
+    if not child.available():
+        return Verdict(ranked[0], f"{ranked[0].name}: not proven (the self-test needs a child process, which {sys.platform} cannot start)", None)
     verdicts = cache.VerdictCache(packaged.cache_dir() / "kernel-proofs.json")
     proof = _Proof(portable, threads)
     passed_over: list[str] = []

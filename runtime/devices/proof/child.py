@@ -4,10 +4,16 @@ The child is a fork of this process taken before any GPU backend is initialised 
 variants, before any variant is registered with ggml), so it starts in milliseconds, shares the
 already-imported Python modules, and loads just the backend under test. It reports its result as JSON
 through a pipe; the parent reads how it ended from its exit status.
+
+Windows has no fork(): there the child is a new process started by multiprocessing's spawn (a onefile stub
+reruns itself and reuses the files it unpacked; runtime/__main__.py hands it to multiprocessing), which takes a
+second more, and `work` must pickle (a functools.partial of a module-level function). A crash there ends the
+process with an exception code rather than a signal: the same verdicts name the signal that code stands for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -16,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from typing import Any
@@ -38,22 +45,36 @@ class Outcome:
     failure: str | None = None
 
 
-def can_fork() -> bool:
-    return hasattr(os, "fork")
+# Windows' exception codes for what ends a process as these signals end one on POSIX.
+WINDOWS_CRASHES = {
+    0xC000001D: ("SIGILL", "EXCEPTION_ILLEGAL_INSTRUCTION"),
+    0xC0000096: ("SIGILL", "EXCEPTION_PRIV_INSTRUCTION"),
+    0xC0000005: ("SIGSEGV", "EXCEPTION_ACCESS_VIOLATION"),
+    0xC00000FD: ("SIGSEGV", "EXCEPTION_STACK_OVERFLOW"),
+    0x80000002: ("SIGBUS", "EXCEPTION_DATATYPE_MISALIGNMENT"),
+    0xC0000094: ("SIGFPE", "EXCEPTION_INT_DIVIDE_BY_ZERO"),
+}
+
+
+def available() -> bool:
+    """Whether kernels can be tried in a child process here: fork() on POSIX, spawn on Windows."""
+    return hasattr(os, "fork") or sys.platform == "win32"
 
 
 def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[float]]], timeout: float) -> Outcome:
-    """Register the CPU variant `library` in a fork of this process, run `work` there, and say how it went."""
+    """Register the CPU variant `library` in a child process, run `work` there, and say how it went."""
+    return run(variant, partial(_registered_then, library, work), timeout)
 
-    def registered_then_work() -> dict[str, list[float]]:
-        register_cpu_variant(library)
-        return work()
 
-    return run(variant, registered_then_work, timeout)
+def _registered_then(library: Path, work: Callable[[], dict[str, list[float]]]) -> dict[str, list[float]]:
+    register_cpu_variant(library)
+    return work()
 
 
 def run(label: str, work: Callable[[], Any], timeout: float) -> Outcome:
-    """Run `work` in a fork of this process and say how it went; `label` names it for the fault hook."""
+    """Run `work` in a child process and say how it went; `label` names it for the fault hook."""
+    if not hasattr(os, "fork"):
+        return _run_spawned(label, work, timeout)
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
@@ -79,13 +100,81 @@ def run(label: str, work: Callable[[], Any], timeout: float) -> Outcome:
         return Outcome(None, f"hung for {timeout:.0f} s")
     if os.WIFSIGNALED(status):
         return Outcome(None, f"died with {signal.Signals(os.WTERMSIG(status)).name}")
+    return _outcome(report, f"exited with status {os.waitstatus_to_exitcode(status)}")
+
+
+def _outcome(report: bytes, exited: str = "") -> Outcome:
+    """What a child's report says; `exited` describes its exit status where it sent none."""
     try:
         answer = json.loads(report)
     except ValueError:
-        answer = {"error": f"exited with status {os.waitstatus_to_exitcode(status)}"}
+        answer = {"error": exited or "sent no report"}
     if "error" in answer:
         return Outcome(None, f"failed ({answer['error']})")
     return Outcome(answer["result"])
+
+
+def _run_spawned(label: str, work: Callable[[], Any], timeout: float) -> Outcome:
+    """`run` without fork(): multiprocessing's spawn, and the child's exit code for how it ended."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_spawned_child, args=(label, work, send), daemon=True)
+    try:
+        process.start()
+    except OSError as exc:
+        return Outcome(None, f"could not be started ({exc.strerror or exc})")
+    finally:
+        send.close()
+    report, finished = b"", False
+    try:
+        if receive.poll(timeout):  # a report, or the pipe closed by the child's death
+            finished = True
+            report = receive.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    finally:
+        receive.close()
+        if not finished:
+            process.kill()
+        process.join()
+    if not finished:
+        return Outcome(None, f"hung for {timeout:.0f} s")
+    code = (process.exitcode or 0) & 0xFFFFFFFF
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        code = json.loads(report).get("crashed", code)
+    if code in WINDOWS_CRASHES:
+        signal_name, exception = WINDOWS_CRASHES[code]
+        return Outcome(None, f"died with {signal_name} ({exception})")
+    return _outcome(report, f"exited with status {code:#x}" if code > 255 else f"exited with status {code}")
+
+
+def _spawned_child(label: str, work: Callable[[], Any], out: Any) -> None:
+    """The spawned child: no crash dialog (Windows Error Reporting would hold the process until someone clicks),
+    quiet, then `work` and its report through the pipe."""
+    import ctypes
+
+    ctypes.windll.kernel32.SetErrorMode(0x0001 | 0x0002)  # SEM_FAILCRITICALERRORS | SEM_NOGPFAULTERRORBOX
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        fault = _fault_for(label)
+        if fault in ("SIGILL", "SIGSEGV"):
+            code = next(c for c, (name, _) in WINDOWS_CRASHES.items() if name == fault)
+            ctypes.windll.kernel32.RaiseException(code, 1, 0, None)  # EXCEPTION_NONCONTINUABLE, unhandled
+        result = work()
+        report = {"result": _negated(result) if fault == "wrong" else result}
+    except OSError as exc:
+        # ctypes turns a fault in the thread that called into llama.cpp into an OSError (a fault in one of its
+        # worker threads ends the process with the code instead): either way the kernels crashed.
+        code = (exc.winerror or 0) & 0xFFFFFFFF if hasattr(exc, "winerror") else 0
+        report = {"crashed": code} if code in WINDOWS_CRASHES else {"error": str(exc)}
+    except BaseException as exc:  # whatever happens, the parent gets a report
+        report = {"error": str(exc) or type(exc).__name__}
+    out.send_bytes(json.dumps(report).encode())
+    out.close()
 
 
 def _child(label: str, work: Callable[[], Any], out: int) -> None:

@@ -57,11 +57,11 @@ class BackendVerdict:
 
 def verdict(backend: str, module: Path, threads: int, say: Callable[[str], None]) -> BackendVerdict | None:
     """The self-test's verdict on `backend`'s GPUs here: from the cache, or proven now in child processes.
-    None where it cannot run (no fork()).
+    None where it cannot run (no child process).
 
     Call it before this process loads any GPU backend, with the CPU kernels registered.
     """
-    if not child.can_fork():
+    if not child.available():
         return None
     verdicts = cache.VerdictCache(packaged.cache_dir() / "kernel-proofs.json")
     key = f"gpu {gpu.driver_fingerprint(backend)}|{backend}|{_build_identity(module)}|runtime {__version__}|proof {cache.PROOF_VERSION}"
