@@ -30,7 +30,8 @@ from the end for the archive's cookie, and computes the archive's start from the
 through the whole model. With a copy of the archive near the end, the scan stops after the
 72-byte trailer. If a download is cut short, the copy and the trailer are gone but the scan
 still finds the stub's original archive, so the runtime starts and can say what is wrong.
-The launcher layout needs no copy: the launcher knows where its payload is.
+The launcher layout needs no copy: the launcher knows where its payload is. A Windows executable may be
+signed after it is built (Authenticode): the signature then follows the trailer (content_end).
 
 The manifest may gain keys: readers ignore keys they do not know (at any depth), so adding a field
 needs no new format version. FORMAT_VERSION changes only when an older runtime could no longer
@@ -355,18 +356,44 @@ def _archive_from_cookie(data: bytes, at: int, data_offset: int) -> tuple[int, i
 
 
 def read_trailer(f: BinaryIO) -> Trailer | None:
-    size = f.seek(0, 2)
+    size = content_end(f)
     if size < TRAILER_SIZE:
         return None
     f.seek(size - TRAILER_SIZE)
     return Trailer.unpack(f.read(TRAILER_SIZE))
 
 
+# A Windows executable signed after it was built (Authenticode: `osslsigncode sign`, `signtool sign`) carries its
+# signature at the end of the file, after the trailer: the PE header's security directory (the fifth data
+# directory) gives its file offset and size; the signer first pads the file with zeros to a multiple of 8.
+_PE_SIGNATURE_ALIGNMENT = 8
+
+
+def content_end(f: BinaryIO) -> int:
+    """Where the bundle's own bytes end: the file's size, less an Authenticode signature appended to a Windows
+    executable (which then ends right after the trailer, give or take the signer's padding)."""
+    size = f.seek(0, 2)
+    f.seek(0)
+    head = f.read(4096)
+    if head[:2] != b"MZ" or len(head) < 0x40:
+        return size
+    pe = struct.unpack_from("<I", head, 0x3C)[0]
+    if pe + 24 + 152 > len(head) or head[pe : pe + 4] != b"PE\0\0" or struct.unpack_from("<H", head, pe + 24)[0] != 0x20B:
+        return size  # not a PE32+ (64-bit) executable, whose security directory sits 144 bytes into its optional header
+    offset, length = struct.unpack_from("<II", head, pe + 24 + 144)
+    if not offset or offset + length != size or offset < TRAILER_SIZE:
+        return size
+    f.seek(offset - TRAILER_SIZE - _PE_SIGNATURE_ALIGNMENT)
+    before = f.read(TRAILER_SIZE + _PE_SIGNATURE_ALIGNMENT)
+    padding = len(before) - len(before.rstrip(b"\0"))
+    return offset - padding if padding < _PE_SIGNATURE_ALIGNMENT else offset
+
+
 def open_bundle(path: Path) -> Bundle:
     """Read and cheaply check a bundle: trailer, sizes, manifest, GGUF magic. No hashing."""
     try:
         with open(path, "rb") as f:
-            actual_size = f.seek(0, 2)
+            actual_size = content_end(f)
             trailer = read_trailer(f)
             if trailer is None:
                 raise _explain_missing_trailer(path, f, actual_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -166,6 +167,31 @@ def test_the_sidecar_bundle_answers(tmp_path: Path, smollm2: Path, windows_stub:
     assert (tmp_path / "side car.gguf").exists() and exe.stat().st_size < smollm2.stat().st_size
     result = wine.run(exe, "-p", PROMPT, "--temp", "0", "-n", "8")
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_a_bundle_signed_with_osslsigncode_verifies_and_still_answers(windows_bundle: Path, tmp_path: Path) -> None:
+    """Signing as the README shows (a self-made certificate here; a real one is bought from a CA): the signature
+    follows the bundle's trailer, and both Authenticode and the bundle still read."""
+    if shutil.which("osslsigncode") is None or shutil.which("openssl") is None:
+        pytest.skip("needs osslsigncode and openssl")
+    key, cert, signed = tmp_path / "key.pem", tmp_path / "cert.pem", tmp_path / "signed.exe"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", key, "-out", cert,
+         "-subj", "/CN=llamabox test signer", "-addext", "extendedKeyUsage=codeSigning"],
+        check=True, capture_output=True,
+    )
+    subprocess.run(
+        ["osslsigncode", "sign", "-certs", cert, "-key", key, "-n", "SmolLM2", "-in", windows_bundle, "-out", signed],
+        check=True, capture_output=True,
+    )
+    assert signed.stat().st_size > windows_bundle.stat().st_size
+    verified = subprocess.run(["osslsigncode", "verify", "-CAfile", cert, "-ignore-crl", "-in", signed], capture_output=True, text=True)
+    assert verified.returncode == 0 and "Succeeded" in verified.stdout, verified.stdout + verified.stderr
+    inspected = llamabox("inspect", signed)
+    assert inspected.returncode == 0 and "SmolLM2" in inspected.stdout, inspected.stderr
+    args = ("-p", PROMPT, "--temp", "0", "-n", "8")
+    answer, unsigned = wine.run(signed, *args), wine.run(windows_bundle, *args)
+    assert answer.returncode == 0 and answer.stdout.strip() and answer.stdout == unsigned.stdout, answer.stderr
 
 
 def test_the_exe_imports_only_windows_system_dlls_and_what_it_carries(windows_stub: Path) -> None:
