@@ -48,9 +48,28 @@ def running_on(gpus: str) -> None:
     _GPU_NOTE[:] = data + bytes(len(_GPU_NOTE) - len(data))
 
 
+def crash_line(what: str, name: str, variant: str) -> str:
+    """The one line for a model's process that died of `what` (`name`: the signal, or Windows' exception code)."""
+    gpus = bytes(_GPU_NOTE).rstrip(b"\0").decode(errors="replace")
+    if gpus:
+        return (
+            f"llamabox: the model's process died of {what} ({name}) with layers on {gpus} and the {variant} "
+            "CPU kernels; start again with -fa off, or --gpu off to leave the GPU out"
+        )
+    return (
+        f"llamabox: the model's process died of {what} ({name}) in the {variant} CPU kernels; "
+        "start again with --cpu-variant x64 (portable) or another variant listed by --info"
+    )
+
+
 def supervise(variant: str) -> None:
-    """Continue in a child process; this process waits for it and exits as it did. No-op without fork()."""
+    """Continue in a child process; this process waits for it and exits as it did. Without fork() (Windows),
+    this process reports its own crash instead (windows_crashes)."""
     if not hasattr(os, "fork"):
+        if sys.platform == "win32":
+            from runtime import windows_crashes
+
+            windows_crashes.report(lambda what, name: crash_line(what, name, variant))
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -72,19 +91,8 @@ def supervise(variant: str) -> None:
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         name = signal.Signals(number).name
-        gpus = bytes(_GPU_NOTE).rstrip(b"\0").decode(errors="replace")
-        if number in _CRASHES and gpus:
-            click.echo(
-                f"llamabox: the model's process died of {_CRASHES[number]} ({name}) with layers on {gpus} and the {variant} "
-                "CPU kernels; start again with -fa off, or --gpu off to leave the GPU out",
-                err=True,
-            )
-        elif number in _CRASHES:
-            click.echo(
-                f"llamabox: the model's process died of {_CRASHES[number]} ({name}) in the {variant} CPU kernels; "
-                "start again with --cpu-variant x64 (portable) or another variant listed by --info",
-                err=True,
-            )
+        if number in _CRASHES:
+            click.echo(crash_line(_CRASHES[number], name, variant), err=True)
         elif number == signal.SIGKILL:
             click.echo("llamabox: the model's process was killed (SIGKILL); if nobody killed it, the machine ran out of memory", err=True)
         runtime_cache.remove_temporary()

@@ -119,6 +119,18 @@ def test_every_cpu_variant_dll_loads_and_gives_the_score_the_linux_library_gives
     assert report["scores"] == linux
 
 
+@pytest.mark.parametrize(("fault", "code", "what"), [("SIGILL", 0xC000001D, "an illegal instruction (EXCEPTION_ILLEGAL_INSTRUCTION)"),
+                                                    ("SIGSEGV", 0xC0000005, "a bad memory access (EXCEPTION_ACCESS_VIOLATION)")])
+def test_a_crash_in_a_native_thread_ends_the_process_with_one_line(windows_bundle: Path, fault: str, code: int, what: str) -> None:
+    """No watcher process on Windows: the model's process reports its own fault (an unhandled-exception filter),
+    here raised by a native thread as a llama.cpp kernel would (LLAMABOX_TEST_CRASH), and ends with the code."""
+    result = wine.run(windows_bundle, "-p", PROMPT, "-n", "4", LLAMABOX_TEST_CRASH=fault)
+    assert result.returncode == code & 0xFF  # Wine passes the low byte of the exit code on to Linux
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"llamabox: the model's process died of {what} in the ") and "--cpu-variant x64" in lines[-1]
+    assert "Traceback" not in result.stderr and "Unhandled" not in result.stderr and not result.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def windows_server(windows_bundle: Path) -> Iterator[str]:
     port = free_port()
@@ -165,6 +177,16 @@ def test_the_windows_server_answers_health_openai_streaming_and_ollama(windows_s
 def test_the_sidecar_bundle_answers(tmp_path: Path, smollm2: Path, windows_stub: Path) -> None:
     exe = build_exe(smollm2, windows_stub, tmp_path / "side car.exe", "--sidecar")
     assert (tmp_path / "side car.gguf").exists() and exe.stat().st_size < smollm2.stat().st_size
+    result = wine.run(exe, "-p", PROMPT, "--temp", "0", "-n", "8")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_a_bundle_on_a_read_only_share_answers(windows_bundle: Path, tmp_path: Path, chattr_readonly) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    exe = share / "smollm2.exe"
+    shutil.copy(windows_bundle, exe)
+    chattr_readonly(share)
     result = wine.run(exe, "-p", PROMPT, "--temp", "0", "-n", "8")
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.devices.cpu import register_cpu_variant
+from runtime.windows_crashes import EXCEPTIONS, NO_CRASH_DIALOGS
 
 # Test hook: LLAMABOX_TEST_SELFTEST_FAULT="zen4=SIGILL" makes the self-test of the zen4 kernels die
 # with that signal; "zen4=wrong" makes it report wrong logits. GPU backends are named as their modules
@@ -43,17 +44,6 @@ class Outcome:
 
     result: Any
     failure: str | None = None
-
-
-# Windows' exception codes for what ends a process as these signals end one on POSIX.
-WINDOWS_CRASHES = {
-    0xC000001D: ("SIGILL", "EXCEPTION_ILLEGAL_INSTRUCTION"),
-    0xC0000096: ("SIGILL", "EXCEPTION_PRIV_INSTRUCTION"),
-    0xC0000005: ("SIGSEGV", "EXCEPTION_ACCESS_VIOLATION"),
-    0xC00000FD: ("SIGSEGV", "EXCEPTION_STACK_OVERFLOW"),
-    0x80000002: ("SIGBUS", "EXCEPTION_DATATYPE_MISALIGNMENT"),
-    0xC0000094: ("SIGFPE", "EXCEPTION_INT_DIVIDE_BY_ZERO"),
-}
 
 
 def available() -> bool:
@@ -144,8 +134,8 @@ def _run_spawned(label: str, work: Callable[[], Any], timeout: float) -> Outcome
     code = (process.exitcode or 0) & 0xFFFFFFFF
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         code = json.loads(report).get("crashed", code)
-    if code in WINDOWS_CRASHES:
-        signal_name, exception = WINDOWS_CRASHES[code]
+    if code in EXCEPTIONS:
+        signal_name, exception, _fault = EXCEPTIONS[code]
         return Outcome(None, f"died with {signal_name} ({exception})")
     return _outcome(report, f"exited with status {code:#x}" if code > 255 else f"exited with status {code}")
 
@@ -155,14 +145,14 @@ def _spawned_child(label: str, work: Callable[[], Any], out: Any) -> None:
     quiet, then `work` and its report through the pipe."""
     import ctypes
 
-    ctypes.windll.kernel32.SetErrorMode(0x0001 | 0x0002)  # SEM_FAILCRITICALERRORS | SEM_NOGPFAULTERRORBOX
+    ctypes.windll.kernel32.SetErrorMode(NO_CRASH_DIALOGS)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     try:
         fault = _fault_for(label)
         if fault in ("SIGILL", "SIGSEGV"):
-            code = next(c for c, (name, _) in WINDOWS_CRASHES.items() if name == fault)
+            code = next(c for c, (name, *_) in EXCEPTIONS.items() if name == fault)
             ctypes.windll.kernel32.RaiseException(code, 1, 0, None)  # EXCEPTION_NONCONTINUABLE, unhandled
         result = work()
         report = {"result": _negated(result) if fault == "wrong" else result}
@@ -170,7 +160,7 @@ def _spawned_child(label: str, work: Callable[[], Any], out: Any) -> None:
         # ctypes turns a fault in the thread that called into llama.cpp into an OSError (a fault in one of its
         # worker threads ends the process with the code instead): either way the kernels crashed.
         code = (exc.winerror or 0) & 0xFFFFFFFF if hasattr(exc, "winerror") else 0
-        report = {"crashed": code} if code in WINDOWS_CRASHES else {"error": str(exc)}
+        report = {"crashed": code} if code in EXCEPTIONS else {"error": str(exc)}
     except BaseException as exc:  # whatever happens, the parent gets a report
         report = {"error": str(exc) or type(exc).__name__}
     out.send_bytes(json.dumps(report).encode())
