@@ -11,10 +11,10 @@ llama-cpp-python with every CPU variant library, the GPU backends every stub has
 HTTP server and the chat page. A GPU stub (--gpu cuda) carries that backend too, with the libraries it needs
 from the CUDA toolkit (runtime.devices.gpu.COMPANIONS), so that its receiver needs only the driver.
 
-On Linux and macOS the stub is the launcher layout (runtime/bundle_format.py): PyInstaller builds the
-runtime as one folder, packed as .tar.gz behind a POSIX sh launcher (runtime/launcher.sh) that unpacks it
-once per runtime build into a cache and runs it from there. On Windows it is a PyInstaller onefile
-executable, which unpacks itself at every start. On Linux x86-64 the Windows stub is built by
+Every stub is the launcher layout (runtime/bundle_format.py): PyInstaller builds the runtime as one
+folder, packed as .tar.gz behind a launcher that unpacks it once per runtime build into a cache and runs it
+from there: on Linux and macOS a POSIX sh script (runtime/launcher.sh), on Windows a small C program
+(runtime/windows_launcher.c, compiled by scripts/build_windows.sh). On Linux x86-64 the Windows stub is built by
 scripts/build_windows.sh, which runs this file under Wine on a Windows CPython with llama.cpp
 cross-compiled by MinGW-w64 (scripts/windows_toolchain.sh; setup.sh prepares both).
 
@@ -146,22 +146,7 @@ a.binaries = [debug_stripped(entry) for entry in a.binaries]
 a.binaries = [entry for entry in a.binaries if os.path.basename(entry[0]) not in {companions!r} or os.path.dirname(entry[0]) == {backends!r}]
 """
 
-# The one-file stub (Windows): everything in the executable, unpacked at every start.
-ONEFILE_SPEC = """\
-exe = EXE(
-    PYZ(a.pure),
-    a.scripts,
-    a.binaries,
-    a.datas,
-    [],
-    name={name!r},
-    console=True,
-    upx=False,
-    cdict={{kind: True for kind in ("EXTENSION", "DATA", "BINARY", "EXECUTABLE")}},
-)
-"""
-
-# The one-folder runtime that the launcher stub carries (Linux, macOS).
+# The one-folder runtime that the launcher stub carries.
 ONEDIR_SPEC = """\
 exe = EXE(PYZ(a.pure), a.scripts, [], exclude_binaries=True, name={name!r}, console=True, upx=False)
 COLLECT(exe, a.binaries, a.datas, name={name!r}, upx=False)
@@ -201,23 +186,26 @@ def check_glibc(stub: Path, limit: glibc.Version | None) -> None:
 
 
 LAUNCHER_TEMPLATE = ROOT / "runtime" / "launcher.sh"
+# The Windows launcher, compiled by scripts/build_windows.sh from runtime/windows_launcher.c before it runs this.
+WINDOWS_LAUNCHER = ROOT / "build" / "windows" / "launcher.exe"
 # Where the launcher unpacks the runtime when LLAMABOX_CACHE is not set (runtime.packaged.cache_dir agrees).
 CACHE_HOMES = {"macos": "$HOME/Library/Caches", "linux": "${XDG_CACHE_HOME:-$HOME/.cache}"}
 PROBE_SCRIPT = "#!/bin/sh\n# Run by the launcher: it fails where this folder may not run programs (noexec).\n"
 
 
-def pack_runtime(folder: Path) -> tuple[bytes, int]:
+def pack_runtime(folder: Path, probe: bool = True) -> tuple[bytes, int]:
     """The one-folder runtime as .tar.gz (reproducible: sorted, fixed owners and times), and its unpacked size.
 
-    Adds the file list the runtime checks itself against at start (FILE_LIST_NAME) and the launcher's noexec
-    probe. The launcher itself marks an unpacking whole (COMPLETE_MARKER) once tar has succeeded and the files
-    Python needs have their sizes.
+    Adds the file list the runtime checks itself against at start (FILE_LIST_NAME) and, for the sh launcher
+    (`probe`), its noexec probe. The launcher itself marks an unpacking whole (COMPLETE_MARKER) once it has
+    unpacked everything (the sh launcher: and the files Python needs have their sizes).
     """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
     sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
     (folder / FILE_LIST_NAME).write_text(json.dumps(sizes, indent=0, sort_keys=True) + "\n")
-    (folder / PROBE_NAME).write_text(PROBE_SCRIPT)
-    (folder / PROBE_NAME).chmod(0o755)
+    if probe:
+        (folder / PROBE_NAME).write_text(PROBE_SCRIPT)
+        (folder / PROBE_NAME).chmod(0o755)
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=mtime) as zipped:
@@ -237,8 +225,27 @@ def pack_runtime(folder: Path) -> tuple[bytes, int]:
 
 
 def write_launcher_stub(folder: Path, stub: Path, description: dict[str, object], platform_name: str) -> None:
-    """The launcher-layout stub: runtime/launcher.sh filled in, then the packed runtime."""
-    payload, unpacked = pack_runtime(folder)
+    """The launcher-layout stub: the launcher (runtime/launcher.sh filled in, or the Windows launcher and a line
+    describing the stub), then the packed runtime."""
+    windows = platform_name.startswith("windows-")
+    payload, unpacked = pack_runtime(folder, probe=not windows)
+    if windows:
+        if not WINDOWS_LAUNCHER.exists():
+            sys.exit(f"build.py: no Windows launcher at {WINDOWS_LAUNCHER}; build the Windows stub with scripts/build_windows.sh")
+        described = {**description, "executable": folder.name, "unpacked_size": unpacked}
+        header = bundle_format.exe_launcher_header(WINDOWS_LAUNCHER.read_bytes(), payload, described)
+    else:
+        header = _sh_launcher(folder, payload, unpacked, description, platform_name)
+    partial = stub.with_name(stub.name + ".partial")
+    with open(partial, "wb") as out:
+        out.write(header)
+        out.write(payload)
+    partial.chmod(0o755)
+    partial.replace(stub)
+
+
+def _sh_launcher(folder: Path, payload: bytes, unpacked: int, description: dict[str, object], platform_name: str) -> bytes:
+    """runtime/launcher.sh with its fields filled in for this runtime."""
     internal = folder / "_internal"
     needed = [folder / folder.name, *internal.glob("libpython*"), internal / "base_library.zip"]
     fields = {
@@ -247,13 +254,7 @@ def write_launcher_stub(folder: Path, stub: Path, description: dict[str, object]
         "NEEDED_FILES": " ".join(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}" for p in needed if p.is_file()),
         "CACHE_HOME": CACHE_HOMES[platform_name.split("-")[0]],
     }
-    header = bundle_format.launcher_header(LAUNCHER_TEMPLATE.read_text(), fields, payload, description)
-    partial = stub.with_name(stub.name + ".partial")
-    with open(partial, "wb") as out:
-        out.write(header)
-        out.write(payload)
-    partial.chmod(0o755)
-    partial.replace(stub)
+    return bundle_format.launcher_header(LAUNCHER_TEMPLATE.read_text(), fields, payload, description)
 
 
 def main() -> None:
@@ -297,7 +298,6 @@ def main() -> None:
         os.execv(command[0], command)
 
     platform_name = current_platform()
-    launcher = not platform_name.startswith("windows-")
     core, backend_modules = llama_cpp_libraries(args.gpu)
     work = ROOT / "build" / "pyinstaller"
     work.mkdir(parents=True, exist_ok=True)
@@ -309,7 +309,7 @@ def main() -> None:
         "cpu_variants": [p.name for p in backend_modules if "-cpu-" in p.name],
         "gpu_backends": [p.name for p in backend_modules if p.name.startswith(("libggml-", "ggml-")) and "-cpu-" not in p.name],
         "bundle_format": FORMAT_VERSION,
-        "layout": "launcher" if launcher else "onefile",
+        "layout": "launcher",
     }
     info.write_text(json.dumps(description, indent=2))
     # The kernel self-test's model (runtime/devices/proof/model.py), so that the stub needs no GGUF writer.
@@ -331,19 +331,18 @@ def main() -> None:
             excludes=list(EXCLUDED_MODULES),
             work=str(work),
         )
-        + (ONEDIR_SPEC if launcher else ONEFILE_SPEC).format(name=name)
+        + ONEDIR_SPEC.format(name=name)
     )
     started = time.monotonic()
-    pyinstaller_dist = work / "dist" if launcher else args.dist
+    pyinstaller_dist = work / "dist"
     PyInstaller.__main__.run(
         [str(spec), "--noconfirm", "--log-level=WARN", f"--distpath={pyinstaller_dist}", f"--workpath={work}"]
     )
     stub = args.dist / name
-    if launcher:
-        args.dist.mkdir(parents=True, exist_ok=True)
-        # record_min_glibc (in the spec) added min_glibc to the description: the launcher carries it too.
-        write_launcher_stub(pyinstaller_dist / name, stub, json.loads(info.read_text()), platform_name)
-        shutil.rmtree(pyinstaller_dist / name)
+    args.dist.mkdir(parents=True, exist_ok=True)
+    # record_min_glibc (in the spec) added min_glibc to the description: the launcher carries it too.
+    write_launcher_stub(pyinstaller_dist / name, stub, json.loads(info.read_text()), platform_name)
+    shutil.rmtree(pyinstaller_dist / name)
     print(f"Built {stub} ({stub.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.0f} s")
     if platform_name.startswith("linux-"):
         check_glibc(stub, args.max_glibc)

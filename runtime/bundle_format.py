@@ -15,7 +15,11 @@ there (see the launcher's own comments); the runtime then maps the model from th
     manifest_offset     the manifest: UTF-8 JSON describing the model and the build
     bundle_size - 72    the trailer: fixed size, little-endian, ends with TRAILER_MAGIC
 
-The one-file layout (Windows; formats 2 and 3). The stub is a PyInstaller onefile executable, which
+The Windows launcher layout (format 4 too) is the same with a program for a script: runtime/windows_launcher.c,
+compiled, then the line `# llamabox-stub: {JSON}` right after its last PE section (exe_launcher_header), padded
+with zeros to the payload. The launcher finds that line where its own image ends, as read_stub_header does.
+
+The one-file layout (older Windows stubs; formats 2 and 3). The stub is a PyInstaller onefile executable, which
 unpacks everything at every start:
 
     offset 0            the stub, unchanged: bootloader + its archive (PKG) + whatever follows it
@@ -95,6 +99,9 @@ COPY_CHUNK = 8 << 20
 LAUNCHER_MAGIC = b"#!/bin/sh\n# llamabox launcher"
 _STUB_HEADER_PREFIX = b"\n# llamabox-stub: "
 _LAUNCHER_SEARCH = 64 << 10  # the launcher script is a few KiB
+# The Windows launcher layout: a Windows program, its description line right after its image.
+EXE_MAGIC = b"MZ"
+_EXE_LAUNCHER_SEARCH = 1 << 20  # the compiled launcher is a few hundred KiB
 
 ProgressCallback = Callable[[int], None]
 
@@ -288,13 +295,49 @@ def launcher_header(template: str, fields: dict[str, str], payload: bytes, descr
         offset = align_up(len(data))
 
 
+def exe_launcher_header(launcher: bytes, payload: bytes, description: dict[str, Any]) -> bytes:
+    """The Windows launcher for `payload`: the compiled launcher, the line describing the stub (where the
+    launcher's image ends, so that it finds the line there), zeros to where the payload starts.
+
+    `description` must name the runtime's `executable` in its folder and its `unpacked_size`: the launcher reads both.
+    """
+    if _pe_image_end(launcher) != len(launcher):
+        raise ValueError("the Windows launcher must end with its last section (no signature or data after it)")
+    runtime_id = hashlib.sha256(payload).hexdigest()[:16]
+    offset = align_up(len(launcher))
+    while True:  # the offset is written into the line whose length it depends on
+        header = StubHeader(offset, len(payload), runtime_id, description)
+        line = json.dumps(dataclasses.asdict(header), sort_keys=True, separators=(",", ":"))
+        data = launcher + _STUB_HEADER_PREFIX + line.encode("utf-8") + b"\n"
+        if len(data) <= offset:
+            return data + b"\0" * (offset - len(data))
+        offset = align_up(len(data))
+
+
+def _pe_image_end(head: bytes) -> int | None:
+    """Where a Windows program's last section ends in `head` (its first bytes), or None for anything else."""
+    if not head.startswith(EXE_MAGIC) or len(head) < 0x40:
+        return None
+    pe = struct.unpack_from("<I", head, 0x3C)[0]
+    if pe + 24 > len(head) or head[pe : pe + 4] != b"PE\0\0":
+        return None
+    sections, optional = struct.unpack_from("<H", head, pe + 6)[0], struct.unpack_from("<H", head, pe + 20)[0]
+    table = pe + 24 + optional
+    if table + 40 * sections > len(head):
+        return None
+    # Each section header: SizeOfRawData at 16, PointerToRawData at 20.
+    return max((sum(struct.unpack_from("<II", head, table + 40 * i + 16)) for i in range(sections)), default=None)
+
+
 def read_stub_header(f: BinaryIO) -> StubHeader | None:
     """The launcher's description of a launcher-layout stub or bundle; None for any other file."""
     f.seek(0)
-    head = f.read(_LAUNCHER_SEARCH)
-    if not head.startswith(LAUNCHER_MAGIC):
-        return None
-    at = head.find(_STUB_HEADER_PREFIX)
+    head = f.read(_EXE_LAUNCHER_SEARCH)
+    if head.startswith(LAUNCHER_MAGIC):
+        at = head.find(_STUB_HEADER_PREFIX, 0, _LAUNCHER_SEARCH)
+    else:  # a Windows launcher: the line right after the program, never a string inside it
+        end = _pe_image_end(head)
+        at = end if end is not None and head.startswith(_STUB_HEADER_PREFIX, end) else -1
     if at == -1:
         return None
     line = head[at + len(_STUB_HEADER_PREFIX) :].split(b"\n", 1)[0]

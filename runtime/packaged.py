@@ -2,9 +2,10 @@
 
 A stub built by build.py has its files in one directory (PyInstaller's `sys._MEIPASS`): the backend
 libraries in ggml-backends/, the chat page in templates/, the kernel self-test's model and the stub's
-description file. On Linux and macOS that directory is in the runtime folder the launcher unpacked once
-(runtime/launcher.sh), which tells the runtime through the environment which file the user ran; a
-onefile stub (Windows) unpacks into a new directory at every start and is itself the file the user ran.
+description file. That directory is in the runtime folder the launcher unpacked once (runtime/launcher.sh,
+or runtime/windows_launcher.c on Windows), which tells the runtime through the environment which file the
+user ran; an older onefile stub (Windows) unpacks into a new directory at every start and is itself the
+file the user ran.
 From a checkout, the same things come from the source tree, pip's install of llama-cpp-python and the
 user's cache. Every other module asks here.
 """

@@ -9,6 +9,11 @@ files deleted or cut short, not flipped bits.
 
 A running runtime holds a shared lock on its folder's file list, so that no other start removes the folder
 under it (a copy whose link another start replaced, say); leftovers are removed only when nobody holds it.
+
+On Windows the launcher (runtime/windows_launcher.c) publishes the folder by renaming it to <id>, and Windows
+itself keeps a running program's files from being removed. A damaged copy cannot be removed from inside it, so
+the runtime exits with RETRY_EXIT_CODE and the launcher sets the folder aside and unpacks again; it also removes
+a temporary copy once the runtime has exited.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from runtime.packaged import COMPLETE_MARKER, FILE_LIST_NAME, Launch
 
 RETRY_ENV = "LLAMABOX_RUNTIME_RETRY"
+RETRY_EXIT_CODE = 75  # Windows: "my files are damaged", to the launcher (runtime/windows_launcher.c knows it too)
 # Folders no link names: a whole copy whose link the launcher replaced once it is older than a start takes to
 # link it; anything else (an unpacking killed half-way) once surely abandoned. Only names the launcher makes.
 _REPLACED_SECONDS = 60
@@ -43,7 +49,7 @@ def prepare(started: Launch | None) -> None:
     if started is None:
         return
     folder = _running_from(started)
-    if started.temporary:
+    if started.temporary and sys.platform != "win32":
         global _temporary
         _temporary = folder
         atexit.register(remove_temporary)
@@ -52,8 +58,9 @@ def prepare(started: Launch | None) -> None:
         os.environ.pop(RETRY_ENV, None)
         if not started.temporary:
             _hold(folder)
-            with contextlib.suppress(OSError):  # the link's time says when this runtime build last started
-                os.utime(started.runtime_dir, follow_symlinks=False)
+            if sys.platform != "win32":  # the link's time says when this runtime build last started
+                with contextlib.suppress(OSError):
+                    os.utime(started.runtime_dir, follow_symlinks=False)
             sweep(folder.parent)
         return
     if os.environ.get(RETRY_ENV) or started.temporary:
@@ -61,6 +68,8 @@ def prepare(started: Launch | None) -> None:
         sys.exit(f"llamabox: the runtime unpacked in {folder} is damaged ({problem}) right after unpacking; {where}, "
                  "or set LLAMABOX_CACHE to a folder on another disk")
     print(f"llamabox: the runtime unpacked in {folder} is damaged ({problem}); unpacking it again", file=sys.stderr)
+    if sys.platform == "win32":
+        sys.exit(RETRY_EXIT_CODE)
     discard(started.runtime_dir, folder)
     os.environ[RETRY_ENV] = "1"
     # Through sh, as the launcher is a shell script: also when the bundle is not executable (`sh model.run`).

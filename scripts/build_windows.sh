@@ -73,6 +73,7 @@ ready || { say "the Windows toolchain is not prepared; run scripts/setup.sh (or 
 check_tools
 prepare  # cheap when cached; takes the checkout's llama_cpp package as it is now
 mkdir -p "$dist"
+build_windows_launcher build/windows/launcher.exe
 windows_env
 # Wine 8 cannot give a Windows program a regular file as its stdout or stderr: through a pipe. PyInstaller warns
 # once per DLL that it cannot find Windows' own API sets (api-ms-win-*), which every Windows 10 and 11 has.

@@ -48,6 +48,7 @@ windows_tools_missing() {
     command -v wine >/dev/null || printf '%s ' wine64
     command -v "$MINGW_GCC" >/dev/null || printf '%s ' g++-mingw-w64-x86-64-posix gcc-mingw-w64-x86-64-posix
     command -v osslsigncode >/dev/null || printf '%s ' osslsigncode
+    [ -f /usr/x86_64-w64-mingw32/include/zlib.h ] || printf '%s ' libz-mingw-w64-dev
 }
 
 # windows_llama_dir: where the cross-compiled llama.cpp for these flags, patches and compiler lives.
@@ -132,4 +133,12 @@ prepare_windows_python() {
     wine "$dir/python.exe" -c "import numpy, starlette, uvicorn, PyInstaller" </dev/null 2>&1 | cat
     touch "$dir/.llamabox-complete"
     rm -rf "$work"
+}
+
+# build_windows_launcher OUT: runtime/windows_launcher.c compiled into OUT (a second; always, as it is this checkout's).
+# Statically linked (zlib and MinGW's runtime), stripped: it must end with its last section, where build.py puts the
+# line that describes the stub.
+build_windows_launcher() {
+    mkdir -p "$(dirname "$1")"
+    "$MINGW_GCC" -O2 -s -Wall -Wextra -municode -static -o "$1" runtime/windows_launcher.c -lz
 }

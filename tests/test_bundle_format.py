@@ -115,6 +115,50 @@ def test_launcher_template_fields_must_all_be_given() -> None:
         bundle_format.launcher_header(LAUNCHER_TEMPLATE, {k: v for k, v in LAUNCHER_FIELDS.items() if k != "CACHE_HOME"}, b"x", {})
 
 
+def tiny_pe(body: bytes = b"", security: tuple[int, int] = (0, 0)) -> bytes:
+    """A Windows program's headers (PE32+, one section holding `body`), as the format reads them: no code."""
+    head = bytearray(0x200)
+    head[0:2] = bundle_format.EXE_MAGIC
+    struct.pack_into("<I", head, 0x3C, 0x80)
+    head[0x80:0x84] = b"PE\0\0"
+    struct.pack_into("<HH", head, 0x86, 1, 0)  # NumberOfSections (TimeDateStamp follows)
+    struct.pack_into("<H", head, 0x94, 0xF0)  # SizeOfOptionalHeader
+    struct.pack_into("<H", head, 0x98, 0x20B)  # PE32+
+    struct.pack_into("<II", head, 0x98 + 144, *security)  # the security directory: a signature's offset and size
+    struct.pack_into("<II", head, 0x188 + 16, len(body), 0x200)  # the section: SizeOfRawData, PointerToRawData
+    return bytes(head) + body
+
+
+def test_windows_launcher_layout_is_found_after_the_program_never_inside_it(tmp_path: Path) -> None:
+    # The launcher's own code holds the line's prefix as a string: only the line after its last section counts.
+    launcher = tiny_pe(b'\n# llamabox-stub: {"not": "this"}\n' + b"code" * 100)
+    payload = b"\x1f\x8b-TAR-GZ" * 1000
+    stub = bundle_format.exe_launcher_header(launcher, payload, {"platform": "windows-x86_64", "executable": "rt.exe"}) + payload
+    header = bundle_format.read_stub_header(io.BytesIO(stub))
+    assert header is not None and header.description["executable"] == "rt.exe"
+    assert header.payload_offset % ALIGNMENT == 0 and header.payload_end == len(stub) and stub.startswith(launcher)
+    bundle = bundle_format.open_bundle(write(tmp_path, stub))
+    assert bundle.trailer.format_version == bundle_format.LAUNCHER_FORMAT_VERSION
+    with pytest.raises(ValueError, match="must end with its last section"):
+        bundle_format.exe_launcher_header(launcher + b"signature", payload, {})
+
+
+def test_a_signature_appended_to_a_windows_bundle_is_not_damage(tmp_path: Path) -> None:
+    """Authenticode puts the signature after everything, zero-padded to 8 bytes, and says where in the PE header."""
+    path = write(tmp_path, fake_stub())
+    unsigned = path.read_bytes()
+    padding = -len(unsigned) % 8
+    signature = b"PKCS7-SIGNATURE" * 20
+    header = tiny_pe(security=(len(unsigned) + padding, len(signature)))
+    signed = header + unsigned[len(header) :] + b"\0" * padding + signature
+    path.write_bytes(signed)
+    bundle = bundle_format.open_bundle(path)
+    assert bundle.trailer.bundle_size == len(unsigned) and bundle_format.hash_model(bundle) == bundle.manifest.model.sha256
+    path.write_bytes(signed[:-1])  # a signature that does not reach the end is not one
+    with pytest.raises(BundleError):
+        bundle_format.open_bundle(path)
+
+
 def test_manifest_round_trip_and_hash(tmp_path: Path, stub: bytes) -> None:
     import hashlib
 

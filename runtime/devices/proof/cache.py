@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from runtime import __version__
+from runtime.partial_file import create_beside
 
 # Raise when the self-test itself changes, so that old verdicts are proven again.
 PROOF_VERSION = 1
@@ -45,7 +45,7 @@ class VerdictCache:
         partial = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".partial")
+            fd, partial = create_beside(self.path)
             with os.fdopen(fd, "w") as f:
                 json.dump(self._verdicts, f, indent=1, sort_keys=True)
             os.replace(partial, self.path)

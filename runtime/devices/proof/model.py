@@ -11,8 +11,9 @@ copy is byte-identical.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from runtime.partial_file import create_beside
 
 N_EMBD = 256
 N_FF = 256
@@ -26,7 +27,7 @@ def ensure(path: Path) -> Path:
     """`path`, written first if it does not exist yet."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+        fd, partial = create_beside(path)
         os.close(fd)
         try:
             write(Path(partial))
