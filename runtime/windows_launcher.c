@@ -7,7 +7,9 @@
  * %LLAMABOX_CACHE%\runtime\<id> or %LOCALAPPDATA%\llamabox\runtime\<id>: into a folder of its own, marked whole,
  * then renamed into place, so a half-unpacked folder is never used. Every later start runs the runtime from there;
  * the weights are never unpacked (the runtime maps them from this file). Where the cache cannot be written, the
- * runtime is unpacked into a temporary folder for this run and removed after it, with one line saying so.
+ * runtime is unpacked into a temporary folder for this run and removed after it, with one line saying so (and at
+ * a later start, if the run ended without removing it: a console closed, a kill). The gzip stream is read to its
+ * end, so that its checksum is checked: a damaged payload is refused, never cached.
  *
  * Why C and not a PyInstaller onefile: a onefile executable unpacks its whole Python at every start (2.4 s under
  * Wine on 2 cores for the runtime); this program starts in milliseconds. Why by hand: Windows has no tar and no
@@ -15,7 +17,7 @@
  * the one kind of archive build.py writes (regular files and folders, PAX path records).
  *
  * The runtime runs as a child process in a job that ends with this one. Ctrl+C reaches both (they share the
- * console); this process ignores it and waits for the runtime to stop. The runtime's exit code is this one's; code
+ * console); once the runtime runs, this process ignores it and waits for the runtime to stop. The runtime's exit code is this one's; code
  * RETRY_EXIT_CODE means the runtime found its unpacked files damaged: the folder is set aside and unpacked again,
  * once.
  */
@@ -40,6 +42,7 @@ static const char COMPLETE_MARKER[] = ".llamabox-complete";
 static wchar_t self_path[BIG];
 static const wchar_t *self_name = L"";
 
+static void say(const char *format, ...) __attribute__((format(gnu_printf, 1, 2)));
 static void say(const char *format, ...) {
     va_list args;
     va_start(args, format);
@@ -111,15 +114,15 @@ static BOOL read_stub(HANDLE file, Stub *stub) {
     DWORD got = 0;
     if (!read_at(file, 0, head, HEADER_SEARCH, &got) || got < 0x40) return FALSE;
     head[got] = 0;
-    DWORD pe = *(DWORD *)(head + 0x3C);
+    unsigned long long pe = *(DWORD *)(head + 0x3C); /* 64-bit sums below: no wrap-around */
     if (pe + 24 > got || memcmp(head + pe, "PE\0\0", 4)) return FALSE;
     WORD sections = *(WORD *)(head + pe + 6), optional = *(WORD *)(head + pe + 20);
-    const char *table = head + pe + 24 + optional;
-    DWORD end = 0;
+    unsigned long long table = pe + 24 + optional, end = 0;
     for (WORD i = 0; i < sections; i++) {
-        const char *section = table + 40 * i;
-        if (section + 40 > head + got) return FALSE;
-        DWORD raw_end = *(DWORD *)(section + 20) + *(DWORD *)(section + 16); /* PointerToRawData + SizeOfRawData */
+        unsigned long long section = table + 40ULL * i;
+        if (section + 40 > got) return FALSE;
+        /* PointerToRawData + SizeOfRawData */
+        unsigned long long raw_end = (unsigned long long)*(DWORD *)(head + section + 20) + *(DWORD *)(head + section + 16);
         if (raw_end > end) end = raw_end;
     }
     static const char prefix[] = "\n# llamabox-stub: ";
@@ -140,14 +143,16 @@ static BOOL read_stub(HANDLE file, Stub *stub) {
 
 /* --- folders ----------------------------------------------------------------------------------------------- */
 
+/* `path` and the folders above it. Only the last one's result counts: the first parts of a path (a drive, a
+ * \\server\share, \\?\) cannot be made and need not be. */
 static BOOL make_folders(const wchar_t *path) {
     wchar_t buffer[BIG];
     wcsncpy(buffer, path, BIG - 1);
     buffer[BIG - 1] = 0;
-    for (wchar_t *p = buffer + 3; *p; p++) { /* past "C:\" (or the first letters of a UNC path, which exist) */
+    for (wchar_t *p = buffer + 1; *p; p++) {
         if (*p != L'\\') continue;
         *p = 0;
-        if (!CreateDirectoryW(buffer, NULL) && GetLastError() != ERROR_ALREADY_EXISTS && GetLastError() != ERROR_ACCESS_DENIED) return FALSE;
+        CreateDirectoryW(buffer, NULL);
         *p = L'\\';
     }
     return CreateDirectoryW(buffer, NULL) || GetLastError() == ERROR_ALREADY_EXISTS;
@@ -163,7 +168,9 @@ static void remove_tree(const wchar_t *path) {
             if (!wcscmp(entry.cFileName, L".") || !wcscmp(entry.cFileName, L"..")) continue;
             wchar_t child[BIG];
             swprintf(child, BIG, L"%ls\\%ls", path, entry.cFileName);
-            if (entry.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) {
+            if (entry.dwFileAttributes & FILE_ATTRIBUTE_REPARSE_POINT) { /* a junction or link: never what it points at */
+                if (!RemoveDirectoryW(child)) DeleteFileW(child);
+            } else if (entry.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) {
                 remove_tree(child);
             } else {
                 SetFileAttributesW(child, FILE_ATTRIBUTE_NORMAL);
@@ -198,7 +205,7 @@ typedef struct {
     char *pax;                   /* the current PAX record block, collected */
     size_t pax_have, pax_size;
     char next_path[4096];        /* the path a PAX record gave the next member */
-    BOOL done, failed;
+    BOOL done, failed, damaged; /* damaged: the archive's fault, not the folder's */
 } Tar;
 
 static unsigned long long octal(const unsigned char *field, size_t size) {
@@ -272,7 +279,7 @@ static void start_member(Tar *tar) {
     wchar_t path[BIG];
     if (!member_path(tar, name, path)) {
         say("the runtime's archive holds a member named %s, which is not unpacked; the file is damaged: copy or download it again", name);
-        tar->failed = TRUE;
+        tar->failed = tar->damaged = TRUE;
         return;
     }
     if (type == '5') {
@@ -332,21 +339,24 @@ static void tar_feed(Tar *tar, const unsigned char *data, size_t size) {
     }
 }
 
-/* Unpack the payload of `file` into the new folder `folder`; on failure a line saying why, and FALSE. */
-static BOOL unpack(HANDLE file, const Stub *stub, const wchar_t *folder) {
-    if (!make_folders(folder)) return FALSE;
+typedef enum { UNPACKED, CANNOT_WRITE, DAMAGED } Unpacked;
+
+/* Unpack the payload of `file` into the new folder `folder`. DAMAGED comes with a line saying so; CANNOT_WRITE
+ * leaves the caller to try elsewhere. The whole gzip stream is read, so that its checksum is checked. */
+static Unpacked unpack(HANDLE file, const Stub *stub, const wchar_t *folder) {
+    if (!make_folders(folder)) return CANNOT_WRITE;
     static unsigned char in[CHUNK], out[CHUNK];
     z_stream z = {0};
-    if (inflateInit2(&z, 16 + MAX_WBITS) != Z_OK) return FALSE;
+    if (inflateInit2(&z, 16 + MAX_WBITS) != Z_OK) return CANNOT_WRITE;
     Tar tar = {.root = folder, .out = INVALID_HANDLE_VALUE};
     unsigned long long read = 0;
     int status = Z_OK;
-    while (status != Z_STREAM_END && !tar.failed && !tar.done) {
+    while (status != Z_STREAM_END && !tar.failed) {
         if (z.avail_in == 0) {
             DWORD want = (DWORD)(stub->payload_size - read < CHUNK ? stub->payload_size - read : CHUNK), got = 0;
             if (!want || !read_at(file, stub->payload_offset + read, in, want, &got) || got != want) {
                 say("%s is incomplete: the download or copy was cut short; copy or download it again", utf8(self_name));
-                tar.failed = TRUE;
+                tar.failed = tar.damaged = TRUE;
                 break;
             }
             read += got;
@@ -355,20 +365,24 @@ static BOOL unpack(HANDLE file, const Stub *stub, const wchar_t *folder) {
         z.next_out = out, z.avail_out = CHUNK;
         status = inflate(&z, Z_NO_FLUSH);
         if (status != Z_OK && status != Z_STREAM_END) {
-            say("the runtime inside %ls is damaged (%s); copy or download it again", utf8(self_path), z.msg ? z.msg : "bad data");
-            tar.failed = TRUE;
+            say("the runtime inside %s is damaged (%s); copy or download it again", utf8(self_path), z.msg ? z.msg : "bad data");
+            tar.failed = tar.damaged = TRUE;
             break;
         }
-        tar_feed(&tar, out, CHUNK - z.avail_out);
+        tar_feed(&tar, out, CHUNK - z.avail_out); /* after the archive's end block, the rest is only read */
     }
     inflateEnd(&z);
     if (tar.out != INVALID_HANDLE_VALUE) CloseHandle(tar.out);
     free(tar.pax);
-    if (tar.failed) return FALSE;
+    if (!tar.failed && !(tar.done && !tar.left)) {
+        say("the runtime inside %s ends before its archive does; copy or download it again", utf8(self_path));
+        tar.failed = tar.damaged = TRUE;
+    }
+    if (tar.failed) return tar.damaged ? DAMAGED : CANNOT_WRITE;
     wchar_t marker[BIG];
     swprintf(marker, BIG, L"%ls\\%hs", folder, COMPLETE_MARKER);
     HANDLE done = CreateFileW(marker, GENERIC_WRITE, 0, NULL, CREATE_ALWAYS, FILE_ATTRIBUTE_NORMAL, NULL);
-    return done != INVALID_HANDLE_VALUE && CloseHandle(done);
+    return done != INVALID_HANDLE_VALUE && CloseHandle(done) ? UNPACKED : CANNOT_WRITE;
 }
 
 /* --- where the runtime lives ------------------------------------------------------------------------------- */
@@ -386,8 +400,10 @@ static BOOL cache_root(wchar_t *out) {
     return FALSE;
 }
 
-/* The runtime unpacked in the cache (`folder` gets its place), unpacked now if it is not there whole. */
-static BOOL cached_runtime(HANDLE file, const Stub *stub, const wchar_t *root, wchar_t *folder, BOOL again) {
+/* The runtime unpacked in the cache, unpacked now if it is not there whole: its folder goes into `folder`, and
+ * `*temporary` says whether that folder is for this run only (a damaged copy in use could not be replaced). */
+static Unpacked cached_runtime(HANDLE file, const Stub *stub, const wchar_t *root, wchar_t *folder, BOOL again, BOOL *temporary) {
+    *temporary = FALSE;
     swprintf(folder, BIG, L"%ls\\%hs", root, stub->runtime_id);
     wchar_t aside[BIG];
     /* The names runtime/runtime_cache.py sweeps when they are left behind. */
@@ -396,26 +412,53 @@ static BOOL cached_runtime(HANDLE file, const Stub *stub, const wchar_t *root, w
     if (again) { /* the runtime found these files damaged */
         if (MoveFileExW(folder, aside, 0)) remove_tree(aside);
     } else if (usable(folder, stub)) {
-        return TRUE;
+        return UNPACKED;
     }
-    if (!make_folders(root)) return FALSE;
+    if (!make_folders(root)) return CANNOT_WRITE;
     wchar_t fresh[BIG];
     swprintf(fresh, BIG, L"%ls\\%hs.%06lx", root, stub->runtime_id, (unsigned long)(GetCurrentProcessId() & 0xFFFFFF));
     say("preparing the runtime for its first start: unpacking %llu MB into %s (once per runtime build)...",
         stub->unpacked_size / 1000000, utf8(folder));
-    if (!unpack(file, stub, fresh)) {
+    Unpacked result = unpack(file, stub, fresh);
+    if (result != UNPACKED) {
         remove_tree(fresh);
-        return FALSE;
+        return result;
     }
-    if (MoveFileExW(fresh, folder, 0)) return TRUE;
-    if (usable(folder, stub)) { /* another start unpacked it first */
+    if (MoveFileExW(fresh, folder, 0)) return UNPACKED;
+    if (!again && usable(folder, stub)) { /* another start unpacked it first */
         remove_tree(fresh);
-        return TRUE;
+        return UNPACKED;
     }
     if (MoveFileExW(folder, aside, 0)) remove_tree(aside); /* a damaged or half-removed copy */
-    if (MoveFileExW(fresh, folder, 0)) return TRUE;
-    remove_tree(fresh);
-    return FALSE;
+    if (MoveFileExW(fresh, folder, 0)) return UNPACKED;
+    wcscpy(folder, fresh); /* the old copy is in use by another start: run the new one for this run only */
+    *temporary = TRUE;
+    return UNPACKED;
+}
+
+/* Remove the temporary runtimes of runs that ended without removing theirs (a console closed, a kill):
+ * %TEMP%\llamabox-<id>.<pid> whose process is gone. */
+static void sweep_temporary(const wchar_t *temp) {
+    wchar_t pattern[BIG];
+    WIN32_FIND_DATAW entry;
+    swprintf(pattern, BIG, L"%lsllamabox-*", temp);
+    HANDLE found = FindFirstFileW(pattern, &entry);
+    if (found == INVALID_HANDLE_VALUE) return;
+    do {
+        const wchar_t *dot = wcsrchr(entry.cFileName, L'.');
+        if (!(entry.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) || !dot || !dot[1]) continue;
+        DWORD pid = (DWORD)wcstoul(dot + 1, NULL, 10);
+        HANDLE process = pid ? OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, FALSE, pid) : NULL;
+        if (process) {
+            CloseHandle(process);
+            continue;
+        }
+        if (GetLastError() != ERROR_INVALID_PARAMETER) continue; /* a process we may not see: maybe still running */
+        wchar_t path[BIG];
+        swprintf(path, BIG, L"%ls%ls", temp, entry.cFileName);
+        remove_tree(path);
+    } while (FindNextFileW(found, &entry));
+    FindClose(found);
 }
 
 /* --- running it -------------------------------------------------------------------------------------------- */
@@ -433,6 +476,11 @@ static const wchar_t *arguments(void) {
     return p;
 }
 
+static BOOL WINAPI ignore_interrupts(DWORD event) {
+    /* Ctrl+C and Ctrl+Break reach the runtime too, which stops; wait for it. Closing the console ends us anyway. */
+    return event == CTRL_C_EVENT || event == CTRL_BREAK_EVENT;
+}
+
 static DWORD launch(const wchar_t *folder, const Stub *stub, BOOL temporary) {
     wchar_t program[BIG];
     swprintf(program, BIG, L"%ls\\%ls", folder, stub->executable);
@@ -448,6 +496,8 @@ static DWORD launch(const wchar_t *folder, const Stub *stub, BOOL temporary) {
     JOBOBJECT_EXTENDED_LIMIT_INFORMATION limits = {0};
     limits.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE;
     if (job) SetInformationJobObject(job, JobObjectExtendedLimitInformation, &limits, sizeof limits);
+    /* From now on Ctrl+C is the runtime's to answer (it reaches both processes): wait for it to stop. */
+    SetConsoleCtrlHandler(ignore_interrupts, TRUE);
     STARTUPINFOW startup = {.cb = sizeof startup};
     PROCESS_INFORMATION child;
     if (!CreateProcessW(program, command, NULL, NULL, TRUE, CREATE_SUSPENDED, NULL, NULL, &startup, &child)) {
@@ -466,13 +516,10 @@ static DWORD launch(const wchar_t *folder, const Stub *stub, BOOL temporary) {
     return code;
 }
 
-static BOOL WINAPI ignore_interrupts(DWORD event) {
-    /* Ctrl+C and Ctrl+Break reach the runtime too, which stops; wait for it. Closing the console ends us anyway. */
-    return event == CTRL_C_EVENT || event == CTRL_BREAK_EVENT;
-}
 
 int wmain(void) {
-    if (!GetModuleFileNameW(NULL, self_path, BIG) || GetLastError() == ERROR_INSUFFICIENT_BUFFER) {
+    DWORD length = GetModuleFileNameW(NULL, self_path, BIG);
+    if (!length || length >= BIG) {
         say("cannot tell where this program is: %s", last_error());
         return 1;
     }
@@ -492,15 +539,15 @@ int wmain(void) {
             utf8(self_name), (unsigned long long)size.QuadPart, stub.payload_offset + stub.payload_size);
         return 1;
     }
-    SetConsoleCtrlHandler(ignore_interrupts, TRUE);
-
-    wchar_t root[BIG], folder[BIG];
+    wchar_t root[BIG], folder[BIG], temp[BIG];
+    if (!GetTempPathW(BIG, temp)) wcscpy(temp, L".\\");
+    sweep_temporary(temp);
     BOOL cached = cache_root(root);
     for (int attempt = 0; attempt < 2; attempt++) {
         BOOL temporary = FALSE;
-        if (!cached || !cached_runtime(file, &stub, root, folder, attempt > 0)) {
-            wchar_t temp[BIG];
-            if (!GetTempPathW(BIG, temp)) wcscpy(temp, L".\\");
+        Unpacked result = cached ? cached_runtime(file, &stub, root, folder, attempt > 0, &temporary) : CANNOT_WRITE;
+        if (result == DAMAGED) return 1; /* said why */
+        if (result == CANNOT_WRITE) {
             swprintf(folder, BIG, L"%lsllamabox-%hs.%lu", temp, stub.runtime_id, (unsigned long)GetCurrentProcessId());
             if (cached)
                 say("cannot unpack the runtime into %s (read-only, or the disk is full?); using a temporary folder for this run "
@@ -508,10 +555,12 @@ int wmain(void) {
             else
                 say("LOCALAPPDATA is not set; using a temporary folder for this run (set LLAMABOX_CACHE to a writable folder to unpack only once)");
             remove_tree(folder);
-            if (!unpack(file, &stub, folder)) {
+            result = unpack(file, &stub, folder);
+            if (result != UNPACKED) {
                 remove_tree(folder);
-                say("cannot unpack the runtime into %s either; set LLAMABOX_CACHE to a writable folder with %llu MB free",
-                    utf8(folder), stub.unpacked_size / 1000000 + 1);
+                if (result == CANNOT_WRITE)
+                    say("cannot unpack the runtime into %s either; set LLAMABOX_CACHE to a writable folder with %llu MB free",
+                        utf8(folder), stub.unpacked_size / 1000000 + 1);
                 return 1;
             }
             temporary = TRUE;

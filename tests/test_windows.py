@@ -126,6 +126,27 @@ def test_a_start_interrupted_while_unpacking_or_a_damaged_runtime_is_unpacked_ag
     assert [p.name for p in (cache / "runtime").iterdir()] == [folder.name]  # the damaged copy was removed
 
 
+def test_a_damaged_runtime_payload_is_refused_and_never_cached(windows_bundle: Path, tmp_path: Path) -> None:
+    """One byte flipped inside the packed runtime: the launcher reads the whole gzip stream, checksum included."""
+    from runtime import bundle_format
+
+    damaged = tmp_path / "damaged.exe"
+    shutil.copy(windows_bundle, damaged)
+    with open(damaged, "r+b") as f:
+        header = bundle_format.read_stub_header(f)
+        assert header is not None
+        f.seek(header.payload_offset + header.payload_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x20]))
+    cache = tmp_path / "cache"
+    result = wine.run(damaged, "-p", PROMPT, "-n", "4", LLAMABOX_CACHE=wine.windows_path(cache))
+    assert result.returncode == 1 and not result.stdout
+    assert "llamabox: the runtime inside " in result.stderr and "damaged.exe" in result.stderr, result.stderr
+    assert result.stderr.strip().endswith("copy or download it again") and "temporary folder" not in result.stderr
+    assert not (cache / "runtime" / header.runtime_id).exists()
+
+
 def test_a_cache_that_cannot_be_written_gives_a_temporary_runtime_for_the_run(windows_bundle: Path, tmp_path: Path, chattr_readonly) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
