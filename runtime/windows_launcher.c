@@ -216,7 +216,9 @@ static unsigned long long octal(const unsigned char *field, size_t size) {
 
 /* The Windows path for a member's name, refusing absolute names and "..": only below `root`. */
 static BOOL member_path(Tar *tar, const char *name, wchar_t *out) {
-    if (!*name || name[0] == '/' || name[0] == '\\' || strchr(name, ':')) return FALSE;
+    if (!*name || name[0] == '/' || name[0] == '\\') return FALSE;
+    for (const unsigned char *c = (const unsigned char *)name; *c; c++) /* what Windows refuses in a name: damage */
+        if (*c < 0x20 || strchr(":*?\"<>|", *c)) return FALSE;
     wchar_t relative[BIG];
     if (!MultiByteToWideChar(CP_UTF8, 0, name, -1, relative, BIG)) return FALSE;
     for (wchar_t *p = relative; *p; p++)

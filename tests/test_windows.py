@@ -141,9 +141,12 @@ def test_a_damaged_runtime_payload_is_refused_and_never_cached(windows_bundle: P
         f.write(bytes([byte[0] ^ 0x20]))
     cache = tmp_path / "cache"
     result = wine.run(damaged, "-p", PROMPT, "-n", "4", LLAMABOX_CACHE=wine.windows_path(cache))
+    # Which line depends on where the flipped bit lands (bad deflate data, a garbled tar header, the checksum):
+    # each ends the same way, and none is taken for a cache that cannot be written.
     assert result.returncode == 1 and not result.stdout
-    assert "llamabox: the runtime inside " in result.stderr and "damaged.exe" in result.stderr, result.stderr
-    assert result.stderr.strip().endswith("copy or download it again") and "temporary folder" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("llamabox: ") and last.endswith("copy or download it again"), result.stderr
+    assert "temporary folder" not in result.stderr
     assert not (cache / "runtime" / header.runtime_id).exists()
 
 
