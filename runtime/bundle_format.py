@@ -314,12 +314,18 @@ def exe_launcher_header(launcher: bytes, payload: bytes, description: dict[str, 
         offset = align_up(len(data))
 
 
-def _pe_image_end(head: bytes) -> int | None:
-    """Where a Windows program's last section ends in `head` (its first bytes), or None for anything else."""
+def _pe_header(head: bytes) -> int | None:
+    """Where the PE header of a Windows program starts in `head` (its first bytes), or None for anything else."""
     if not head.startswith(EXE_MAGIC) or len(head) < 0x40:
         return None
     pe = struct.unpack_from("<I", head, 0x3C)[0]
-    if pe + 24 > len(head) or head[pe : pe + 4] != b"PE\0\0":
+    return pe if pe + 24 <= len(head) and head[pe : pe + 4] == b"PE\0\0" else None
+
+
+def _pe_image_end(head: bytes) -> int | None:
+    """Where a Windows program's last section ends in `head` (its first bytes), or None for anything else."""
+    pe = _pe_header(head)
+    if pe is None:
         return None
     sections, optional = struct.unpack_from("<H", head, pe + 6)[0], struct.unpack_from("<H", head, pe + 20)[0]
     table = pe + 24 + optional
@@ -398,8 +404,9 @@ def _archive_from_cookie(data: bytes, at: int, data_offset: int) -> tuple[int, i
     return cookie_end - archive_len, cookie_end
 
 
-def read_trailer(f: BinaryIO) -> Trailer | None:
-    size = content_end(f)
+def read_trailer(f: BinaryIO, end: int | None = None) -> Trailer | None:
+    """The trailer ending at `end` (content_end(f) when not given), or None."""
+    size = content_end(f) if end is None else end
     if size < TRAILER_SIZE:
         return None
     f.seek(size - TRAILER_SIZE)
@@ -418,10 +425,8 @@ def content_end(f: BinaryIO) -> int:
     size = f.seek(0, 2)
     f.seek(0)
     head = f.read(4096)
-    if head[:2] != b"MZ" or len(head) < 0x40:
-        return size
-    pe = struct.unpack_from("<I", head, 0x3C)[0]
-    if pe + 24 + 152 > len(head) or head[pe : pe + 4] != b"PE\0\0" or struct.unpack_from("<H", head, pe + 24)[0] != 0x20B:
+    pe = _pe_header(head)
+    if pe is None or pe + 24 + 152 > len(head) or struct.unpack_from("<H", head, pe + 24)[0] != 0x20B:
         return size  # not a PE32+ (64-bit) executable, whose security directory sits 144 bytes into its optional header
     offset, length = struct.unpack_from("<II", head, pe + 24 + 144)
     if not offset or offset + length != size or offset < TRAILER_SIZE:
@@ -437,7 +442,7 @@ def open_bundle(path: Path) -> Bundle:
     try:
         with open(path, "rb") as f:
             actual_size = content_end(f)
-            trailer = read_trailer(f)
+            trailer = read_trailer(f, actual_size)
             if trailer is None:
                 raise _explain_missing_trailer(path, f, actual_size)
             if trailer.format_version > FORMAT_VERSION:
