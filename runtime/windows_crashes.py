@@ -65,12 +65,10 @@ def report(line_for: Callable[[str, str], str]) -> None:
 
 
 def _fault_in_a_native_thread(kernel32: ctypes.WinDLL, code: bytes) -> None:
-    kernel32.VirtualAlloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint32]
-    kernel32.VirtualAlloc.restype = ctypes.c_void_p
-    address = kernel32.VirtualAlloc(None, len(code), 0x3000, 0x40)  # MEM_COMMIT | MEM_RESERVE, PAGE_EXECUTE_READWRITE
-    ctypes.memmove(address, code, len(code))
+    from runtime.devices.cpu_features import executable_copy
+
     kernel32.CreateThread.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
     kernel32.CreateThread.restype = ctypes.c_void_p
-    thread = kernel32.CreateThread(None, 0, address, None, 0, None)
+    thread = kernel32.CreateThread(None, 0, executable_copy(code), None, 0, None)
     kernel32.WaitForSingleObject.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     kernel32.WaitForSingleObject(thread, 0xFFFFFFFF)  # the process ends before this returns

@@ -136,7 +136,7 @@ _CPUID_WIN64 = bytes.fromhex("53 89c8 89d1 0fa2 418900 41895804 41894808 4189500
 _keep_alive: list[object] = []
 
 
-def _executable_copy(code: bytes) -> int | None:
+def executable_copy(code: bytes) -> int | None:
     """The address of a copy of `code` in memory that may run, or None where the OS refuses such memory."""
     if sys.platform == "win32":
         kernel32 = ctypes.WinDLL("kernel32")
@@ -157,7 +157,7 @@ def _executable_copy(code: bytes) -> int | None:
 
 
 def _native_cpuid() -> Cpuid | None:
-    address = _executable_copy(_CPUID_WIN64 if sys.platform == "win32" else _CPUID_SYSV)
+    address = executable_copy(_CPUID_WIN64 if sys.platform == "win32" else _CPUID_SYSV)
     if address is None:
         return None
     function = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(address)
