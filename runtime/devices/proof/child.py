@@ -5,9 +5,8 @@ variants, before any variant is registered with ggml), so it starts in milliseco
 already-imported Python modules, and loads just the backend under test. It reports its result as JSON
 through a pipe; the parent reads how it ended from its exit status.
 
-Windows has no fork(): there the child is a new process started by multiprocessing's spawn (a onefile stub
-reruns itself and reuses the files it unpacked; runtime/__main__.py hands it to multiprocessing), which takes a
-second more, and `work` must pickle (a functools.partial of a module-level function). A crash there ends the
+Windows has no fork(): there the child is a new process started by multiprocessing's spawn (the unpacked
+runtime's executable run again; runtime/__main__.py hands it to multiprocessing), which takes a second more, and `work` must pickle (a functools.partial of a module-level function). A crash there ends the
 process with an exception code rather than a signal: the same verdicts name the signal that code stands for.
 """
 
