@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -59,15 +60,65 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
     return parsed
 
 
-class _UserErrors(click.Command):
+def _refused(why: str) -> Callable[[click.Context, click.Parameter, object], object]:
+    """A llama-server flag that means nothing for a bundle, or what llamabox does not do: refused in one line that
+    names the flag and says why, rather than silently ignored."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: object) -> object:
+        if value is None or value is False or ctx.resilient_parsing:
+            return value
+        raise click.ClickException(f"{'/'.join(param.opts)}: {why}")
+
+    return refuse
+
+
+def _keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """--api-key: one or more keys, comma-separated and repeatable, as llama-server's."""
+    return tuple(key.strip() for item in value for key in item.split(",") if key.strip())
+
+
+class _Runtime(click.Command):
+    """The runtime's command: llamabox's errors as one line, and --help grouped as llama-server's."""
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except LlamaboxError as exc:
             raise click.ClickException(str(exc)) from None
 
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {"help" if "--help" in param.opts else param.name: param.get_help_record(ctx) for param in self.get_params(ctx)}
+        for title, names in HELP_SECTIONS:
+            with formatter.section(title):
+                formatter.write_dl([record for name in names if (record := records.pop(name, None))])
+        assert not any(records.values()), f"options in no --help section: {[n for n, r in records.items() if r]}"
 
-@click.command(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
+
+# --help's sections, as llama-server groups its flags (common, sampling, server), then llamabox's own.
+HELP_SECTIONS = [
+    (
+        "Common options (as llama.cpp's)",
+        ["model", "threads", "threads_batch", "ctx_size", "batch_size", "ubatch_size", "cache_type_k", "cache_type_v",
+         "flash_attn", "gpu_layers", "gpu_device", "load_mode", "mlock", "no_mmap", "numa", "offline", "context_shift", "n_keep",
+         "verbose"],
+    ),
+    ("Sampling options (each request may override them)",
+     ["temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "n_predict"]),
+    (
+        "Server options (as llama-server's)",
+        ["host", "port", "alias", "parallel", "cont_batching", "api_key", "api_key_file", "ssl_key_file", "ssl_cert_file",
+         "cors_origins", "allowed_hosts", "chat_template", "jinja", "chat_template_kwargs", "system_prompt", "metrics", "slots",
+         "props", "webui"],
+    ),
+    (
+        "llamabox options",
+        ["prompt", "chat", "info", "show_license", "verify", "ctx_per_slot", "max_waiting", "ollama_port", "cpu_variant", "gpu",
+         "nobrowser", "version", "help"],
+    ),
+]
+
+
+@click.command(cls=_Runtime, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-m", "--model", type=click.Path(path_type=Path), help="Run this GGUF (or .run bundle) instead of the embedded model.")
 @click.option("-p", "--prompt", help="Print a completion of PROMPT to stdout and exit (a chat turn if the model has a chat template).")
 @click.option(
@@ -90,7 +141,78 @@ class _UserErrors(click.Command):
     type=click.IntRange(1, 65535),
     help="Also serve every API on this port; 11434 makes unmodified Ollama clients find the model.",
 )
-@click.option("--api-key", envvar="LLAMABOX_API_KEY", help="Require this key on every API route (Authorization: Bearer KEY or x-api-key) [env LLAMABOX_API_KEY].")
+@click.option(
+    "--api-key",
+    "api_key",
+    multiple=True,
+    callback=_keys,
+    envvar="LLAMABOX_API_KEY",
+    help="Require this key on every API route (Authorization: Bearer KEY or x-api-key); several: comma-separated or repeated "
+    "[env LLAMABOX_API_KEY].",
+)
+@click.option(
+    "--api-key-file",
+    type=click.File("r", encoding="utf-8"),
+    help="Also accept the keys in this file, one a line (lines starting with # are comments), as llama-server's.",
+)
+@click.option("--ssl-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Serve HTTPS with this PEM private key (with --ssl-cert-file).")
+@click.option("--ssl-cert-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Serve HTTPS with this PEM certificate (with --ssl-key-file).")
+@click.option(
+    "-a",
+    "--alias",
+    help="The model's name in the APIs' answers and /v1/models; comma-separated names are all accepted, the first is the id "
+    "[default: the model's own name].",
+)
+@click.option("--slots/--no-slots", default=True, show_default=True, help="Answer GET /slots (llama-server's slot monitoring).")
+@click.option("--props", is_flag=True, help="Let clients POST /props, as llama-server's --props (no property can be changed there yet).")
+@click.option(
+    "--webui/--no-webui",
+    "--ui/--no-ui",
+    "webui",
+    default=True,
+    show_default=True,
+    help="Serve the chat page at / (--no-webui: the APIs alone, and no browser is opened).",
+)
+@click.option(
+    "-cb",
+    "--cont-batching",
+    is_flag=True,
+    help="Continuous batching, as llama-server's -cb: always on here (requests join and leave the batch at every step).",
+)
+@click.option(
+    "-nocb",
+    "--no-cont-batching",
+    is_flag=True,
+    hidden=True,
+    expose_value=False,
+    callback=_refused("llamabox always batches requests continuously and cannot turn it off; leave it out"),
+)
+@click.option(
+    "-to",
+    "--timeout",
+    type=int,
+    hidden=True,
+    expose_value=False,
+    callback=_refused(
+        "llamabox's server has no read or write timeout to set: a client that goes away is noticed at once and its "
+        "request stopped, and a long generation is never cut; leave it out"
+    ),
+)
+@click.option(
+    "--context-shift/--no-context-shift",
+    default=False,
+    show_default=True,
+    help="When a reply fills its context, drop the oldest half of it after the first --keep tokens and go on, as "
+    "llama-server's (the answer says how many tokens were dropped); without it the reply ends with finish_reason length.",
+)
+@click.option(
+    "--keep",
+    "n_keep",
+    default=0,
+    show_default=True,
+    type=click.IntRange(-1),
+    help="Prompt tokens a context shift keeps, after the BOS token (-1: the whole prompt); a request's n_keep goes over it.",
+)
 @click.option(
     "--allowed-host",
     "allowed_hosts",
@@ -153,6 +275,37 @@ class _UserErrors(click.Command):
     help="Requests that may wait for a free slot; beyond that the server answers 503 with Retry-After.",
 )
 @click.option("-t", "--threads", type=click.IntRange(1), help="CPU threads for generation [default: every core].")
+@click.option("-tb", "--threads-batch", type=click.IntRange(1), help="CPU threads for reading prompts [default: --threads].")
+@click.option(
+    "-b", "--batch-size", default=2048, show_default=True, type=click.IntRange(1), help="Tokens llama.cpp takes in one decode call at most."
+)
+@click.option(
+    "-ub",
+    "--ubatch-size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Tokens per compute step (at most --batch-size); a prompt read while others generate takes this many per step.",
+)
+@click.option(
+    "-lm",
+    "--load-mode",
+    type=click.Choice(["auto", "none", "mmap", "mlock", "mmap+mlock", "dio"]),
+    help="How the weights are read, as llama-server's: auto (mapped in place, unless a device cannot), none (read into "
+    "memory), mmap, mlock (read and locked in memory), mmap+mlock, dio (direct I/O) [default: auto].",
+)
+@click.option("--mlock", is_flag=True, help="Keep the weights in memory, never swapped out (llama-server's older spelling of -lm mmap+mlock).")
+@click.option("--no-mmap", is_flag=True, help="Read the weights into memory rather than map them (older spelling of -lm none).")
+@click.option(
+    "--numa",
+    type=click.Choice(["distribute", "isolate", "numactl"]),
+    help="NUMA placement of the CPU threads, as llama.cpp's: spread over every node, keep to the starting node, or follow numactl.",
+)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Never use the network: always so for a bundle and a local -m, which is all the runtime runs (accepted for llama-server's scripts).",
+)
 @click.option("--temp", "temperature", default=0.8, show_default=True, type=click.FloatRange(0), help="Default sampling temperature (0: greedy).")
 @click.option("--top-k", default=40, show_default=True, type=click.IntRange(0), help="Default top-k sampling (0: off).")
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Default top-p (nucleus) sampling (1: off).")

@@ -96,7 +96,7 @@ def add_gpus(info: CpuInfo, cpu_backend: cpu.CpuBackend, mode: str, say: Callabl
     modules = gpu.modules()
     if not modules:
         return Hardware(info, cpu_backend, (), ("this runtime carries no GPU backend",), offload.cpu_only("no usable GPU: running on the CPU"))
-    verdicts = {backend: gpu_proof.verdict(backend, module, _proof_threads(), say) for backend, module in modules.items()}
+    verdicts = {backend: gpu_proof.verdict(backend, module, cpu_backend.path, _proof_threads(), say) for backend, module in modules.items()}
     notes: list[str] = []
     for backend, module in modules.items():
         verdict = verdicts[backend]
@@ -112,7 +112,7 @@ def add_gpus(info: CpuInfo, cpu_backend: cpu.CpuBackend, mode: str, say: Callabl
         for device in found:
             said = None if verdict is None else verdict.gpus.get(device.key)
             if verdict is None:
-                notes.append(f"{device.name} {device.description}: not proven (the self-test needs fork(), which {sys.platform} lacks)")
+                notes.append(f"{device.name} {device.description}: not proven (the self-test needs a child process, which {sys.platform} cannot start)")
                 proven.append(device)
             elif said == kernel_proof.cache.PROVEN:
                 proven.append(device)
@@ -121,6 +121,18 @@ def add_gpus(info: CpuInfo, cpu_backend: cpu.CpuBackend, mode: str, say: Callabl
         if proven:
             return Hardware(info, cpu_backend, tuple(proven), tuple(notes), offload.cpu_only("not placed yet"))
     return Hardware(info, cpu_backend, (), tuple(notes), offload.cpu_only("no usable GPU: running on the CPU"))
+
+
+# ggml's NUMA strategies (enum ggml_numa_strategy) by --numa's names.
+NUMA_STRATEGIES = {"distribute": 1, "isolate": 2, "numactl": 3}
+
+
+def numa_init(strategy: str) -> None:
+    """Place the CPU threads on NUMA nodes as --numa asks (llama.cpp's own llama_numa_init), once the CPU kernels are
+    registered: it reaches them through ggml's registry."""
+    import llama_cpp
+
+    llama_cpp.llama_numa_init(NUMA_STRATEGIES[strategy])
 
 
 def _proof_threads() -> int:

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -23,6 +23,7 @@ from runtime.engine.templates import TemplateChoice
 from runtime.engine.loader import model_facts
 from runtime.errors import LlamaboxError
 from runtime.model_source import ModelSource, OwnBundle
+from runtime.server.settings import Access, Endpoints, ModelFacts, ServerSettings, Tls
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,16 @@ class RunOptions:
     port: int
     explicit_port: bool
     ollama_port: int | None
-    api_key: str | None
+    api_key: tuple[str, ...]  # --api-key, comma-separated ones split
+    api_key_file: TextIO | None
+    ssl_key_file: Path | None
+    ssl_cert_file: Path | None
+    alias: str | None
+    slots: bool
+    props: bool
+    webui: bool
+    cont_batching: bool  # always on: accepted for llama-server's scripts
+    offline: bool  # always so: accepted for llama-server's scripts
     allowed_hosts: tuple[str, ...]
     cors_origins: tuple[str, ...]
     ctx_size: int | None  # None: the model's own, capped by memory
@@ -46,6 +56,15 @@ class RunOptions:
     parallel: int | None
     max_waiting: int
     threads: int | None
+    threads_batch: int | None
+    batch_size: int
+    ubatch_size: int
+    load_mode: str | None
+    mlock: bool
+    no_mmap: bool
+    numa: str | None
+    context_shift: bool
+    n_keep: int
     temperature: float
     top_k: int
     top_p: float
@@ -69,6 +88,17 @@ class RunOptions:
     flash_attn: str
 
     @property
+    def weights_load_mode(self) -> str:
+        """llama.cpp's load mode (loader.LOAD_MODES) from -lm, or from llama-server's older --mlock and --no-mmap."""
+        if self.load_mode is not None and (self.mlock or self.no_mmap):
+            raise LlamaboxError("-lm/--load-mode replaces --mlock and --no-mmap; give one of them")
+        if self.load_mode is not None:
+            return self.load_mode
+        if self.mlock:
+            return "mlock" if self.no_mmap else "mmap+mlock"
+        return "none" if self.no_mmap else "auto"
+
+    @property
     def sampling(self) -> Sampling:
         """The default sampling settings, which each request may override."""
         return Sampling(
@@ -87,6 +117,9 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         raise LlamaboxError("choose one of -p (one prompt, then exit) and --chat (a conversation in the terminal)")
     if options.flash_attn == "off" and options.cache_type_v not in UNQUANTIZED:
         raise LlamaboxError(f"-ctv {options.cache_type_v} needs flash attention; leave out -fa off, or use -ctv f16")
+    load_mode = options.weights_load_mode
+    serving = not (options.info or options.chat or options.prompt is not None)
+    access = _access(options) if serving else None
     source = model_source.resolve(options.model, own)
     if options.verify and source.bundle is not None:
         model_source.verify(source.bundle)
@@ -96,6 +129,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         click.echo(f"llamabox: warning: {warning}", err=True)
     if not options.info:
         supervisor.supervise(cpu_backend.variant)
+    if options.numa is not None:
+        hardware.numa_init(options.numa)
     machine = hardware.add_gpus(cpu, cpu_backend, options.gpu, say=_say)
     parallel = 1 if options.prompt is not None or options.chat else options.parallel
     machine = machine.placed(_place(source, machine, options, parallel))
@@ -117,6 +152,12 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             parallel=fitted.parallel if fitted else parallel,
             max_waiting=options.max_waiting,
             threads=options.threads or cpu_module.default_threads(),
+            threads_batch=options.threads_batch,
+            batch_size=options.batch_size,
+            ubatch_size=options.ubatch_size,
+            load_mode=load_mode,
+            context_shift=options.context_shift,
+            n_keep=options.n_keep,
             gpu_layers=placement.layers,
             gpu_devices=tuple(g.index for g in placement.gpus),
             system_prompt=options.system_prompt,
@@ -142,7 +183,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
 
             terminal_chat.run(engine, options.sampling, source.name)
         else:
-            run_server(engine, options, source, machine, started)
+            assert access is not None
+            run_server(engine, options, access, source, machine, started)
 
 
 def _slots_line(cache: CachePlan) -> str:
@@ -172,9 +214,25 @@ def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions,
     return offload.plan(list(machine.gpus), facts, request)
 
 
-def run_server(engine: Engine, options: RunOptions, source: ModelSource, machine: hardware.Hardware, started: float) -> None:
+def _access(options: RunOptions) -> Access:
+    """Who may talk to the server, from the command line; the key file and the TLS files are read here, before the
+    model loads, so that a mistake in them is said at once."""
+    keys = list(options.api_key)
+    if options.api_key_file is not None:
+        with options.api_key_file as lines:
+            keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not keys:
+            raise LlamaboxError(f"--api-key-file {options.api_key_file.name} holds no key (one a line; # starts a comment)")
+    tls = None
+    if options.ssl_key_file or options.ssl_cert_file:
+        if not (options.ssl_key_file and options.ssl_cert_file):
+            raise LlamaboxError("HTTPS needs both --ssl-key-file and --ssl-cert-file")
+        tls = Tls.load(options.ssl_key_file, options.ssl_cert_file)
+    return Access(tuple(keys), options.allowed_hosts, options.cors_origins, access_log=options.verbose, tls=tls)
+
+
+def run_server(engine: Engine, options: RunOptions, access: Access, source: ModelSource, machine: hardware.Hardware, started: float) -> None:
     from runtime.serve import Listeners, has_display, serve
-    from runtime.server.settings import Access, ModelFacts, ServerSettings
 
     listeners = Listeners.open(options.host, options.port, options.explicit_port, options.ollama_port)
     click.echo(
@@ -184,10 +242,12 @@ def run_server(engine: Engine, options: RunOptions, source: ModelSource, machine
     )
     for line in machine.lines():
         click.echo(f"llamabox: {line}", err=True)
-    if not options.api_key and options.host not in ("127.0.0.1", "localhost", "::1"):
+    if not access.api_keys and options.host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"llamabox: warning: listening on {options.host} without --api-key: anyone who can reach this machine can use the model", err=True)
+    aliases = tuple(name.strip() for name in (options.alias or "").split(",") if name.strip())
     settings = ServerSettings(
-        model_id=source.name,
+        model_id=aliases[0] if aliases else source.name,
+        aliases=aliases,
         started_at=int(time.time()),
         fingerprint=_fingerprint(source),
         defaults=options.sampling,
@@ -201,12 +261,14 @@ def run_server(engine: Engine, options: RunOptions, source: ModelSource, machine
             license=engine.metadata.get("general.license", ""),
         ),
         system_prompt=options.system_prompt,
-        access=Access(options.api_key or None, options.allowed_hosts, options.cors_origins, access_log=options.verbose),
+        access=access,
         metrics=options.metrics,
+        endpoints=Endpoints(slots=options.slots, props=options.props, webui=options.webui),
     )
-    if not options.nobrowser and not has_display() and sys.stdin.isatty():
+    browser = options.webui and not options.nobrowser
+    if browser and not has_display() and sys.stdin.isatty():
         click.echo("llamabox: no display to open the chat page on; to chat in this terminal instead, run with --chat", err=True)
-    serve(engine, settings, listeners, open_browser=not options.nobrowser)
+    serve(engine, settings, listeners, open_browser=browser)
 
 
 def run_prompt(engine: Engine, text: str, sampling: Sampling) -> None:

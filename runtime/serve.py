@@ -62,11 +62,11 @@ class Listeners:
         return [self.main, self.ollama] if self.ollama else [self.main]
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
     """How a browser reaches this socket: 0.0.0.0 and :: as 127.0.0.1, IPv6 addresses in brackets."""
     host, port = sock.getsockname()[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+    return f"{scheme}://[{shown}]:{port}/" if ":" in shown else f"{scheme}://{shown}:{port}/"
 
 
 def _open_browser(url: str) -> None:
@@ -83,16 +83,24 @@ def has_display() -> bool:
 
 
 def serve(engine: Engine, settings: ServerSettings, listeners: Listeners, open_browser: bool) -> None:
-    url = url_of(listeners.main)
+    tls = settings.access.tls
+    scheme = "https" if tls else "http"
+    url = url_of(listeners.main, scheme)
     click.echo(f"llamabox: {settings.model_id} is ready")
-    click.echo(f"  chat:       {url}")
+    if settings.endpoints.webui:
+        click.echo(f"  chat:       {url}")
+    else:
+        click.echo(f"  server:     {url}  (no chat page: --no-webui)")
     click.echo(f"  OpenAI API: {url}v1  (also Anthropic /v1/messages, llama.cpp /completion, Ollama /api)")
     if listeners.ollama is not None:
-        click.echo(f"  Ollama API: {url_of(listeners.ollama)}api")
+        click.echo(f"  Ollama API: {url_of(listeners.ollama, scheme)}api")
     click.echo("  press Ctrl+C to stop")
     if open_browser and has_display():
         threading.Timer(0.5, _open_browser, args=(url,)).start()
-    config = uvicorn.Config(create_app(engine, settings), log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        create_app(engine, settings), log_level="warning", access_log=False, lifespan="off",
+        ssl_keyfile=str(tls.key_file) if tls else None, ssl_certfile=str(tls.cert_file) if tls else None,
+    )
     try:
         uvicorn.Server(config).run(sockets=listeners.sockets)
     except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl+C, then raises it again

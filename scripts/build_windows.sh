@@ -9,11 +9,12 @@
 #   scripts/build_windows.sh ready          # exit 0 when those are cached
 #   scripts/build_windows.sh python         # the Windows python.exe (a Linux path), for running it under Wine
 #
-# Needs Wine, MinGW-w64 and osslsigncode (setup.sh installs them as root with apt), PyPI, and 12 minutes on 2
-# cores the first time; cached, `prepare` takes a few seconds and the stub about a minute and a half.
+# Needs Wine, MinGW-w64 and osslsigncode (setup.sh installs them as root with apt), PyPI, Debian 13's Vulkan
+# packages (as the Linux Vulkan backend), and 22 minutes on 2 cores the first time; cached, `prepare` takes a few seconds and the stub about a minute and a half.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/llama_wheel.sh
+source scripts/gpu_backends.sh
 source scripts/windows_toolchain.sh
 
 PY=${PYTHON:-.venv/bin/python}
@@ -26,11 +27,13 @@ check_tools() {
 }
 
 ready() {
-    [ -f "$(windows_llama_dir)/lib/libllama.dll" ] && [ -f "$(windows_python_dir)/.llamabox-complete" ]
+    [ -f "$(windows_llama_dir)/lib/libllama.dll" ] && [ -f "$(windows_vulkan_dir)/ggml-vulkan.dll" ] \
+        && [ -f "$(windows_python_dir)/.llamabox-complete" ]
 }
 
-# install_llama PYTHON_DIR LLAMA_DIR: llama-cpp-python's Python package with the cross-compiled libraries, laid
-# out as pip lays out the Linux wheel: llama_cpp/lib for the libraries, <site-packages>/bin for the backends.
+# install_llama PYTHON_DIR LLAMA_DIR VULKAN_DIR: llama-cpp-python's Python package with the cross-compiled
+# libraries, laid out as pip lays out the Linux wheel: llama_cpp/lib for the libraries, <site-packages>/bin for
+# the backends (the CPU variants and Vulkan).
 install_llama() {
     local site=$1/Lib/site-packages dll
     rm -rf "$site/llama_cpp" "$site/bin"
@@ -38,7 +41,7 @@ install_llama() {
     mkdir -p "$site/llama_cpp/lib" "$site/bin"
     # Without their debug information: Debian's libstdc++-6.dll is 23.7 MB with it, 4.3 MB without.
     for dll in "$2"/lib/*.dll; do x86_64-w64-mingw32-strip --strip-debug -o "$site/llama_cpp/lib/${dll##*/}" "$dll"; done
-    for dll in "$2"/bin/*.dll; do x86_64-w64-mingw32-strip --strip-debug -o "$site/bin/${dll##*/}" "$dll"; done
+    for dll in "$2"/bin/*.dll "$3"/*.dll; do x86_64-w64-mingw32-strip --strip-debug -o "$site/bin/${dll##*/}" "$dll"; done
     # What pip would record, so that importlib.metadata knows the version (build.py writes it into the stub).
     rm -rf "$site"/llama_cpp_python-*.dist-info
     mkdir -p "$site/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.dist-info"
@@ -48,12 +51,14 @@ install_llama() {
 
 prepare() {
     check_tools
-    local llama python
+    local llama vulkan python
     llama=$(windows_llama_dir)
+    vulkan=$(windows_vulkan_dir)
     python=$(windows_python_dir)
     build_windows_llama "$PY" "$llama"
+    build_windows_vulkan "$PY" "$vulkan"
     prepare_windows_python "$PY" "$python"
-    install_llama "$python" "$llama"
+    install_llama "$python" "$llama" "$vulkan"
 }
 
 case "${1:-}" in

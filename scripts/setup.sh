@@ -90,6 +90,8 @@ if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && [ "${LLAMABOX_WINDOWS:-1}" !=
     source scripts/windows_toolchain.sh
     # shellcheck disable=SC2207
     missing+=($(windows_tools_missing))
+    # Wine hands Vulkan to the host's driver only through its X11 driver: the Windows GPU test starts an Xvfb.
+    command -v Xvfb >/dev/null || missing+=(xvfb)
 fi
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "Installing ${missing[*]} for the tests and the Windows stub..."

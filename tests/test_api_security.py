@@ -128,7 +128,7 @@ def test_host_check(host: str, allowed: tuple[str, ...], status: int) -> None:
 
 
 def test_key_check_in_process() -> None:
-    client = _guarded(Access(api_key=KEY))
+    client = _guarded(Access(api_keys=("another-key", KEY)))
     for path in ("/", "/health", "/v1/health", "/ui/app.js"):
         assert client.get(path).status_code == 200, path
     for path in ("/v1/models", "/api/tags", "/v1/messages", "/completion"):

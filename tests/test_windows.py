@@ -6,6 +6,7 @@ Wine is not Windows: what only real Windows shows is listed in the README (secti
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,9 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.platform_tag import stub_file_name
 from tests import wine
-from tests.conftest import ROOT, SOURCE_DATE_EPOCH, free_port, llamabox
+from tests.conftest import ROOT, build_exe, free_port, llamabox
 
 PLATFORM = "windows-x86_64"
 PROMPT = "Name three colours."
@@ -31,30 +31,6 @@ PROMPT = "Name three colours."
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or wine.why_not_ready() is not None, reason=f"Windows stub: {wine.why_not_ready()}"
 )
-
-
-@pytest.fixture(scope="session")
-def windows_stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Windows stub, built from this checkout once per test session ($LLAMABOX_TEST_WINDOWS_STUB reuses one)."""
-    if os.environ.get("LLAMABOX_TEST_WINDOWS_STUB"):
-        return Path(os.environ["LLAMABOX_TEST_WINDOWS_STUB"])
-    dist = tmp_path_factory.mktemp("windows-stubs")
-    subprocess.run([sys.executable, str(ROOT / "build.py"), "--platform", PLATFORM, "--dist", str(dist)], check=True, cwd=ROOT, timeout=1800)
-    return dist / stub_file_name(PLATFORM)
-
-
-def build_exe(smollm2: Path, stub: Path, out: Path, *extra: str) -> Path:
-    result = llamabox("build", smollm2, "-o", out, "--stub", stub, *extra, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.fixture(scope="session")
-def windows_bundle(tmp_path_factory: pytest.TempPathFactory, smollm2: Path, windows_stub: Path) -> Path:
-    # A folder with a space and non-ASCII letters: Windows paths are opened as wide strings.
-    folder = tmp_path_factory.mktemp("windows bundle") / "modèles ñ"
-    folder.mkdir()
-    return build_exe(smollm2, windows_stub, folder / "smollm2.exe")
 
 
 def info(exe: Path, *args: str, **env: str) -> str:
@@ -262,6 +238,53 @@ def test_the_windows_server_answers_health_openai_streaming_and_ollama(windows_s
     assert reply.message.content.strip() and reply.done
 
 
+def test_without_vulkan_the_exe_says_so_and_runs_on_the_cpu(windows_bundle: Path, tmp_path: Path) -> None:
+    """A Windows machine whose driver has no Vulkan (no vulkan-1.dll; Wine's is switched off here)."""
+    text = info(windows_bundle, LLAMABOX_CACHE=wine.windows_path(tmp_path), WINEDLLOVERRIDES="mscoree,mshtml,vulkan-1=")
+    assert "GPU: vulkan: not usable here (vulkan-1.dll not found); it needs a GPU driver with Vulkan (vulkan-1.dll)" in text, text
+    assert "GPU: no usable GPU: running on the CPU" in text
+
+
+def console_text(raw: str) -> str:
+    """What a Windows console program wrote to a terminal under Wine, as a person reads it: Wine's console draws
+    with cursor codes, moving right (ESC [ n C) where a space was written."""
+    text = re.sub(r"\x1b\[(\d+)C", lambda m: " " * int(m.group(1)), raw)
+    return re.sub(r"\x1b\[[?\d;]*[A-Za-z]", "", text).replace("\r", "")
+
+
+def test_ctrl_c_in_the_console_stops_the_server(windows_bundle: Path, tmp_path: Path) -> None:
+    """Ctrl+C typed in the console stops the server cleanly. Under Wine the console is a terminal (its ^C becomes
+    CTRL_C_EVENT for every process attached): the launcher lets the runtime answer it, waits, and exits with it."""
+    pexpect = pytest.importorskip("pexpect")
+    port = free_port()
+    console = pexpect.spawn(
+        "wine", [str(windows_bundle), "--nobrowser", "--port", str(port)],
+        env=wine.environment(LLAMABOX_CACHE=wine.windows_path(tmp_path)), encoding="utf-8", codec_errors="replace", timeout=180,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(f"http://127.0.0.1:{port}/health"):
+            assert console.isalive() and time.monotonic() < deadline, console_text(console.before or "")
+            with contextlib.suppress(pexpect.TIMEOUT):
+                console.expect(pexpect.EOF, timeout=0.5)
+        console.sendintr()
+        console.expect(pexpect.EOF, timeout=60)
+    finally:
+        console.close(force=True)
+        subprocess.run(["wineserver", "-k"], env=wine.environment())
+    said = console_text(console.before or "")
+    assert "press Ctrl+C to stop" in said and said.rstrip().endswith("llamabox: stopped"), said
+    assert "Traceback" not in said and console.exitstatus == 0, said
+    assert not _healthy(f"http://127.0.0.1:{port}/health")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_the_sidecar_bundle_answers(tmp_path: Path, smollm2: Path, windows_stub: Path) -> None:
     exe = build_exe(smollm2, windows_stub, tmp_path / "side car.exe", "--sidecar")
     assert (tmp_path / "side car.gguf").exists() and exe.stat().st_size < smollm2.stat().st_size
@@ -329,8 +352,12 @@ def test_the_exe_imports_only_windows_system_dlls_and_what_it_carries(windows_st
             dll = entry.dll.decode().lower()
             if dll not in carried and not is_windows_system_dll(dll):
                 missing.setdefault(name, set()).add(dll)
+    # The Vulkan loader comes with the machine's GPU driver: only the Vulkan backend imports it, and the runtime
+    # names it in one line where it is missing (test_without_vulkan_the_exe_says_so_and_runs_on_the_cpu).
+    vulkan = [name for name in missing if Path(name).name.lower() == "ggml-vulkan.dll"]
+    assert len(vulkan) == 1 and missing.pop(vulkan[0]) == {"vulkan-1.dll"}, missing
     assert not missing, f"DLLs that neither Windows nor the stub has: {missing}"
-    assert {"libllama.dll", "ggml-base.dll", "libstdc++-6.dll", "libwinpthread-1.dll", "ggml-cpu-x64.dll"} <= carried
+    assert {"libllama.dll", "ggml-base.dll", "libstdc++-6.dll", "libwinpthread-1.dll", "ggml-cpu-x64.dll", "ggml-vulkan.dll"} <= carried
 
 
 # What every Windows 10 and 11 has in System32 (the API sets, the universal C runtime, the Win32 core), and

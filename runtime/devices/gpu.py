@@ -11,6 +11,7 @@ Where it lacks one, the module does not load, and the user reads why in one line
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -24,16 +25,18 @@ from runtime.devices import ggml
 
 # In order of preference for the same GPU: a vendor's own backend before Vulkan, which sees every GPU.
 GPU_BACKENDS = ("metal", "cuda", "hip", "sycl", "vulkan")
+_WINDOWS = sys.platform == "win32"
 # What each backend's module needs from the machine, for the one line that says why it did not load.
 _NEEDS = {
-    "vulkan": "the Vulkan loader (libvulkan.so.1) and a Vulkan driver",
+    "vulkan": "a GPU driver with Vulkan (vulkan-1.dll)" if _WINDOWS else "the Vulkan loader (libvulkan.so.1) and a Vulkan driver",
     "cuda": "the NVIDIA driver (libcuda.so.1)",
     "hip": "AMD's ROCm runtime",
     "sycl": "Intel's oneAPI runtime",
     "metal": "macOS 13 or newer",
 }
 # The driver library each backend needs from the machine, tried before the module and its companions are loaded.
-_DRIVERS = {"cuda": "libcuda.so.1"}
+# On Windows that is also how a missing one is named: ggml's loader gives no reason there.
+_DRIVERS = {"vulkan": "vulkan-1.dll"} if _WINDOWS else {"cuda": "libcuda.so.1"}
 # Libraries a backend's module needs that the stub carries beside it (scripts/gpu_backends.sh copies them
 # there), in the order they must be loaded: the module finds them by soname once they are in the process.
 COMPANIONS = {"cuda": ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13")}
@@ -67,7 +70,7 @@ def load(backend: str, path: Path) -> tuple[list[GpuDevice], str | None]:
     """Register one GPU module and list its GPUs; or, where it does not load, why not (one line)."""
     needs = _NEEDS.get(backend, "its driver")
     driver = _DRIVERS.get(backend)
-    if driver is not None and sys.platform.startswith("linux"):
+    if driver is not None:
         try:
             ctypes.CDLL(driver, mode=ctypes.RTLD_GLOBAL)
         except OSError:  # its words are PyInstaller's in the frozen runtime ("... not found when the application was frozen")
@@ -106,6 +109,8 @@ def driver_fingerprint(backend: str) -> str:
         import platform
 
         return f"macOS {platform.mac_ver()[0]}"
+    if _WINDOWS:
+        return _windows_driver_fingerprint()
     patterns = {
         "vulkan": [
             *(f"{d}/vulkan/icd.d/*.json" for d in ("/usr/share", "/usr/local/share", "/etc")),
@@ -129,6 +134,45 @@ def driver_fingerprint(backend: str) -> str:
     digest.update(" ".join(sorted(glob.glob("/dev/dri/renderD*")) + sorted(glob.glob("/dev/nvidia[0-9]*"))).encode())
     # Which GPUs the backends may see, and where the dynamic loader may find another driver library.
     for variable in ("GGML_VK_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH"):
+        digest.update(f"{variable}={os.environ.get(variable, '')}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# Where Windows keeps its display drivers (one subkey per adapter) and the Vulkan drivers registered apart from them.
+_DISPLAY_ADAPTERS = r"SYSTEM\CurrentControlSet\Control\Class\{4d36e968-e325-11ce-bfc1-08002be10318}"
+_VULKAN_DRIVERS = r"SOFTWARE\Khronos\Vulkan\Drivers"
+
+
+def _windows_driver_fingerprint() -> str:
+    """driver_fingerprint on Windows: each display adapter's driver version, the registered Vulkan drivers and
+    the Vulkan loader's size and time."""
+    import winreg
+
+    digest = hashlib.sha256()
+
+    def values(path: str) -> None:
+        try:
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, path) as key:
+                for i in range(winreg.QueryInfoKey(key)[1]):
+                    name, value, _kind = winreg.EnumValue(key, i)
+                    if path == _VULKAN_DRIVERS or name in ("DriverDesc", "DriverVersion", "DriverDate"):
+                        digest.update(f"{path}:{name}={value}\n".encode())
+        except OSError:  # no such key, or not readable: nothing to add
+            pass
+
+    values(_VULKAN_DRIVERS)
+    try:
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, _DISPLAY_ADAPTERS) as adapters:
+            subkeys = [winreg.EnumKey(adapters, i) for i in range(winreg.QueryInfoKey(adapters)[0])]
+    except OSError:
+        subkeys = []
+    for subkey in subkeys:
+        values(f"{_DISPLAY_ADAPTERS}\\{subkey}")
+    loader = Path(os.environ.get("SystemRoot", r"C:\Windows")) / "System32" / "vulkan-1.dll"
+    with contextlib.suppress(OSError):
+        stat = loader.stat()
+        digest.update(f"{loader}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    for variable in ("GGML_VK_VISIBLE_DEVICES", "VK_ICD_FILENAMES", "VK_DRIVER_FILES"):
         digest.update(f"{variable}={os.environ.get(variable, '')}\n".encode())
     return digest.hexdigest()[:16]
 

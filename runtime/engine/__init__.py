@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
-from llama_cpp._utils import suppress_stdout_stderr
 
 from runtime.cache_plan import CachePlan, plan_cache
 from runtime.cache_types import UNQUANTIZED
@@ -37,6 +36,7 @@ from runtime.engine.scheduler import (
 )
 from runtime.errors import LlamaboxError, ModelFileError
 from runtime.model_source import ModelLocation
+from runtime.engine.quiet import quiet
 
 __all__ = [
     "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "Metrics", "Prompt",
@@ -70,6 +70,12 @@ class EngineOptions:
     parallel: int | None = 1  # sequences decoded together; None: 4, or as many as memory allows with ctx_per_slot (cache_plan.py)
     max_waiting: int = 64  # requests that may wait for a slot before new ones are refused
     threads: int | None = None
+    threads_batch: int | None = None  # for reading prompts (-tb); None: as `threads`
+    batch_size: int = N_BATCH  # tokens per decode call at most (-b)
+    ubatch_size: int = N_UBATCH  # tokens per compute step (-ub); also a prompt's share of a step while others generate
+    load_mode: str = "auto"  # loader.LOAD_MODES: how the weights are read (--no-mmap, --mlock, -lm)
+    context_shift: bool = False  # a request that fills its context drops older tokens and goes on (--context-shift)
+    n_keep: int = 0  # prompt tokens a context shift keeps (--keep; -1: the whole prompt)
     gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
     gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
     system_prompt: str | None = None
@@ -91,6 +97,7 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] = ()
     timings: Timings = Timings()
     stop_word: str | None = None  # the stop string that ended the text, if one did
+    context_dropped: int = 0  # tokens context shifts dropped from the request's context
 
     @classmethod
     def from_pieces(cls, pieces: list[Chunk]) -> Completion:
@@ -105,6 +112,7 @@ class Completion:
             logprobs=tuple(lp for p in pieces for lp in p.logprobs),
             timings=last.timings or Timings(),
             stop_word=last.stop_word,
+            context_dropped=last.context_dropped,
         )
 
 
@@ -122,6 +130,8 @@ class Engine:
         self.options = options
         self.warnings: list[str] = []  # what the user should read about this load (fewer layers on the GPU)
         self.gpu_layers = options.gpu_layers if options.gpu_devices else 0
+        # A compute step takes no more than a decode call does (llama.cpp clamps -ub to -b as well).
+        self.batch_size, self.ubatch_size = options.batch_size, min(options.ubatch_size, options.batch_size)
         self._model = self._load(location)
         metadata = self._model.metadata()
         if metadata.get("tokenizer.ggml.model", "none") in ("none", "no_vocab"):
@@ -157,9 +167,12 @@ class Engine:
         # The template in use, as /props and Ollama's /api/show report it; None where chat falls back to ChatML.
         self.chat_template = self._template.source if own_template or options.template.template else None
         self._scheduler = Scheduler(
-            self._model.model, self._context, self.n_ctx, self.parallel, N_BATCH, options.max_waiting,
+            self._model.model, self._context, self.n_ctx, self.parallel, self.batch_size, self.ubatch_size, options.max_waiting,
             shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(self.cache.cells * per_token),
+            context_shift=options.context_shift, n_keep=options.n_keep,
         )
+        if options.context_shift and not self._scheduler.context_shift:
+            self.warnings.append("this model's cache cannot shift its context (--context-shift); a reply that fills it ends with length")
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
 
     def _load(self, location: ModelLocation) -> InPlaceModel:
@@ -167,7 +180,7 @@ class Engine:
         while True:
             devices = self.options.gpu_devices if self.gpu_layers > 0 else ()  # no GPU buffers for a CPU-only load
             try:
-                return InPlaceModel(location, self.gpu_layers, self.options.verbose, devices)
+                return InPlaceModel(location, self.gpu_layers, self.options.verbose, devices, load_mode=self.options.load_mode)
             except ValueError as exc:
                 if self.gpu_layers <= 0:
                     raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
@@ -181,14 +194,15 @@ class Engine:
     def _new_context(self, n_ctx: int, parallel: int) -> Any:
         """A context for `parallel` slots, or None where llama.cpp cannot make one (out of memory)."""
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_UBATCH
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, self.batch_size, self.ubatch_size
         # One cache shared by the slots (llama-server's default), or each slot its own part of it (--ctx-per-slot).
         params.n_seq_max, params.kv_unified = parallel, not self.options.ctx_per_slot
-        params.n_threads = params.n_threads_batch = self.options.threads or 0
+        params.n_threads = self.options.threads or 0
+        params.n_threads_batch = self.options.threads_batch or params.n_threads
         params.type_k, params.type_v = memory.GGML_CACHE_TYPES[self.options.cache_type_k], memory.GGML_CACHE_TYPES[self.options.cache_type_v]
         params.flash_attn_type = flash_attention(
             self.options.flash_attn, self.gpu_layers, llama_cpp.llama_model_n_layer(self._model.model), self.options.cache_type_v)
-        with suppress_stdout_stderr(disable=self.options.verbose):
+        with quiet(self.options.verbose):
             context = llama_cpp.llama_init_from_model(self._model.model, params)
         return context or None
 
@@ -277,7 +291,7 @@ class Engine:
         if self._context is None:
             return
         self._scheduler.stop()
-        with suppress_stdout_stderr(disable=self.options.verbose):  # llama.cpp reports what it frees
+        with quiet(self.options.verbose):  # llama.cpp reports what it frees
             self._embedder.close()
             llama_cpp.llama_free(self._context)
             self._context = None

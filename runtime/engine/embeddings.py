@@ -9,9 +9,9 @@ import threading
 from typing import Any
 
 import llama_cpp
-from llama_cpp._utils import suppress_stdout_stderr
 
 from runtime.errors import LlamaboxError
+from runtime.engine.quiet import quiet
 
 
 class EmbeddingError(LlamaboxError):
@@ -66,7 +66,7 @@ class Embedder:
         params.n_ctx = params.n_batch = params.n_ubatch = self._n_ctx  # a whole text in one step, as pooling needs
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = self._threads or 0
-        with suppress_stdout_stderr(disable=self._verbose):
+        with quiet(self._verbose):
             self._context = llama_cpp.llama_init_from_model(self._model, params)
         if not self._context:
             raise EmbeddingError("llama.cpp could not make an embedding context for this model")

@@ -23,13 +23,13 @@ from typing import Any
 
 import llama_cpp
 import llama_cpp._internals as internals
-from llama_cpp._utils import suppress_stdout_stderr
 
 from runtime.devices.ggml import DeviceList
 from runtime.engine.memory import kv_bytes_per_token
 from runtime.devices.offload import ModelFacts
 from runtime.errors import ModelFileError
 from runtime.model_source import ModelLocation
+from runtime.engine.quiet import quiet
 
 _SEEK_SET = 0
 
@@ -75,16 +75,33 @@ _libc = _CRuntime()
 assert {"model", "vocab", "tokenize", "token_to_piece", "metadata"} <= set(dir(internals.LlamaModel)) | {"model", "vocab"}
 
 
+# llama-server's -lm/--load-mode names for llama.cpp's load modes. The weights of a bundle are read from the
+# bundle's own region of the file in every mode: mapped in place (auto, mmap), read into memory (none), locked in
+# memory (mlock, mmap+mlock), or read around the page cache (dio).
+LOAD_MODES = {
+    "auto": llama_cpp.LLAMA_LOAD_MODE_AUTO,
+    "none": llama_cpp.LLAMA_LOAD_MODE_NONE,
+    "mmap": llama_cpp.LLAMA_LOAD_MODE_MMAP,
+    "mlock": llama_cpp.LLAMA_LOAD_MODE_MLOCK,
+    "mmap+mlock": llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK,
+    "dio": llama_cpp.LLAMA_LOAD_MODE_DIRECT_IO,
+}
+
+
 class InPlaceModel(internals.LlamaModel):
     """A LlamaModel whose weights are read, and mapped, from `location` (a file or a region of one)."""
 
-    def __init__(self, location: ModelLocation, gpu_layers: int, verbose: bool, gpu_devices: tuple[int, ...] = (), no_alloc: bool = False) -> None:
+    def __init__(
+        self, location: ModelLocation, gpu_layers: int, verbose: bool, gpu_devices: tuple[int, ...] = (), no_alloc: bool = False,
+        load_mode: str = "auto",
+    ) -> None:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers if gpu_devices else 0
         # Always an explicit list: llama.cpp would otherwise use every GPU registered, of any backend.
         self._devices = DeviceList(list(gpu_devices))
         params.devices = self._devices.address
         params.no_alloc = no_alloc
+        params.load_mode = LOAD_MODES[load_mode]
         if no_alloc:  # nothing is read or mapped; llama.cpp asserts that a no-alloc load does not map either
             params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         self.path_model, self.params, self.verbose = str(location.path), params, verbose
@@ -99,7 +116,7 @@ class InPlaceModel(internals.LlamaModel):
         self._exit_stack.callback(_libc.close, fp)
         model = None
         if _libc.seek(fp, location.offset):
-            with suppress_stdout_stderr(disable=verbose):
+            with quiet(verbose):
                 model = llama_cpp.llama_model_load_from_file_ptr(fp, params)
         if model is None:
             self._exit_stack.close()

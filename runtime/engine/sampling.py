@@ -44,6 +44,7 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF, rooted at "root"
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    n_keep: int | None = None  # prompt tokens a context shift keeps (-1: the whole prompt); None: the server's --keep
 
 
 # llama_token_data as numpy sees it: the candidates handed to llama.cpp's samplers

@@ -5,7 +5,9 @@ sequences, which share one KV cache (any one may use all of it), or each have th
 (--ctx-per-slot). In a shared cache, a new request first moves the idle slots' prompts out of it into
 memory (prompt_cache.py), and starts only when its prompt fits beside what the running requests hold,
 so a prompt being read always has its cells; when the generating requests together fill the cache,
-the one holding most ends with "length", as it would at the end of its own context.
+the one holding most ends with "length", as it would at the end of its own context. With context
+shifting (--context-shift, as llama-server's), a request that fills its context (or the shared
+cache) instead drops the oldest half of what follows its first n_keep tokens, and goes on.
 One thread owns the
 context and loops: every step is one `llama_decode` over a batch holding the next token of every
 generating sequence plus a chunk of any prompt being read (prompts are read in chunks, so a long
@@ -33,7 +35,6 @@ from runtime.engine.sampling import SamplerChain, Sampling, SamplingError
 from runtime.engine.text import TextStream
 from runtime.errors import LlamaboxError
 
-PROMPT_CHUNK = 512  # prompt tokens per step while other sequences are generating (llama-server's n_ubatch)
 
 
 class PromptError(LlamaboxError):
@@ -81,6 +82,7 @@ class Chunk:
     logprobs: tuple[TokenLogprob, ...] = ()
     timings: Timings | None = None
     stop_word: str | None = None  # the stop string that ended the text (finish_reason "stop")
+    context_dropped: int = 0  # tokens dropped from the request's context by context shifts
 
 
 class _Request:
@@ -169,6 +171,7 @@ class _Slot:
         self.next_token: int | None = None  # sampled, not yet in the cache
         self.generated = 0
         self.reused = 0
+        self.dropped = 0  # tokens context shifts dropped from this request's context
         self.logprobs: list[TokenLogprob] = []  # generated since the last piece sent
         self.started_at = self.first_token_at = 0.0
         self.batch_index = -1
@@ -185,8 +188,8 @@ class SlotState:
 
 class Scheduler:
     def __init__(
-        self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, max_waiting: int,
-        shared_cells: int | None = None, prompt_cache_bytes: int = 0,
+        self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, n_ubatch: int, max_waiting: int,
+        shared_cells: int | None = None, prompt_cache_bytes: int = 0, context_shift: bool = False, n_keep: int = 0,
     ) -> None:
         self._model, self._context = model, context
         self._vocab = llama_cpp.llama_model_get_vocab(model)
@@ -194,6 +197,11 @@ class Scheduler:
         self._n_swa = llama_cpp.llama_model_n_swa(model)
         self._memory = llama_cpp.llama_get_memory(context)
         self.n_ctx_slot, self._n_batch, self._max_waiting = n_ctx_slot, n_batch, max_waiting
+        # Prompt tokens per step while other sequences are generating: one compute step's worth, as llama-server.
+        self._prompt_chunk = n_ubatch
+        # Context shifting, where the model's cache can move tokens (not a sliding-window or recurrent one).
+        self.context_shift = context_shift and bool(llama_cpp.llama_memory_can_shift(self._memory))
+        self._n_keep, self._add_bos = n_keep, bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._shared_cells = shared_cells  # the shared cache's size; None: each slot has n_ctx_slot cells of its own
         # With a shared cache, idle slots' prompts wait in memory rather than in it (prompt_cache.py).
         self._parked = PromptCache(context, prompt_cache_bytes) if shared_cells is not None else None
@@ -317,7 +325,7 @@ class Scheduler:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)  # this cache cannot be cut here: start over
             keep = 0
         slot.cached, slot.pending = request.tokens[:keep], request.tokens[keep:]
-        slot.reused, slot.generated, slot.next_token = keep, 0, None
+        slot.reused, slot.generated, slot.next_token, slot.dropped = keep, 0, None, 0
         slot.logprobs, slot.started_at, slot.first_token_at = [], time.perf_counter(), 0.0
         self._requests_started += 1
         slot.last_used = self._requests_started
@@ -377,9 +385,36 @@ class Scheduler:
             self._drop_cache(idle)
         while generating and self._free_cells() < len(generating):
             longest = max(generating, key=lambda s: len(s.cached))
+            if self._shift(longest):
+                continue
             generating.remove(longest)
             self._finish(longest, "length", longest.text.flush() if longest.text is not None else "", keep_cache=False)
         return generating
+
+    def _discard(self, slot: _Slot) -> tuple[int, int]:
+        """What a context shift of `slot` keeps and drops, as llama-server computes it: the first n_keep tokens (the
+        request's, else --keep; -1: its whole prompt; the BOS token besides, where the model adds one), then the older
+        half of the rest."""
+        assert slot.request is not None
+        n_keep = slot.request.sampling.n_keep if slot.request.sampling.n_keep is not None else self._n_keep
+        n_keep = len(slot.request.tokens) if n_keep < 0 else n_keep + self._add_bos
+        n_keep = max(0, min(self.n_ctx_slot - 4, n_keep))
+        n_left = len(slot.cached) - n_keep
+        return n_keep, max(0, min(n_left // 2, n_left - 1))
+
+    def _shift(self, slot: _Slot) -> bool:
+        """Shift `slot`'s context: drop _discard's tokens from its cache and move those after them back, so that it
+        can go on generating. False where context shifting is off or nothing can be dropped."""
+        if not self.context_shift or slot.request is None:
+            return False
+        n_keep, n_discard = self._discard(slot)
+        if n_discard <= 0:
+            return False
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.id, n_keep, n_keep + n_discard)
+        llama_cpp.llama_memory_seq_add(self._memory, slot.id, n_keep + n_discard, len(slot.cached), -n_discard)
+        slot.cached = slot.cached[:n_keep] + slot.cached[n_keep + n_discard:]
+        slot.dropped += n_discard
+        return True
 
     def _drop_cache(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)
@@ -395,6 +430,9 @@ class Scheduler:
     def _step(self) -> None:
         batch, n = self._batch, 0
         with self._wake:
+            for slot in self._slots:
+                if slot.request is not None and slot.next_token is not None and len(slot.cached) + 1 >= self.n_ctx_slot:
+                    self._shift(slot)  # _sampled let it go on only where it can
             self._make_room_to_generate([slot for slot in self._slots if slot.request is not None and slot.next_token is not None])
         active = [slot for slot in self._slots if slot.request is not None]
         generating = [slot for slot in active if slot.next_token is not None]
@@ -404,7 +442,7 @@ class Scheduler:
             self._add(n, slot.next_token, len(slot.cached), slot.id, True)
             slot.cached.append(slot.next_token)
             slot.batch_index, n = n, n + 1
-        budget = self._n_batch - n if not generating else min(PROMPT_CHUNK, self._n_batch - n)
+        budget = self._n_batch - n if not generating else min(self._prompt_chunk, self._n_batch - n)
         for slot in active:
             if slot.next_token is not None or budget <= 0:
                 continue
@@ -472,7 +510,9 @@ class Scheduler:
             limit = request.sampling.max_tokens
             if text.stopped:
                 finish = "stop"
-            elif (limit is not None and limit > 0 and slot.generated >= limit) or len(slot.cached) + 1 >= self.n_ctx_slot:
+            elif (limit is not None and limit > 0 and slot.generated >= limit) or (
+                len(slot.cached) + 1 >= self.n_ctx_slot and not (self.context_shift and self._discard(slot)[1] > 0)
+            ):
                 finish = "length"
         if finish is None:
             slot.next_token = token
@@ -492,7 +532,9 @@ class Scheduler:
         now = time.perf_counter()
         first = slot.first_token_at or now
         timings = Timings((first - slot.started_at) * 1000, (now - first) * 1000)
-        request.put(Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word))
+        request.put(
+            Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word, slot.dropped)
+        )
         self._metrics.request_done(
             len(request.tokens) - slot.reused, slot.reused, timings.prompt_ms / 1000, slot.generated, timings.predicted_ms / 1000
         )

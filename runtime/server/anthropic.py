@@ -25,7 +25,7 @@ from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import Dialect
 from runtime.server.errors import ApiError
-from runtime.server.generation import Generation, Usage, sse, usage_of
+from runtime.server.generation import Generation, Usage, dropped, sse, usage_of
 from runtime.server.structured import Tool, ToolUse, json_grammar, new_call_id
 
 MAX_STOP_SEQUENCES = 16
@@ -289,6 +289,7 @@ def _usage(usage: Usage) -> dict[str, int]:
         "output_tokens": usage.completion_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": usage.cached_tokens,
+        **dropped(usage),
     }
 
 

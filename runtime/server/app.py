@@ -47,7 +47,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
                              "min_p": defaults.min_p, "max_tokens": defaults.max_tokens},
                 "hardware": settings.hardware,
                 "version": __version__,
-                "api_key_required": settings.access.api_key is not None,
+                "api_key_required": bool(settings.access.api_keys),
             }
         )
 
@@ -56,16 +56,18 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
         error = as_api_error(exc)
         return JSONResponse(error_shape(request.url.path)(error), status_code=error.status, headers=error.headers)
 
+    # The chat page, unless --no-webui: then / is an unknown route, as llama-server's without its web UI.
+    page = [Route("/", index, methods=["GET"]), Mount("/ui", StaticFiles(directory=settings.ui_dir), name="ui")]
     app = Starlette(
         routes=[
-            Route("/", index, methods=["GET"]),
+            *(page[:1] if settings.endpoints.webui else []),
             Route("/llamabox/info", info, methods=["GET"]),
             *openai.routes(),
             *responses.routes(),
             *anthropic.routes(),
             *native.routes(),
             *ollama.routes(),
-            Mount("/ui", StaticFiles(directory=settings.ui_dir), name="ui"),
+            *(page[1:] if settings.endpoints.webui else []),
         ],
         exception_handlers={HTTPException: not_found},
         middleware=[Middleware(Guard, access=settings.access)],

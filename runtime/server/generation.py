@@ -28,6 +28,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    context_dropped: int = 0  # tokens context shifts dropped (--context-shift): said as usage.context_dropped_tokens
 
     @property
     def total_tokens(self) -> int:
@@ -55,7 +56,13 @@ def timings_of(result: Completion | Chunk) -> dict[str, float]:
 def usage_of(results: list[Completion] | list[Chunk]) -> Usage:
     """The prompt is read once per choice but counted once, as OpenAI counts it; completions add up."""
     first = results[0]
-    return Usage(first.prompt_tokens, sum(r.completion_tokens for r in results), first.cached_tokens)
+    return Usage(first.prompt_tokens, sum(r.completion_tokens for r in results), first.cached_tokens, sum(r.context_dropped for r in results))
+
+
+def dropped(usage: Usage) -> dict[str, int]:
+    """What every dialect's usage object adds where a context shift dropped tokens (none otherwise, so that the
+    shapes stay their own): how many, so that a client knows the reply no longer saw all of its conversation."""
+    return {"context_dropped_tokens": usage.context_dropped} if usage.context_dropped else {}
 
 
 class Generation:

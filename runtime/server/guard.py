@@ -44,7 +44,7 @@ LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
 class Guard:
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app, self.access = app, access
-        self._key = access.api_key.encode() if access.api_key else None
+        self._keys = [key.encode() for key in access.api_keys]
         self._allowed = {name for name in map(host_name, access.allowed_hosts) if name}
         self._inner = CORSMiddleware(
             self._authorized,
@@ -90,13 +90,13 @@ class Guard:
         await self._inner(scope, receive, send)
 
     async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._key is None or _is_open(scope["path"]):
+        if not self._keys or _is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = _key_in(Headers(scope=scope))
         if given is None:
             message = "this server wants an API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY' (the key it was started with, --api-key)"
-        elif not hmac.compare_digest(given, self._key):
+        elif not any([hmac.compare_digest(given, key) for key in self._keys]):  # a list: every key compared, always
             message = "wrong API key: send the key the server was started with (--api-key)"
         else:
             await self.app(scope, receive, send)

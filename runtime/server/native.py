@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime import __version__
-from runtime.engine import N_BATCH, Chunk, Engine, Prompt, Sampling, Timings, TokenLogprob
+from runtime.engine import Chunk, Engine, Prompt, Sampling, Timings, TokenLogprob
 from runtime.engine.infill import InfillRequest, infill_tokens
 from runtime.engine.sampling import PENALTY_LAST_N
 from runtime.server import prometheus
@@ -123,6 +123,8 @@ async def list_slots(request: Request) -> Response:
     """One object per slot; `?fail_on_no_slot=1` answers 503 when none is idle, as llama-server."""
     engine: Engine = request.app.state.engine
     settings: ServerSettings = request.app.state.settings
+    if not settings.endpoints.slots:
+        raise ApiError(501, "This server does not support slots endpoint. Start it with `--slots`")
     slots, _ = engine.slots()
     if request.query_params.get("fail_on_no_slot") not in (None, "", "0", "false") and all(s.is_processing for s in slots):
         raise ApiError(503, "no slot available")
@@ -155,10 +157,10 @@ async def props(request: Request) -> Response:
             "model_alias": settings.model_id,
             "model_path": settings.model.file_name,
             "modalities": {"vision": False, "audio": False},
-            "endpoint_slots": True,
-            "endpoint_props": False,
+            "endpoint_slots": settings.endpoints.slots,
+            "endpoint_props": settings.endpoints.props,
             "endpoint_metrics": settings.metrics,
-            "webui": True,
+            "webui": settings.endpoints.webui,
             "chat_template": engine.chat_template or "",
             "build_info": f"llamabox {__version__}",
             "n_ctx": engine.cache.cells,  # the cache's size; with a shared cache one request may use all of it
@@ -181,8 +183,12 @@ async def list_lora_adapters(_request: Request) -> Response:
     return JSONResponse([])  # a bundle has its model and no adapters
 
 
-async def change_props(_request: Request) -> Response:
-    raise ApiError(501, "llamabox's settings are fixed at start; restart it with other options to change them")
+async def change_props(request: Request) -> Response:
+    """llama-server's POST /props: refused unless started with --props, and then, as there, nothing to change yet."""
+    settings: ServerSettings = request.app.state.settings
+    if not settings.endpoints.props:
+        raise ApiError(501, "This server does not support changing global properties. Start it with `--props`")
+    return JSONResponse({"success": True})
 
 
 # --- /completion: reading the request ------------------------------------------------------------
@@ -237,6 +243,7 @@ def _options(body: Body, engine: Engine | None, server: ServerSettings) -> Optio
         logit_bias=bias,
         grammar=_grammar(body),
         logprobs=n_probs,  # always asked for: the chosen tokens' ids are the response's `tokens`
+        n_keep=body.integer("n_keep", minimum=-1),
     )
     sampling = _samplers(body, _penalty_window(body, sampling))
     stream = bool(body.boolean("stream"))
@@ -401,7 +408,8 @@ def _generation_settings(options: Options, *, stream: bool) -> dict[str, Any]:
         "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
         "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": -1,
         "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1,
-        "stop": list(s.stop), "max_tokens": options.n_predict, "n_keep": 0, "n_discard": 0, "ignore_eos": False,
+        "stop": list(s.stop), "max_tokens": options.n_predict, "n_keep": s.n_keep if s.n_keep is not None else 0, "n_discard": 0,
+        "ignore_eos": False,
         "stream": stream,
         "logit_bias": [{"bias": b if math.isfinite(b) else False, "token": t} for t, b in s.logit_bias.items()],
         "n_probs": options.n_probs, "min_keep": 0, "grammar": s.grammar or "",
@@ -489,7 +497,7 @@ def _infill_prompt(body: Body, engine: Engine, settings: ServerSettings) -> Prom
         extra.append((part.string("filename") or "tmp", part.string("text", required=True) or ""))
     request = InfillRequest(pieces["input_prefix"], pieces["input_suffix"], engine.tokenize(prompt, add_bos=False) if prompt else [], extra)
     n_predict = settings.defaults.max_tokens or -1  # the server's -n, as llama-server budgets the other files by it
-    tokens = infill_tokens(fim, request, lambda text: engine.tokenize(text, add_bos=False) if text else [], N_BATCH, engine.n_ctx, n_predict)
+    tokens = infill_tokens(fim, request, lambda text: engine.tokenize(text, add_bos=False) if text else [], engine.batch_size, engine.n_ctx, n_predict)
     return Prompt(tokens=tokens)
 
 
@@ -616,7 +624,9 @@ class Answer:
         predicted = self._predicted(last.completion_tokens)
         stop_type, stopping_word = self._stop(last)
         limit = options.sampling.max_tokens
-        truncated = last.finish_reason == "length" and not options.evaluate_only and (limit is None or predicted < limit)
+        # As llama-server: the context ran out, or was shifted (older tokens dropped) on the way.
+        full = last.finish_reason == "length" and not options.evaluate_only and (limit is None or predicted < limit)
+        truncated = full or last.context_dropped > 0
         answer: dict[str, Any] = {
             "index": self.index,
             "content": "" if streamed else content,

@@ -393,6 +393,7 @@ class _Answer:
             "prompt_eval_duration": round(timings.prompt_ms * 1e6),
             "eval_count": last.completion_tokens,
             "eval_duration": round(timings.predicted_ms * 1e6),
+            **({"context_dropped_tokens": last.context_dropped} if last.context_dropped else {}),
         }
 
 

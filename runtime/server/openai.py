@@ -24,7 +24,7 @@ from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import OPENAI, openai_error
 from runtime.server.errors import ApiError
-from runtime.server.generation import Generation, Usage, sse, timings_of, usage_of
+from runtime.server.generation import Generation, Usage, dropped, sse, timings_of, usage_of
 from runtime.server.settings import ServerSettings
 from runtime.server.structured import Tool, ToolCall, ToolUse, json_grammar
 
@@ -45,7 +45,8 @@ def routes() -> list[Route]:
 
 
 def _model_object(settings: ServerSettings) -> dict[str, Any]:
-    return {"id": settings.model_id, "object": "model", "created": settings.started_at, "owned_by": "llamabox"}
+    model = {"id": settings.model_id, "object": "model", "created": settings.started_at, "owned_by": "llamabox"}
+    return {**model, "aliases": list(settings.aliases)} if settings.aliases else model
 
 
 async def list_models(request: Request) -> Response:
@@ -341,6 +342,7 @@ def _usage(usage: Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        **dropped(usage),
     }
 
 

@@ -26,7 +26,7 @@ from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import OPENAI
 from runtime.server.errors import ApiError
-from runtime.server.generation import Generation, Usage, sse, usage_of
+from runtime.server.generation import Generation, Usage, dropped, sse, usage_of
 from runtime.server.settings import ServerSettings
 from runtime.server.structured import Tool, ToolCall, ToolUse, json_grammar
 
@@ -248,6 +248,7 @@ def _usage(usage: Usage) -> dict[str, Any]:
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.total_tokens,
+        **dropped(usage),
     }
 
 

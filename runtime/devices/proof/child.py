@@ -55,7 +55,15 @@ def run_variant(variant: str, library: Path, work: Callable[[], dict[str, list[f
     return run(variant, partial(_registered_then, library, work), timeout)
 
 
-def _registered_then(library: Path, work: Callable[[], dict[str, list[float]]]) -> dict[str, list[float]]:
+def run_with_cpu(label: str, cpu_library: Path, work: Callable[[], Any], timeout: float) -> Outcome:
+    """`run` in a child that has this process's CPU kernels (`cpu_library`, registered here): a forked child
+    inherits them, a spawned one registers them first."""
+    if hasattr(os, "fork"):
+        return run(label, work, timeout)
+    return run(label, partial(_registered_then, cpu_library, work), timeout)
+
+
+def _registered_then(library: Path, work: Callable[[], Any]) -> Any:
     register_cpu_variant(library)
     return work()
 

@@ -55,11 +55,12 @@ class BackendVerdict:
         return self.failure.startswith(f"{backend}: ") or proof.lasting(self.failure)
 
 
-def verdict(backend: str, module: Path, threads: int, say: Callable[[str], None]) -> BackendVerdict | None:
+def verdict(backend: str, module: Path, cpu_library: Path, threads: int, say: Callable[[str], None]) -> BackendVerdict | None:
     """The self-test's verdict on `backend`'s GPUs here: from the cache, or proven now in child processes.
     None where it cannot run (no child process).
 
-    Call it before this process loads any GPU backend, with the CPU kernels registered.
+    Call it before this process loads any GPU backend, with the CPU kernels of `cpu_library` registered (a
+    spawned child registers them itself).
     """
     if not child.available():
         return None
@@ -69,7 +70,7 @@ def verdict(backend: str, module: Path, threads: int, say: Callable[[str], None]
     found = BackendVerdict.from_json(known) if known is not None else None
     if found is None:
         say(f"checking the {backend} GPU backend on this machine's GPUs (once per GPU, driver and runtime build)...")
-        found = _prove(backend, module, threads)
+        found = _prove(backend, module, cpu_library, threads)
         if found.lasting(backend):
             verdicts.put(key, found.to_json())
     return found
@@ -82,19 +83,19 @@ def _build_identity(module: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _prove(backend: str, module: Path, threads: int) -> BackendVerdict:
+def _prove(backend: str, module: Path, cpu_library: Path, threads: int) -> BackendVerdict:
     # First whether the backend loads and finds a GPU at all (milliseconds), then the self-test.
-    probe = child.run(backend, partial(_unusable, backend, module), GPU_TIMEOUT_S)
+    probe = child.run_with_cpu(backend, cpu_library, partial(_unusable, backend, module), GPU_TIMEOUT_S)
     if probe.result is None or probe.result["unusable"] is not None:
         return BackendVerdict(failure=str(probe.failure) if probe.result is None else probe.result["unusable"])
     with tempfile.TemporaryDirectory(prefix="llamabox-proof-") as directory:
         base = packaged.proof_model(fallback=Path(directory))
         models = workload.model_paths(base, Path(directory))
         # The CPU kernels this process registered (and proved): no GPU is loaded in this child.
-        reference = child.run("cpu", partial(workload.quantized_logits, base, models, threads), TIMEOUT_S)
+        reference = child.run_with_cpu("cpu", cpu_library, partial(workload.quantized_logits, base, models, threads), TIMEOUT_S)
         if reference.result is None:
             return BackendVerdict(failure=f"not tested: the CPU reference {reference.failure}")
-        outcome = child.run(backend, partial(_run_on_gpus, backend, module, models, threads), GPU_TIMEOUT_S)
+        outcome = child.run_with_cpu(backend, cpu_library, partial(_run_on_gpus, backend, module, models, threads), GPU_TIMEOUT_S)
     if outcome.result is None:
         return BackendVerdict(failure=str(outcome.failure))
     return BackendVerdict(gpus={key: proof.judge(reference.result, logits) for key, logits in outcome.result.items()})

@@ -1,0 +1,122 @@
+"""Context shifting (--context-shift, as llama-server's): a reply that fills its context drops the oldest half of
+what follows the first n_keep tokens and goes on, and every answer says how many tokens were dropped."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runtime.devices import cpu as backends
+from runtime.engine import Chunk, Engine, EngineOptions, Prompt, Sampling
+from runtime.model_source import ModelLocation
+from tests.conftest import Server, free_port, start_server, stop_server
+
+STORY = "Tell me a very long story about a cat who travels the world."
+CELLS = 256  # the smallest cache llama.cpp makes: what -c 128 rounds up to
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels() -> None:
+    scores, _ = backends.variant_scores()
+    backends.register_cpu_variant(backends.ranked(scores)[0].path)
+
+
+def engine(smollm2: Path, **options: object) -> Engine:
+    return Engine(ModelLocation(smollm2), EngineOptions(ctx_size=128, threads=2, **options))  # type: ignore[arg-type]
+
+
+def story(engine: Engine) -> Prompt:
+    return engine.chat_prompt([{"role": "user", "content": STORY}])
+
+
+def generate(engine: Engine, prompt: Prompt, max_tokens: int) -> list[Chunk]:
+    return list(engine.stream(prompt, Sampling(temperature=0, max_tokens=max_tokens)))
+
+
+def text(pieces: list[Chunk]) -> str:
+    return "".join(p.text for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def unshifted(smollm2: Path) -> list[Chunk]:
+    plain = engine(smollm2, parallel=1)
+    return generate(plain, story(plain), 400)
+
+
+def test_without_context_shift_a_full_context_ends_the_reply(unshifted: list[Chunk]) -> None:
+    last = unshifted[-1]
+    assert last.finish_reason == "length" and last.context_dropped == 0
+    assert last.prompt_tokens + last.completion_tokens == CELLS  # its last token needs no cell: the reply ends
+
+
+@pytest.mark.parametrize("n_keep", [4, -1])
+def test_a_shifted_reply_goes_on_past_the_context_and_keeps_its_first_tokens(smollm2: Path, unshifted: list[Chunk], n_keep: int) -> None:
+    shifting = engine(smollm2, parallel=1, context_shift=True, n_keep=n_keep)
+    prompt = story(shifting)
+    pieces = generate(shifting, prompt, 400)
+    last = pieces[-1]
+    assert last.finish_reason == "length" and last.completion_tokens == 400  # its own limit, not the context's
+    assert last.context_dropped > 0
+    # Up to the first shift it is the same greedy text; only then do the answers part.
+    assert text(pieces).startswith(text(unshifted))
+    # What the slot holds now: the kept tokens first (n_keep and the BOS token where the model adds one, or the whole
+    # prompt), then the newest; the last token sampled ended the reply and was never read.
+    scheduler = shifting._scheduler
+    slot = scheduler._slots[0]
+    kept = len(prompt.tokens) if n_keep < 0 else n_keep + scheduler._add_bos
+    assert slot.cached[:kept] == prompt.tokens[:kept]
+    assert len(slot.cached) < CELLS and len(slot.cached) + last.context_dropped == last.prompt_tokens + last.completion_tokens - 1
+
+
+def test_requests_filling_a_shared_cache_shift_rather_than_end(smollm2: Path) -> None:
+    """Two replies in one shared cache of 256 cells: the one holding most is shifted, and both reach their limit."""
+    shared = engine(smollm2, parallel=2, context_shift=True)
+    prompts = [story(shared), shared.chat_prompt([{"role": "user", "content": STORY.replace("cat", "dog")}])]
+    results: list[list[Chunk]] = [[], []]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, generate(shared, prompts[i], 200))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for pieces in results:
+        assert pieces[-1].finish_reason in ("length", "stop")
+        assert pieces[-1].completion_tokens == 200 or pieces[-1].finish_reason == "stop"
+    assert sum(pieces[-1].context_dropped for pieces in results) > 0
+
+
+@pytest.fixture(scope="module")
+def shifting_server(bundle: Path) -> Iterator[Server]:
+    server = start_server(bundle, "--port", str(free_port()), "--temp", "0", "-c", "128", "-np", "1", "--context-shift")
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.slow
+def test_every_dialect_says_what_was_dropped(shifting_server: Server) -> None:
+    url = shifting_server.url
+    native = httpx.post(url + "completion", json={"prompt": STORY, "n_predict": 300, "n_keep": -1}, timeout=120).json()
+    assert native["tokens_predicted"] == 300 and native["truncated"] is True
+    assert native["generation_settings"]["n_keep"] == -1
+
+    chat = {"messages": [{"role": "user", "content": STORY}], "max_tokens": 300, "temperature": 0}
+    openai = httpx.post(url + "v1/chat/completions", json=chat, timeout=120).json()
+    assert openai["usage"]["completion_tokens"] == 300 and openai["usage"]["context_dropped_tokens"] > 0
+    anthropic = httpx.post(url + "v1/messages", json={**chat, "model": "m"}, timeout=120).json()
+    assert anthropic["usage"]["output_tokens"] == 300 and anthropic["usage"]["context_dropped_tokens"] > 0
+    ollama = httpx.post(url + "api/chat", json={"model": "m", "messages": chat["messages"], "stream": False,
+                                                "options": {"num_predict": 300, "temperature": 0}}, timeout=120).json()
+    assert ollama["eval_count"] == 300 and ollama["context_dropped_tokens"] > 0
+    short = httpx.post(url + "v1/chat/completions", json={**chat, "max_tokens": 8}, timeout=120).json()
+    assert "context_dropped_tokens" not in short["usage"]  # nothing dropped: the shape is OpenAI's own
+
+
+@pytest.mark.slow
+def test_n_keep_is_read_and_checked(server: Server) -> None:
+    answer = httpx.post(server.url + "completion", json={"prompt": STORY, "n_predict": 8, "n_keep": 5}, timeout=120).json()
+    assert answer["truncated"] is False and answer["generation_settings"]["n_keep"] == 5
+    refused = httpx.post(server.url + "completion", json={"prompt": STORY, "n_keep": -2}, timeout=120)
+    assert refused.status_code == 400 and "n_keep" in refused.json()["error"]["message"]
