@@ -72,6 +72,25 @@ def _refused(why: str) -> Callable[[click.Context, click.Parameter, object], obj
     return refuse
 
 
+def _lora_files(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[Path, float], ...]:
+    """--lora FILE[,FILE] (scale 1) and --lora-scaled FILE:SCALE[,...], as llama-server's; each file must exist."""
+    files = []
+    for item in (part.strip() for entry in value for part in entry.split(",") if part.strip()):
+        path, scale = item, "1"
+        if param.name == "lora_scaled":
+            path, colon, scale = item.rpartition(":")
+            if not colon or not path:
+                raise click.BadParameter(f"{item!r} is not FILE:SCALE, such as adapter.gguf:0.5")
+        try:
+            number = float(scale)
+        except ValueError:
+            raise click.BadParameter(f"{scale!r} in {item!r} is not a number") from None
+        if not Path(path).is_file():
+            raise click.BadParameter(f"{path}: no such file")
+        files.append((Path(path), number))
+    return tuple(files)
+
+
 def _keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """--api-key: one or more keys, comma-separated and repeatable, as llama-server's."""
     return tuple(key.strip() for item in value for key in item.split(",") if key.strip())
@@ -100,7 +119,7 @@ HELP_SECTIONS = [
         "Common options (as llama.cpp's)",
         ["model", "threads", "threads_batch", "ctx_size", "batch_size", "ubatch_size", "cache_type_k", "cache_type_v",
          "flash_attn", "gpu_layers", "gpu_device", "load_mode", "mlock", "no_mmap", "numa", "offline", "context_shift", "n_keep",
-         "verbose"],
+         "lora", "lora_scaled", "verbose"],
     ),
     ("Sampling options (each request may override them)",
      ["temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "n_predict"]),
@@ -108,11 +127,11 @@ HELP_SECTIONS = [
         "Server options (as llama-server's)",
         ["host", "port", "alias", "parallel", "cont_batching", "api_key", "api_key_file", "ssl_key_file", "ssl_cert_file",
          "cors_origins", "allowed_hosts", "chat_template", "jinja", "chat_template_kwargs", "system_prompt", "metrics", "slots",
-         "props", "webui"],
+         "props", "webui", "lora_init_without_apply"],
     ),
     (
         "llamabox options",
-        ["prompt", "chat", "info", "show_license", "verify", "ctx_per_slot", "max_waiting", "ollama_port", "cpu_variant", "gpu",
+        ["prompt", "chat", "info", "show_license", "verify", "ctx_per_slot", "truncate_prompt", "max_waiting", "ollama_port", "cpu_variant", "gpu",
          "nobrowser", "version", "help"],
     ),
 ]
@@ -204,6 +223,26 @@ HELP_SECTIONS = [
     show_default=True,
     help="When a reply fills its context, drop the oldest half of it after the first --keep tokens and go on, as "
     "llama-server's (the answer says how many tokens were dropped); without it the reply ends with finish_reason length.",
+)
+@click.option(
+    "--lora",
+    multiple=True,
+    metavar="FILE[,FILE]",
+    callback=_lora_files,
+    help="Apply this LoRA adapter (a GGUF made for this model) at scale 1; repeatable. GET/POST /lora-adapters show and "
+    "change the scales, and a request's lora field sets its own, as llama-server's.",
+)
+@click.option("--lora-scaled", multiple=True, metavar="FILE:SCALE[,...]", callback=_lora_files, help="Apply this LoRA adapter at SCALE.")
+@click.option(
+    "--lora-init-without-apply",
+    is_flag=True,
+    help="Load the LoRA adapters at scale 0 (apply them later with POST /lora-adapters or a request's lora field).",
+)
+@click.option(
+    "--truncate-prompt",
+    is_flag=True,
+    help="A chat that leaves less than a quarter of the context for the reply loses its oldest turns (never its system "
+    "message nor its newest turn) instead of being refused; the answer says how many messages were left out.",
 )
 @click.option(
     "--keep",

@@ -18,7 +18,7 @@ from runtime.cache_types import UNQUANTIZED
 from runtime.devices import cpu as cpu_module
 from runtime.devices import offload
 from runtime.cache_plan import CachePlan, plan_cache
-from runtime.engine import Engine, EngineOptions, Sampling
+from runtime.engine import Engine, EngineOptions, LoraFile, Sampling
 from runtime.engine.templates import TemplateChoice
 from runtime.engine.loader import model_facts
 from runtime.errors import LlamaboxError
@@ -65,6 +65,10 @@ class RunOptions:
     numa: str | None
     context_shift: bool
     n_keep: int
+    truncate_prompt: bool
+    lora: tuple[tuple[Path, float], ...]
+    lora_scaled: tuple[tuple[Path, float], ...]
+    lora_init_without_apply: bool
     temperature: float
     top_k: int
     top_p: float
@@ -158,6 +162,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             load_mode=load_mode,
             context_shift=options.context_shift,
             n_keep=options.n_keep,
+            truncate_prompt=options.truncate_prompt,
+            lora=tuple(LoraFile(path, 0.0 if options.lora_init_without_apply else scale) for path, scale in (*options.lora, *options.lora_scaled)),
             gpu_layers=placement.layers,
             gpu_devices=tuple(g.index for g in placement.gpus),
             system_prompt=options.system_prompt,

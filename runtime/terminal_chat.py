@@ -144,6 +144,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    context_dropped: int = 0  # tokens a context shift dropped (--context-shift)
+    messages_dropped: int = 0  # the oldest messages left out of the prompt (--truncate-prompt)
 
 
 class TerminalChat:
@@ -192,7 +194,10 @@ class TerminalChat:
             stream.close()  # type: ignore[attr-defined]
         dimmer.finish()
         assert last is not None
-        return Reply("".join(pieces), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens, time.monotonic() - started)
+        return Reply(
+            "".join(pieces), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens, time.monotonic() - started,
+            last.context_dropped, last.messages_dropped,
+        )
 
     def _wait_until_idle(self, timeout: float = 10.0) -> None:
         """Back at the prompt only once the engine has left the step it was in: the model has really
@@ -217,6 +222,10 @@ class TerminalChat:
         used = reply.prompt_tokens + reply.completion_tokens
         speed = f", {reply.completion_tokens / reply.seconds:.1f} tokens/s" if reply.seconds > 0 else ""
         self.note(f"[{reply.completion_tokens} tokens{speed}; context {used}/{self.engine.n_ctx}]")
+        if reply.messages_dropped:
+            self.note(f"The chat no longer fits the context: its oldest {reply.messages_dropped} messages were left out of this reply's prompt.")
+        if reply.context_dropped:
+            self.note(f"The context filled up: {reply.context_dropped} older tokens were dropped to finish this reply.")
         if reply.finish_reason == "length" and self.sampling.max_tokens is None:
             self.note("The context is full: /clear starts again.")
 

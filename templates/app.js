@@ -397,6 +397,9 @@ function statsText(message) {
     error: "broken off",
   }[s.finish_reason];
   if (ending) span.append(" · ", h("span", { class: "stopped", text: ending }));
+  // The server shifted the context (--context-shift): the end of this reply no longer saw the start of the chat.
+  if (s.dropped_messages) span.append(" · ", h("span", { class: "stopped", text: `the oldest ${number.format(s.dropped_messages)} messages were left out: the chat no longer fits` }));
+  if (s.dropped_tokens) span.append(" · ", h("span", { class: "stopped", text: `${number.format(s.dropped_tokens)} older tokens dropped to make room` }));
   return span;
 }
 
@@ -655,7 +658,7 @@ async function generate() {
     for await (const event of streamChat(body, controller.signal)) {
       if (event.usage) {
         const u = event.usage;
-        message.stats = { ...message.stats, prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, cached_tokens: u.prompt_tokens_details?.cached_tokens || 0 };
+        message.stats = { ...message.stats, prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, cached_tokens: u.prompt_tokens_details?.cached_tokens || 0, dropped_tokens: u.context_dropped_tokens || 0, dropped_messages: u.prompt_messages_dropped || 0 };
       }
       const choice = event.choices?.[0];
       if (!choice) continue;

@@ -1,5 +1,7 @@
-"""Context shifting (--context-shift, as llama-server's): a reply that fills its context drops the oldest half of
-what follows the first n_keep tokens and goes on, and every answer says how many tokens were dropped."""
+"""Chats longer than the context. Context shifting (--context-shift, as llama-server's): a reply that fills its
+context drops the oldest half of what follows the first n_keep tokens and goes on. Prompt truncation
+(--truncate-prompt): a chat too long for the context loses its oldest turns, never its system message. Every answer
+says what was dropped."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import httpx
 import pytest
 
 from runtime.devices import cpu as backends
-from runtime.engine import Chunk, Engine, EngineOptions, Prompt, Sampling
+from runtime.engine import Chunk, Engine, EngineOptions, Prompt, PromptTooLongError, Sampling
 from runtime.model_source import ModelLocation
 from tests.conftest import Server, free_port, start_server, stop_server
 
@@ -120,3 +122,57 @@ def test_n_keep_is_read_and_checked(server: Server) -> None:
     assert answer["truncated"] is False and answer["generation_settings"]["n_keep"] == 5
     refused = httpx.post(server.url + "completion", json={"prompt": STORY, "n_keep": -2}, timeout=120)
     assert refused.status_code == 400 and "n_keep" in refused.json()["error"]["message"]
+
+
+SYSTEM = {"role": "system", "content": "You are a patient geography teacher."}
+
+
+def long_chat(turns: int) -> list[dict[str, str]]:
+    chat = [SYSTEM]
+    for i in range(turns):
+        chat += [{"role": "user", "content": f"Question {i}: name a large city in a country whose name starts with the letter {chr(65 + i)}."},
+                 {"role": "assistant", "content": f"Answer {i}: there are several large cities there, and one of the best known is the capital."}]
+    return [*chat, {"role": "user", "content": "Which of these cities is the largest?"}]
+
+
+def test_truncating_a_long_chat_keeps_its_system_message_and_newest_turns(smollm2: Path) -> None:
+    truncating = engine(smollm2, parallel=1, truncate_prompt=True)
+    chat = long_chat(8)
+    whole = engine(smollm2, parallel=1).chat_prompt(chat)
+    assert len(whole.tokens) > CELLS  # the whole chat does not fit
+    prompt = truncating.chat_prompt(chat)
+    assert prompt.messages_dropped > 0 and prompt.messages_dropped % 2 == 0  # whole turns: a question and its answer
+    assert len(prompt.tokens) <= CELLS * 3 // 4  # a quarter of the context left for the reply
+    kept = chat[1 + prompt.messages_dropped:]
+    assert prompt.text.count("Question ") == sum(m["content"].startswith("Question ") for m in kept)
+    assert SYSTEM["content"] in prompt.text and "Which of these cities is the largest?" in prompt.text
+    assert f"Question {prompt.messages_dropped // 2 - 1}:" not in prompt.text  # the newest dropped turn is gone
+    last = generate(truncating, prompt, 16)[-1]
+    assert last.messages_dropped == prompt.messages_dropped and last.completion_tokens > 0
+
+
+def test_a_newest_turn_too_long_alone_is_still_refused_with_both_numbers(smollm2: Path) -> None:
+    truncating = engine(smollm2, parallel=1, truncate_prompt=True)
+    prompt = truncating.chat_prompt([SYSTEM, {"role": "user", "content": "cat " * 400}])
+    with pytest.raises(PromptTooLongError, match=r"the prompt is \d+ tokens even with only the newest turn \(--truncate-prompt\) but the context holds 256"):
+        truncating.stream(prompt, Sampling(max_tokens=4))
+
+
+@pytest.mark.slow
+def test_the_answer_says_how_many_messages_were_left_out(bundle: Path) -> None:
+    server = start_server(bundle, "--port", str(free_port()), "--temp", "0", "-c", "128", "-np", "1", "--truncate-prompt")
+    try:
+        chat = {"messages": long_chat(8), "max_tokens": 8, "temperature": 0}
+        openai = httpx.post(server.url + "v1/chat/completions", json=chat, timeout=120).json()
+        assert openai["usage"]["prompt_messages_dropped"] > 0 and "context_dropped_tokens" not in openai["usage"]
+        ollama = httpx.post(server.url + "api/chat", json={"model": "m", "messages": chat["messages"], "stream": False,
+                                                          "options": {"num_predict": 8}}, timeout=120).json()
+        assert ollama["prompt_messages_dropped"] == openai["usage"]["prompt_messages_dropped"]
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.slow
+def test_without_truncation_a_long_chat_is_refused(shifting_server: Server) -> None:
+    refused = httpx.post(shifting_server.url + "v1/chat/completions", json={"messages": long_chat(8), "max_tokens": 8}, timeout=120)
+    assert refused.status_code == 400 and "tokens but the context holds 256" in refused.json()["error"]["message"]

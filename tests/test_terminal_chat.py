@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runtime.engine import Chunk, Prompt, PromptTooLongError, Sampling, SlotState
-from runtime.terminal_chat import Conversation, ReasoningDimmer, TerminalChat, answer_of, read_message
+from runtime.terminal_chat import Conversation, ReasoningDimmer, Reply, TerminalChat, answer_of, read_message
 
 # --- pure parts -------------------------------------------------------------------------------------
 
@@ -64,8 +64,8 @@ class FakeEngine:
 
     n_ctx = 64
 
-    def __init__(self, pieces: list[str], too_long: bool = False) -> None:
-        self.pieces, self.too_long, self.seen = pieces, too_long, []
+    def __init__(self, pieces: list[str], too_long: bool = False, dropped: int = 0) -> None:
+        self.pieces, self.too_long, self.seen, self.dropped = pieces, too_long, [], dropped
 
     def chat_prompt(self, messages):
         self.seen.append(messages)
@@ -77,7 +77,7 @@ class FakeEngine:
         def pieces() -> Iterator[Chunk]:
             for text in self.pieces[:-1]:
                 yield Chunk(text)
-            yield Chunk(self.pieces[-1], "stop", prompt_tokens=3, completion_tokens=len(self.pieces))
+            yield Chunk(self.pieces[-1], "stop", prompt_tokens=3, completion_tokens=len(self.pieces), context_dropped=self.dropped)
 
         return pieces()
 
@@ -117,6 +117,16 @@ def test_a_conversation_that_no_longer_fits_says_so_and_keeps_the_chat_usable() 
     assert chat.ask("a very long question") is None
     assert "no longer fits" in out.getvalue() and "/clear" in out.getvalue()
     assert chat.conversation.messages == []
+
+
+def test_a_reply_whose_context_was_shifted_says_how_much_was_dropped() -> None:
+    out = io.StringIO()
+    chat = TerminalChat(FakeEngine(["a", "b"], dropped=30), Sampling(), "m", out, styled=False)
+    chat.after_reply(chat.ask("go on"))
+    assert "30 older tokens were dropped to finish this reply" in out.getvalue()
+    quiet = io.StringIO()
+    TerminalChat(FakeEngine(["a"]), Sampling(), "m", quiet, styled=False).after_reply(Reply("a", "stop", 3, 1))
+    assert "dropped" not in quiet.getvalue()
 
 
 def test_saving_where_one_cannot_write_is_one_line(tmp_path: Path) -> None:

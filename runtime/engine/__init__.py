@@ -9,7 +9,7 @@ llama-cpp-python. The model is mapped in place from the bundle (loader.py); one 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import llama_cpp
@@ -36,10 +36,12 @@ from runtime.engine.scheduler import (
 )
 from runtime.errors import LlamaboxError, ModelFileError
 from runtime.model_source import ModelLocation
+from runtime.engine.lora import Adapters, LoraError, LoraFile
 from runtime.engine.quiet import quiet
 
 __all__ = [
-    "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "Metrics", "Prompt",
+    "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "LoraError", "LoraFile",
+    "Metrics", "Prompt",
     "PromptError", "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState", "Timings",
     "TokenLogprob",
 ]
@@ -76,6 +78,8 @@ class EngineOptions:
     load_mode: str = "auto"  # loader.LOAD_MODES: how the weights are read (--no-mmap, --mlock, -lm)
     context_shift: bool = False  # a request that fills its context drops older tokens and goes on (--context-shift)
     n_keep: int = 0  # prompt tokens a context shift keeps (--keep; -1: the whole prompt)
+    truncate_prompt: bool = False  # a chat too long for the context loses its oldest turns, not its system message
+    lora: tuple[LoraFile, ...] = ()  # LoRA adapters to load with the model (--lora, --lora-scaled)
     gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
     gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
     system_prompt: str | None = None
@@ -98,6 +102,7 @@ class Completion:
     timings: Timings = Timings()
     stop_word: str | None = None  # the stop string that ended the text, if one did
     context_dropped: int = 0  # tokens context shifts dropped from the request's context
+    messages_dropped: int = 0  # the chat's oldest messages left out of the prompt (--truncate-prompt)
 
     @classmethod
     def from_pieces(cls, pieces: list[Chunk]) -> Completion:
@@ -113,6 +118,7 @@ class Completion:
             timings=last.timings or Timings(),
             stop_word=last.stop_word,
             context_dropped=last.context_dropped,
+            messages_dropped=last.messages_dropped,
         )
 
 
@@ -123,6 +129,7 @@ class Prompt:
     tokens: list[int]
     stop: list[str] = field(default_factory=list)
     text: str = ""  # what the chat template wrote, for a chat prompt (llama-server's /apply-template shows it)
+    messages_dropped: int = 0  # the oldest messages of the chat left out so that it fits (--truncate-prompt)
 
 
 class Engine:
@@ -156,6 +163,10 @@ class Engine:
         if context is None:
             raise ModelFileError(f"llama.cpp could not make a context of {cells} tokens for this model; try a smaller --ctx-size")
         self._context = context
+        self.adapters = Adapters(self._model.model, list(options.lora), options.verbose)
+        # What llama.cpp made of -b and -ub: it takes no more per call than the context it was asked for (-c 128 gives
+        # 128 even where the cache is padded to 256), and a batch beyond that would abort the process.
+        self.batch_size, self.ubatch_size = llama_cpp.llama_n_batch(context), llama_cpp.llama_n_ubatch(context)
         # The cache as llama.cpp rounded its cells, and how many one request may use: all of them when shared.
         self.cache = CachePlan(llama_cpp.llama_n_ctx(self._context), self.parallel, shared=not options.ctx_per_slot)
         self.n_ctx = self.cache.per_request
@@ -169,7 +180,7 @@ class Engine:
         self._scheduler = Scheduler(
             self._model.model, self._context, self.n_ctx, self.parallel, self.batch_size, self.ubatch_size, options.max_waiting,
             shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(self.cache.cells * per_token),
-            context_shift=options.context_shift, n_keep=options.n_keep,
+            context_shift=options.context_shift, n_keep=options.n_keep, adapters=self.adapters if len(self.adapters) else None,
         )
         if options.context_shift and not self._scheduler.context_shift:
             self.warnings.append("this model's cache cannot shift its context (--context-shift); a reply that fills it ends with length")
@@ -249,7 +260,25 @@ class Engine:
         """
         if self.options.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.options.system_prompt}, *messages]
-        rendered = render_chat(self._template, messages, tools, {**self.options.template_kwargs, **(template_kwargs or {})})
+        kwargs = {**self.options.template_kwargs, **(template_kwargs or {})}
+        prompt = self._rendered(messages, tools, kwargs)
+        if not self.options.truncate_prompt:
+            return prompt
+        # --truncate-prompt: while the chat leaves less than a quarter of the context for the reply, its oldest whole
+        # turns go (each up to the next user message), never the system messages at the start nor the newest turn;
+        # if that alone does not fit, _check_fits refuses it as before.
+        system = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+        rest, dropped = messages[system:], 0
+        while len(prompt.tokens) > self.n_ctx * 3 // 4:
+            cut = next((i for i in range(1, len(rest)) if rest[i].get("role") == "user"), None)
+            if cut is None:
+                break
+            rest, dropped = rest[cut:], dropped + cut
+            prompt = replace(self._rendered([*messages[:system], *rest], tools, kwargs), messages_dropped=dropped)
+        return prompt
+
+    def _rendered(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, kwargs: dict[str, Any]) -> Prompt:
+        rendered = render_chat(self._template, messages, tools, kwargs)
         # The template writes the BOS token itself where the model wants one.
         return Prompt(tokens=self.tokenize(rendered.text, add_bos=False), stop=rendered.stop, text=rendered.text)
 
@@ -270,7 +299,10 @@ class Engine:
 
     def _submit(self, prompt: Prompt, sampling: Sampling, asynchronous: bool) -> Any:
         self._check_fits(prompt)
-        return self._scheduler.submit(prompt.tokens, sampling, [*prompt.stop, *sampling.stop], asynchronous=asynchronous)
+        return self._scheduler.submit(
+            prompt.tokens, sampling, [*prompt.stop, *sampling.stop], asynchronous=asynchronous, messages_dropped=prompt.messages_dropped,
+            lora=self.adapters.scales_for(sampling.lora),
+        )
 
     async def acomplete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         stream = self.astream(prompt, sampling)
@@ -313,8 +345,9 @@ class Engine:
 
     def _check_fits(self, prompt: Prompt) -> None:
         if len(prompt.tokens) >= self.n_ctx:
+            after = " even with only the newest turn (--truncate-prompt)" if self.options.truncate_prompt else ""
             raise PromptTooLongError(
-                f"the prompt is {len(prompt.tokens)} tokens but the context holds {self.n_ctx}; "
+                f"the prompt is {len(prompt.tokens)} tokens{after} but the context holds {self.n_ctx}; "
                 "shorten it or restart with a larger --ctx-size"
             )
 

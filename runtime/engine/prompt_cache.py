@@ -31,6 +31,7 @@ def default_limit(cache_bytes: int) -> int:
 class Parked:
     tokens: list[int]
     state: ctypes.Array[ctypes.c_uint8]
+    lora: tuple[float, ...] = ()  # the LoRA scales its keys and values were computed with
 
 
 class PromptCache:
@@ -38,8 +39,9 @@ class PromptCache:
         self._context, self._limit = context, limit_bytes
         self._parked: list[Parked] = []  # oldest first
 
-    def park(self, seq_id: int, tokens: list[int]) -> None:
-        """Keep sequence `seq_id`'s keys and values (for `tokens`) here; the caller then clears it from the cache."""
+    def park(self, seq_id: int, tokens: list[int], lora: tuple[float, ...] = ()) -> None:
+        """Keep sequence `seq_id`'s keys and values (for `tokens`, computed with the LoRA scales `lora`) here; the
+        caller then clears it from the cache."""
         size = llama_cpp.llama_state_seq_get_size(self._context, seq_id)
         if not tokens or size > self._limit:
             return
@@ -47,16 +49,17 @@ class PromptCache:
         if llama_cpp.llama_state_seq_get_data(self._context, state, size, seq_id) != size:
             return
         # A parked prompt that this one continues is superseded by it.
-        self._parked = [p for p in self._parked if p.tokens != tokens[: len(p.tokens)]]
-        self._parked.append(Parked(list(tokens), state))
+        self._parked = [p for p in self._parked if p.lora != lora or p.tokens != tokens[: len(p.tokens)]]
+        self._parked.append(Parked(list(tokens), state, lora))
         while sum(len(p.state) for p in self._parked) > self._limit:
             self._parked.pop(0)
 
-    def best(self, tokens: list[int]) -> tuple[Parked | None, int]:
-        """The parked prompt sharing the longest start with `tokens`, and how many tokens they share."""
+    def best(self, tokens: list[int], lora: tuple[float, ...] = ()) -> tuple[Parked | None, int]:
+        """The parked prompt computed with the LoRA scales `lora` sharing the longest start with `tokens`, and how many
+        tokens they share."""
         found, shared = None, 0
         for parked in self._parked:
-            n = common_prefix(parked.tokens, tokens)
+            n = common_prefix(parked.tokens, tokens) if parked.lora == lora else 0
             if n > shared:
                 found, shared = parked, n
         return found, shared

@@ -45,6 +45,7 @@ class Sampling:
     grammar: str | None = None  # GBNF, rooted at "root"
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
     n_keep: int | None = None  # prompt tokens a context shift keeps (-1: the whole prompt); None: the server's --keep
+    lora: dict[int, float] | None = None  # this request's LoRA scales by adapter id; None: the server's current ones
 
 
 # llama_token_data as numpy sees it: the candidates handed to llama.cpp's samplers

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+from runtime.engine.lora import Adapters, Scales
 from runtime.engine.metrics import Metrics
 from runtime.engine.prompt_cache import PromptCache, common_prefix
 from runtime.engine.sampling import SamplerChain, Sampling, SamplingError
@@ -83,11 +84,12 @@ class Chunk:
     timings: Timings | None = None
     stop_word: str | None = None  # the stop string that ended the text (finish_reason "stop")
     context_dropped: int = 0  # tokens dropped from the request's context by context shifts
+    messages_dropped: int = 0  # the chat's oldest messages left out of the prompt (--truncate-prompt)
 
 
 class _Request:
-    def __init__(self, tokens: list[int], sampling: Sampling, stop: list[str]) -> None:
-        self.tokens, self.sampling, self.stop = tokens, sampling, stop
+    def __init__(self, tokens: list[int], sampling: Sampling, stop: list[str], messages_dropped: int = 0, lora: Scales = ()) -> None:
+        self.tokens, self.sampling, self.stop, self.messages_dropped, self.lora = tokens, sampling, stop, messages_dropped, lora
         self.pieces: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
         self.cancelled = False
         self.listener: Callable[[], None] | None = None  # told after each piece (an asyncio reader's wake-up)
@@ -172,6 +174,7 @@ class _Slot:
         self.generated = 0
         self.reused = 0
         self.dropped = 0  # tokens context shifts dropped from this request's context
+        self.lora: Scales = ()  # the LoRA scales `cached` was computed with
         self.logprobs: list[TokenLogprob] = []  # generated since the last piece sent
         self.started_at = self.first_token_at = 0.0
         self.batch_index = -1
@@ -190,6 +193,7 @@ class Scheduler:
     def __init__(
         self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, n_ubatch: int, max_waiting: int,
         shared_cells: int | None = None, prompt_cache_bytes: int = 0, context_shift: bool = False, n_keep: int = 0,
+        adapters: Adapters | None = None,
     ) -> None:
         self._model, self._context = model, context
         self._vocab = llama_cpp.llama_model_get_vocab(model)
@@ -202,6 +206,8 @@ class Scheduler:
         # Context shifting, where the model's cache can move tokens (not a sliding-window or recurrent one).
         self.context_shift = context_shift and bool(llama_cpp.llama_memory_can_shift(self._memory))
         self._n_keep, self._add_bos = n_keep, bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._adapters = adapters  # LoRA: one set of scales per decode call
+        self._last_lora: Scales | None = None
         self._shared_cells = shared_cells  # the shared cache's size; None: each slot has n_ctx_slot cells of its own
         # With a shared cache, idle slots' prompts wait in memory rather than in it (prompt_cache.py).
         self._parked = PromptCache(context, prompt_cache_bytes) if shared_cells is not None else None
@@ -217,16 +223,19 @@ class Scheduler:
 
     # --- called by readers, on their own threads ---------------------------------------------------
 
-    def submit(self, tokens: list[int], sampling: Sampling, stop: list[str], asynchronous: bool = False) -> _Stream:
+    def submit(
+        self, tokens: list[int], sampling: Sampling, stop: list[str], asynchronous: bool = False, messages_dropped: int = 0, lora: Scales = ()
+    ) -> _Stream:
         """Queue a request; its pieces come from the returned iterator (an async one if `asynchronous`,
-        which must be asked for in the event loop). Closing it cancels the request."""
+        which must be asked for in the event loop). Closing it cancels the request. `messages_dropped` (what
+        --truncate-prompt left out of the chat) is handed back with the last piece."""
         if not tokens:
             raise PromptError("the prompt is empty; send some text")
         outside = next((t for t in tokens if not 0 <= t < self._n_vocab), None)
         if outside is not None:
             raise PromptError(f"the prompt holds token {outside}, outside the model's vocabulary of {self._n_vocab} tokens")
         SamplerChain(sampling, self._vocab, self._n_vocab).close()  # refuse bad settings now, not mid-stream
-        request = _Request(tokens, sampling, stop)
+        request = _Request(tokens, sampling, stop, messages_dropped, lora)
         with self._wake:
             # Requests not yet given a slot count against the free slots first, then against the line.
             waiting = len(self._waiting) - sum(slot.request is None for slot in self._slots)
@@ -305,7 +314,7 @@ class Scheduler:
             if not free:
                 return
             request = self._waiting[0]
-            slot = max(free, key=lambda s: (common_prefix(s.cached, request.tokens), -s.last_used))
+            slot = max(free, key=lambda s: (_reusable(s, request), -s.last_used))
             if self._parked is not None:
                 self._park_idle_slots(request, slot)
             if not self._room_for(request, slot):
@@ -318,13 +327,13 @@ class Scheduler:
                 self._free(slot, keep_cache=False)
 
     def _start(self, slot: _Slot, request: _Request) -> None:
-        keep = min(common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)  # read at least one token
+        keep = min(_reusable(slot, request), len(request.tokens) - 1)  # read at least one token
         cut = llama_cpp.llama_memory_seq_rm(self._memory, slot.id, keep, -1)
         # A sliding-window cache has already dropped what lies before the window: reuse needs it whole.
         if not cut or (self._n_swa > 0 and keep > 0 and llama_cpp.llama_memory_seq_pos_min(self._memory, slot.id) > max(0, keep - self._n_swa)):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)  # this cache cannot be cut here: start over
             keep = 0
-        slot.cached, slot.pending = request.tokens[:keep], request.tokens[keep:]
+        slot.cached, slot.pending, slot.lora = request.tokens[:keep], request.tokens[keep:], request.lora
         slot.reused, slot.generated, slot.next_token, slot.dropped = keep, 0, None, 0
         slot.logprobs, slot.started_at, slot.first_token_at = [], time.perf_counter(), 0.0
         self._requests_started += 1
@@ -341,14 +350,14 @@ class Scheduler:
         assert self._parked is not None
         for idle in self._slots:
             if idle.request is None and idle is not slot and idle.cached:
-                self._parked.park(idle.id, idle.cached)
+                self._parked.park(idle.id, idle.cached, idle.lora)
                 self._drop_cache(idle)
-        own = common_prefix(slot.cached, request.tokens)
+        own = _reusable(slot, request)
         if own < len(slot.cached) // 2:
             # The request keeps less than half of this slot's prompt (another chat with the same system message):
             # keep a copy of the whole in memory before _start cuts it, for that chat's next turn.
-            self._parked.park(slot.id, slot.cached)
-        parked, shared = self._parked.best(request.tokens)
+            self._parked.park(slot.id, slot.cached, slot.lora)
+        parked, shared = self._parked.best(request.tokens, request.lora)
         if parked is None or shared <= own:
             return
         if len(parked.tokens) - len(slot.cached) > self._free_cells():
@@ -356,7 +365,7 @@ class Scheduler:
         if slot.cached:
             self._drop_cache(slot)  # kept in memory above when worth it
         if self._parked.restore(parked, slot.id):
-            slot.cached = parked.tokens
+            slot.cached, slot.lora = parked.tokens, parked.lora
         else:
             self._drop_cache(slot)
 
@@ -370,7 +379,7 @@ class Scheduler:
         the idle slots' prompts are parked already (_park_idle_slots)."""
         if self._shared_cells is None:
             return True
-        keep = min(common_prefix(slot.cached, request.tokens), len(request.tokens) - 1)
+        keep = min(_reusable(slot, request), len(request.tokens) - 1)
         freed_on_slot = len(slot.cached) - keep  # what _start cuts from the chosen slot's own cache
         return self._free_cells() + freed_on_slot >= len(request.tokens) - keep + 1
 
@@ -434,7 +443,7 @@ class Scheduler:
                 if slot.request is not None and slot.next_token is not None and len(slot.cached) + 1 >= self.n_ctx_slot:
                     self._shift(slot)  # _sampled let it go on only where it can
             self._make_room_to_generate([slot for slot in self._slots if slot.request is not None and slot.next_token is not None])
-        active = [slot for slot in self._slots if slot.request is not None]
+        active = self._this_steps_lora([slot for slot in self._slots if slot.request is not None])
         generating = [slot for slot in active if slot.next_token is not None]
         if not active:
             return
@@ -476,6 +485,17 @@ class Scheduler:
                     slot.logprobs.append(self._logprob(slot.batch_index, token, slot.request.sampling.logprobs))
                 self._sampled(slot, token)
             slot.batch_index = -1
+
+    def _this_steps_lora(self, active: list[_Slot]) -> list[_Slot]:
+        """The requests of this step: those with one set of LoRA scales (llama.cpp applies one per decode call), the
+        sets taking turns step by step; the context set to compute with it."""
+        if self._adapters is None or not active:
+            return active
+        kinds = sorted({slot.lora for slot in active})
+        later = [kind for kind in kinds if self._last_lora is not None and kind > self._last_lora]
+        self._last_lora = later[0] if later else kinds[0]
+        self._adapters.apply(self._context, self._last_lora)
+        return [slot for slot in active if slot.lora == self._last_lora]
 
     def _add(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         batch = self._batch
@@ -533,7 +553,10 @@ class Scheduler:
         first = slot.first_token_at or now
         timings = Timings((first - slot.started_at) * 1000, (now - first) * 1000)
         request.put(
-            Chunk(piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word, slot.dropped)
+            Chunk(
+                piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word, slot.dropped,
+                request.messages_dropped,
+            )
         )
         self._metrics.request_done(
             len(request.tokens) - slot.reused, slot.reused, timings.prompt_ms / 1000, slot.generated, timings.predicted_ms / 1000
@@ -541,6 +564,11 @@ class Scheduler:
         self._free(slot, keep_cache=keep_cache)
 
 
+
+
+def _reusable(slot: _Slot, request: _Request) -> int:
+    """How many of `request`'s first tokens `slot` holds already, computed with the LoRA scales the request wants."""
+    return common_prefix(slot.cached, request.tokens) if slot.lora == request.lora else 0
 
 
 def token_bytes(vocab: object, token: int) -> bytes:

@@ -18,7 +18,15 @@ JSON_TYPES = ("application/json",)
 
 
 async def read_json(request: Request) -> Body:
-    """The body as a JSON object; refuses bodies not sent as JSON.
+    """The body as a JSON object; refuses bodies not sent as JSON."""
+    data = await read_json_value(request)
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return Body(data)
+
+
+async def read_json_value(request: Request) -> Any:
+    """The body as any JSON value (POST /lora-adapters takes a list); refuses bodies not sent as JSON.
 
     A page on another site can POST `text/plain` or a form to 127.0.0.1 without a CORS preflight;
     demanding a JSON content type closes that door (see guard.py for the Host check).
@@ -31,13 +39,11 @@ async def read_json(request: Request) -> Body:
         data = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
     try:  # JSON may escape half of a UTF-16 pair ("\ud800"), which no tokenizer can take
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(400, "the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode") from None
-    return Body(data)
+    return data
 
 
 def _refuse_constant(name: str) -> Any:

@@ -10,7 +10,7 @@ import logging
 
 from starlette.exceptions import HTTPException
 
-from runtime.engine import EngineFailure, PromptTooLongError, QueueFullError
+from runtime.engine import EngineFailure, LoraError, PromptTooLongError, QueueFullError
 from runtime.errors import LlamaboxError
 
 log = logging.getLogger("llamabox")
@@ -45,6 +45,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(500, f"llama.cpp failed to evaluate the request ({exc})")
     if isinstance(exc, PromptTooLongError):
         return ApiError(400, str(exc), param="prompt")
+    if isinstance(exc, LoraError):
+        return ApiError(400, str(exc), param="lora")
     if isinstance(exc, LlamaboxError):
         return ApiError(400, str(exc))
     if isinstance(exc, HTTPException):

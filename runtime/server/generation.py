@@ -29,6 +29,7 @@ class Usage:
     completion_tokens: int
     cached_tokens: int
     context_dropped: int = 0  # tokens context shifts dropped (--context-shift): said as usage.context_dropped_tokens
+    messages_dropped: int = 0  # the chat's oldest messages left out (--truncate-prompt): usage.prompt_messages_dropped
 
     @property
     def total_tokens(self) -> int:
@@ -56,13 +57,18 @@ def timings_of(result: Completion | Chunk) -> dict[str, float]:
 def usage_of(results: list[Completion] | list[Chunk]) -> Usage:
     """The prompt is read once per choice but counted once, as OpenAI counts it; completions add up."""
     first = results[0]
-    return Usage(first.prompt_tokens, sum(r.completion_tokens for r in results), first.cached_tokens, sum(r.context_dropped for r in results))
+    return Usage(
+        first.prompt_tokens, sum(r.completion_tokens for r in results), first.cached_tokens, sum(r.context_dropped for r in results),
+        first.messages_dropped,
+    )
 
 
-def dropped(usage: Usage) -> dict[str, int]:
-    """What every dialect's usage object adds where a context shift dropped tokens (none otherwise, so that the
-    shapes stay their own): how many, so that a client knows the reply no longer saw all of its conversation."""
-    return {"context_dropped_tokens": usage.context_dropped} if usage.context_dropped else {}
+def dropped(usage: Usage | Completion | Chunk) -> dict[str, int]:
+    """What every dialect's usage object adds where the model did not see the whole conversation (nothing otherwise,
+    so that the shapes stay their own): the chat's oldest messages left out of the prompt (--truncate-prompt), and
+    the tokens a context shift dropped while replying (--context-shift)."""
+    said = {"prompt_messages_dropped": usage.messages_dropped} if usage.messages_dropped else {}
+    return {**said, "context_dropped_tokens": usage.context_dropped} if usage.context_dropped else said
 
 
 class Generation:

@@ -28,7 +28,7 @@ from runtime.engine.infill import InfillRequest, infill_tokens
 from runtime.engine.sampling import PENALTY_LAST_N
 from runtime.server import prometheus
 from runtime.server import sampling as sampling_fields
-from runtime.server.body import Body, read_json
+from runtime.server.body import Body, read_json, read_json_value
 from runtime.server.dialect import Dialect
 from runtime.server.errors import ApiError
 from runtime.server.generation import Generation, sse, timings_of
@@ -88,6 +88,7 @@ def routes() -> list[Route]:
         NATIVE.route("/apply-template", apply_template, ["POST"]),
         NATIVE.route("/metrics", prometheus.metrics, ["GET"]),
         NATIVE.route("/lora-adapters", list_lora_adapters, ["GET"]),
+        NATIVE.route("/lora-adapters", set_lora_adapters, ["POST"]),
         *(NATIVE.route(path, _unsupported(what), methods) for path, what, methods in UNSUPPORTED),
     ]
 
@@ -97,7 +98,6 @@ UNSUPPORTED = [
     ("/rerank", "reranking", ["POST"]),
     ("/reranking", "reranking", ["POST"]),
     ("/slots/{id_slot}", "saving, restoring and erasing slots", ["POST"]),
-    ("/lora-adapters", "LoRA adapters", ["POST"]),
 ]
 
 
@@ -179,8 +179,21 @@ async def apply_template(request: Request) -> Response:
     return JSONResponse({"prompt": prompt.text})
 
 
-async def list_lora_adapters(_request: Request) -> Response:
-    return JSONResponse([])  # a bundle has its model and no adapters
+async def list_lora_adapters(request: Request) -> Response:
+    """llama-server's list of the adapters loaded with --lora, with the scale new requests get."""
+    engine: Engine = request.app.state.engine
+    return JSONResponse(engine.adapters.describe())
+
+
+async def set_lora_adapters(request: Request) -> Response:
+    """llama-server's POST /lora-adapters: [{"id": 0, "scale": 0.5}, ...] sets the scales new requests get (adapters
+    left out: 0); requests running now keep theirs."""
+    engine: Engine = request.app.state.engine
+    body = await read_json_value(request)
+    if not isinstance(body, list):
+        raise ApiError(400, "the body must be a list such as [{\"id\": 0, \"scale\": 0.5}]")
+    engine.adapters.set_scales(sampling_fields.lora_scales(body, "body"))
+    return JSONResponse({"success": True})
 
 
 async def change_props(request: Request) -> Response:
@@ -244,6 +257,7 @@ def _options(body: Body, engine: Engine | None, server: ServerSettings) -> Optio
         grammar=_grammar(body),
         logprobs=n_probs,  # always asked for: the chosen tokens' ids are the response's `tokens`
         n_keep=body.integer("n_keep", minimum=-1),
+        lora=sampling_fields.lora(body),
     )
     sampling = _samplers(body, _penalty_window(body, sampling))
     stream = bool(body.boolean("stream"))
@@ -295,7 +309,6 @@ OFF: dict[str, tuple[Callable[[Any], bool], str]] = {
     "post_sampling_probs": (lambda v: v is False, "false (probabilities are the model's, before sampling)"),
     "return_progress": (lambda v: v is False, "false"),
     "grammar_lazy": (lambda v: v is False, "false"),
-    "lora": (lambda v: v == [], "[]"),
     "image_data": (lambda v: v == [], "[] (this model reads text only)"),
     "multimodal_data": (lambda v: v == [], "[] (this model reads text only)"),
 }

@@ -31,7 +31,7 @@ from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import Dialect
 from runtime.server.errors import ApiError
-from runtime.server.generation import Generation, ndjson
+from runtime.server.generation import Generation, dropped, ndjson
 from runtime.server.openai import tool_use
 from runtime.server.settings import ServerSettings
 from runtime.server.structured import ToolCall, ToolUse, json_grammar
@@ -393,7 +393,7 @@ class _Answer:
             "prompt_eval_duration": round(timings.prompt_ms * 1e6),
             "eval_count": last.completion_tokens,
             "eval_duration": round(timings.predicted_ms * 1e6),
-            **({"context_dropped_tokens": last.context_dropped} if last.context_dropped else {}),
+            **dropped(last),
         }
 
 

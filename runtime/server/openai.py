@@ -230,6 +230,7 @@ def request_sampling(body: Body, defaults: Sampling, *, grammar: str | None, log
         logit_bias=sampling_fields.logit_bias(body),
         grammar=grammar,
         logprobs=logprobs,
+        lora=sampling_fields.lora(body),  # llama-server reads it in OpenAI requests too
     )
 
 

@@ -30,6 +30,30 @@ def logit_bias(body: Body, name: str = "logit_bias") -> dict[int, float] | None:
     return bias
 
 
+def lora(body: Body, name: str = "lora") -> dict[int, float] | None:
+    """llama-server's per-request LoRA scales: [{"id": 0, "scale": 0.5}, ...] (adapters left out get 0)."""
+    items = body.array(name)
+    return None if items is None else lora_scales(items, name)
+
+
+def lora_scales(items: list[Any], name: str) -> dict[int, float]:
+    """[{"id": N, "scale": X}, ...] as {N: X}, each entry checked; also POST /lora-adapters' body."""
+    scales = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ApiError(400, f"'{name}' must be a list of objects such as {{\"id\": 0, \"scale\": 1.0}}", param=name)
+        entry = Body(item, prefix=f"{name}[{i}].")
+        adapter_id = entry.integer("id", required=True, minimum=0)
+        scale = entry.number("scale", minimum=-LARGEST_SCALE, maximum=LARGEST_SCALE)
+        assert adapter_id is not None
+        scales[adapter_id] = 0.0 if scale is None else scale
+    return scales
+
+
+# Scales beyond this are no adapter anyone trained: refused rather than turned into NaN logits.
+LARGEST_SCALE = 100.0
+
+
 def seed(body: Body, name: str = "seed") -> int | None:
     value = body.integer(name)
     return None if value is None or value == -1 else value & 0xFFFFFFFF  # -1: random, as llama.cpp
