@@ -100,7 +100,9 @@ def shifting_server(bundle: Path) -> Iterator[Server]:
 @pytest.mark.slow
 def test_every_dialect_says_what_was_dropped(shifting_server: Server) -> None:
     url = shifting_server.url
-    native = httpx.post(url + "completion", json={"prompt": STORY, "n_predict": 300, "n_keep": -1}, timeout=120).json()
+    # The chat as SmolLM2's template (ChatML) writes it: as plain text the story ends at once.
+    as_chat = f"<|im_start|>user\n{STORY}<|im_end|>\n<|im_start|>assistant\n"
+    native = httpx.post(url + "completion", json={"prompt": as_chat, "n_predict": 300, "n_keep": -1}, timeout=120).json()
     assert native["tokens_predicted"] == 300 and native["truncated"] is True
     assert native["generation_settings"]["n_keep"] == -1
 

@@ -8,6 +8,7 @@ llama-cpp-python. The model is mapped in place from the bundle (loader.py); one 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -135,6 +136,9 @@ class Prompt:
 class Engine:
     def __init__(self, location: ModelLocation, options: EngineOptions) -> None:
         self.options = options
+        # llama.cpp's log, through llama-cpp-python's logger: only its errors unless --verbose. It also logs while
+        # serving (a LoRA scale change rebuilds the compute graph), where a stderr nobody reads would fill and stall.
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if options.verbose else logging.ERROR)
         self.warnings: list[str] = []  # what the user should read about this load (fewer layers on the GPU)
         self.gpu_layers = options.gpu_layers if options.gpu_devices else 0
         # A compute step takes no more than a decode call does (llama.cpp clamps -ub to -b as well).
