@@ -126,7 +126,9 @@ HELP_SECTIONS = [
     (
         "Server options (as llama-server's)",
         ["host", "port", "alias", "parallel", "cont_batching", "api_key", "api_key_file", "ssl_key_file", "ssl_cert_file",
-         "cors_origins", "allowed_hosts", "chat_template", "jinja", "chat_template_kwargs", "system_prompt", "metrics", "slots",
+         "cors_origins", "allowed_hosts", "chat_template", "jinja", "chat_template_kwargs", "reasoning_format", "reasoning",
+         "reasoning_budget",
+         "system_prompt", "metrics", "slots",
          "props", "webui", "lora_init_without_apply"],
     ),
     (
@@ -365,6 +367,32 @@ HELP_SECTIONS = [
     show_default=True,
     help="Render chat templates with Jinja (tools, chat_template_kwargs); --no-jinja uses llama.cpp's built-in template "
     "that matches the model's.",
+)
+@click.option(
+    "--reasoning-format",
+    type=click.Choice(["auto", "none", "deepseek", "deepseek-legacy"]),
+    default="auto",
+    show_default=True,
+    help="Where a chat reply's reasoning (<think>...</think>) goes, as llama-server's: auto and deepseek put it in "
+    "message.reasoning_content, deepseek-legacy there and in content, none leaves it in content; a request's "
+    "reasoning_format goes over it.",
+)
+@click.option(
+    "-rea",
+    "--reasoning",
+    type=click.Choice(["on", "off", "auto"]),
+    default="auto",
+    show_default=True,
+    help="Let a reasoning model think before it answers (its template's enable_thinking), as llama-server's; auto: "
+    "as its template decides.",
+)
+@click.option(
+    "--reasoning-budget",
+    default=-1,
+    show_default=True,
+    type=click.IntRange(-1),
+    help="Tokens a chat reply may think (<think>...) before its reasoning is closed for it and it answers, as "
+    "llama-server's: 0 closes it at once, -1 sets no limit.",
 )
 @click.option(
     "--chat-template-kwargs",

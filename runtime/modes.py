@@ -80,6 +80,9 @@ class RunOptions:
     chat_template: str | None
     jinja: bool
     chat_template_kwargs: dict[str, Any]
+    reasoning_format: str
+    reasoning: str  # on, off or auto: the template's enable_thinking
+    reasoning_budget: int
     cpu_variant: str | None
     gpu: str
     gpu_layers: int | None  # None: auto
@@ -113,6 +116,7 @@ class RunOptions:
             repeat_penalty=self.repeat_penalty,
             seed=None if self.seed < 0 else self.seed,
             max_tokens=self.n_predict if self.n_predict > 0 else None,
+            reasoning_budget=self.reasoning_budget,
         )
 
 
@@ -172,7 +176,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             cache_type_v=options.cache_type_v,
             flash_attn=options.flash_attn,
             template=TemplateChoice(options.chat_template, options.jinja),
-            template_kwargs=options.chat_template_kwargs,
+            # -rea on|off as llama-server sets it: enable_thinking for every chat, under --chat-template-kwargs.
+            template_kwargs={**({"enable_thinking": options.reasoning == "on"} if options.reasoning != "auto" else {}), **options.chat_template_kwargs},
         ),
     )
     for warning in engine.warnings:
@@ -270,6 +275,7 @@ def run_server(engine: Engine, options: RunOptions, access: Access, source: Mode
         access=access,
         metrics=options.metrics,
         endpoints=Endpoints(slots=options.slots, props=options.props, webui=options.webui),
+        reasoning_format=options.reasoning_format,
     )
     browser = options.webui and not options.nobrowser
     if browser and not has_display() and sys.stdin.isatty():

@@ -17,7 +17,7 @@ import llama_cpp
 
 from runtime.cache_plan import CachePlan, plan_cache
 from runtime.cache_types import UNQUANTIZED
-from runtime.engine import memory, prompt_cache, templates
+from runtime.engine import memory, prompt_cache, reasoning, templates
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.infill import FimTokens
 from runtime.engine.templates import ChatTemplateError, TemplateChoice, render_chat
@@ -185,6 +185,7 @@ class Engine:
             self._model.model, self._context, self.n_ctx, self.parallel, self.batch_size, self.ubatch_size, options.max_waiting,
             shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(self.cache.cells * per_token),
             context_shift=options.context_shift, n_keep=options.n_keep, adapters=self.adapters if len(self.adapters) else None,
+            end_of_thinking=self.tokenize("\n" + reasoning.CLOSE + "\n\n", add_bos=False),
         )
         if options.context_shift and not self._scheduler.context_shift:
             self.warnings.append("this model's cache cannot shift its context (--context-shift); a reply that fills it ends with length")
@@ -305,7 +306,7 @@ class Engine:
         self._check_fits(prompt)
         return self._scheduler.submit(
             prompt.tokens, sampling, [*prompt.stop, *sampling.stop], asynchronous=asynchronous, messages_dropped=prompt.messages_dropped,
-            lora=self.adapters.scales_for(sampling.lora),
+            lora=self.adapters.scales_for(sampling.lora), thinking_open=reasoning.thinking_open(prompt.text),
         )
 
     async def acomplete(self, prompt: Prompt, sampling: Sampling) -> Completion:

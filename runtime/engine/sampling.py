@@ -46,6 +46,7 @@ class Sampling:
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
     n_keep: int | None = None  # prompt tokens a context shift keeps (-1: the whole prompt); None: the server's --keep
     lora: dict[int, float] | None = None  # this request's LoRA scales by adapter id; None: the server's current ones
+    reasoning_budget: int = -1  # tokens of <think> reasoning before its end is forced (0: none at all); -1: no limit
 
 
 # llama_token_data as numpy sees it: the candidates handed to llama.cpp's samplers

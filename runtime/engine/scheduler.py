@@ -32,6 +32,7 @@ import numpy as np
 from runtime.engine.lora import Adapters, Scales
 from runtime.engine.metrics import Metrics
 from runtime.engine.prompt_cache import PromptCache, common_prefix
+from runtime.engine.reasoning import Splitter
 from runtime.engine.sampling import SamplerChain, Sampling, SamplingError
 from runtime.engine.text import TextStream
 from runtime.errors import LlamaboxError
@@ -88,8 +89,11 @@ class Chunk:
 
 
 class _Request:
-    def __init__(self, tokens: list[int], sampling: Sampling, stop: list[str], messages_dropped: int = 0, lora: Scales = ()) -> None:
+    def __init__(
+        self, tokens: list[int], sampling: Sampling, stop: list[str], messages_dropped: int = 0, lora: Scales = (), thinking_open: bool = False
+    ) -> None:
         self.tokens, self.sampling, self.stop, self.messages_dropped, self.lora = tokens, sampling, stop, messages_dropped, lora
+        self.thinking_open = thinking_open  # the prompt opened a reasoning block (reasoning.thinking_open)
         self.pieces: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
         self.cancelled = False
         self.listener: Callable[[], None] | None = None  # told after each piece (an asyncio reader's wake-up)
@@ -175,6 +179,9 @@ class _Slot:
         self.reused = 0
         self.dropped = 0  # tokens context shifts dropped from this request's context
         self.lora: Scales = ()  # the LoRA scales `cached` was computed with
+        self.reasoning: Splitter | None = None  # follows the reply's <think> block while a reasoning budget holds
+        self.thought = 0  # tokens generated inside that block
+        self.forced: list[int] = []  # tokens that replace the next ones sampled (the end of the reasoning block)
         self.logprobs: list[TokenLogprob] = []  # generated since the last piece sent
         self.started_at = self.first_token_at = 0.0
         self.batch_index = -1
@@ -193,7 +200,7 @@ class Scheduler:
     def __init__(
         self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, n_ubatch: int, max_waiting: int,
         shared_cells: int | None = None, prompt_cache_bytes: int = 0, context_shift: bool = False, n_keep: int = 0,
-        adapters: Adapters | None = None,
+        adapters: Adapters | None = None, end_of_thinking: list[int] | None = None,
     ) -> None:
         self._model, self._context = model, context
         self._vocab = llama_cpp.llama_model_get_vocab(model)
@@ -207,6 +214,7 @@ class Scheduler:
         self.context_shift = context_shift and bool(llama_cpp.llama_memory_can_shift(self._memory))
         self._n_keep, self._add_bos = n_keep, bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._adapters = adapters  # LoRA: one set of scales per decode call
+        self._end_of_thinking = end_of_thinking or []  # what closes a reasoning block when its budget is spent
         self._last_lora: Scales | None = None
         self._shared_cells = shared_cells  # the shared cache's size; None: each slot has n_ctx_slot cells of its own
         # With a shared cache, idle slots' prompts wait in memory rather than in it (prompt_cache.py).
@@ -224,7 +232,8 @@ class Scheduler:
     # --- called by readers, on their own threads ---------------------------------------------------
 
     def submit(
-        self, tokens: list[int], sampling: Sampling, stop: list[str], asynchronous: bool = False, messages_dropped: int = 0, lora: Scales = ()
+        self, tokens: list[int], sampling: Sampling, stop: list[str], asynchronous: bool = False, messages_dropped: int = 0, lora: Scales = (),
+        thinking_open: bool = False,
     ) -> _Stream:
         """Queue a request; its pieces come from the returned iterator (an async one if `asynchronous`,
         which must be asked for in the event loop). Closing it cancels the request. `messages_dropped` (what
@@ -235,7 +244,7 @@ class Scheduler:
         if outside is not None:
             raise PromptError(f"the prompt holds token {outside}, outside the model's vocabulary of {self._n_vocab} tokens")
         SamplerChain(sampling, self._vocab, self._n_vocab).close()  # refuse bad settings now, not mid-stream
-        request = _Request(tokens, sampling, stop, messages_dropped, lora)
+        request = _Request(tokens, sampling, stop, messages_dropped, lora, thinking_open)
         with self._wake:
             # Requests not yet given a slot count against the free slots first, then against the line.
             waiting = len(self._waiting) - sum(slot.request is None for slot in self._slots)
@@ -342,6 +351,12 @@ class Scheduler:
         for token in request.tokens:
             slot.sampler.accept_prompt(token)
         slot.text = TextStream(request.stop)
+        slot.reasoning, slot.thought, slot.forced = None, 0, []
+        budget = request.sampling.reasoning_budget
+        if budget >= 0 and self._end_of_thinking and request.sampling.grammar is None:  # a grammar decides every token itself
+            slot.reasoning = Splitter(request.thinking_open)
+            if budget == 0 and request.thinking_open:
+                slot.forced, slot.reasoning = list(self._end_of_thinking), None
         slot.request = request
 
     def _park_idle_slots(self, request: _Request, slot: _Slot) -> None:
@@ -475,6 +490,8 @@ class Scheduler:
             if slot.batch_index >= 0 and slot.request is not None:
                 try:
                     token = slot.sampler.sample(self._context, slot.batch_index)  # type: ignore[union-attr]
+                    if slot.forced:  # the reasoning budget is spent: the block's end instead of what was sampled
+                        token = slot.forced.pop(0)
                 except SamplingError as exc:  # this request's grammar has no way on: it ends, the others go on
                     with self._wake:
                         slot.request.put(exc)
@@ -527,6 +544,7 @@ class Scheduler:
         else:
             slot.generated += 1
             piece = text.feed(token_bytes(self._vocab, token))
+            self._follow_reasoning(slot, piece)
             limit = request.sampling.max_tokens
             if text.stopped:
                 finish = "stop"
@@ -544,6 +562,19 @@ class Scheduler:
             piece += text.flush()
         with self._wake:
             self._finish(slot, finish, piece, keep_cache=True)
+
+    def _follow_reasoning(self, slot: _Slot, piece: str) -> None:
+        """Count the tokens of the reply's reasoning block; once its budget is spent, close the block (llama-server's
+        --reasoning-budget): the tokens of its end replace the next ones sampled."""
+        if slot.reasoning is None or slot.request is None:
+            return
+        slot.reasoning.feed(piece)
+        if not slot.reasoning.thinking:
+            return
+        slot.thought += 1
+        # A block the reply opened itself counts its opening token too.
+        if slot.thought >= slot.request.sampling.reasoning_budget + (0 if slot.request.thinking_open else 1):
+            slot.forced, slot.reasoning = list(self._end_of_thinking), None
 
     def _finish(self, slot: _Slot, finish: str, piece: str, keep_cache: bool) -> None:
         """End the slot's request with its last piece, its finish reason and its counts."""

@@ -71,6 +71,13 @@ class Body:
             raise self.fail(name, "must be a string")
         return value
 
+    def choice(self, name: str, options: tuple[str, ...]) -> str | None:
+        """A string that must be one of `options`."""
+        value = self.string(name)
+        if value is not None and value not in options:
+            raise self.fail(name, f"must be one of {', '.join(options)}")
+        return value
+
     def boolean(self, name: str) -> bool | None:
         value = self.data.get(name)
         if value is not None and not isinstance(value, bool):

@@ -18,8 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runtime.engine import Completion, Engine, Prompt, Sampling, TokenLogprob
+from runtime.engine import Chunk, Completion, Engine, Prompt, Sampling, TokenLogprob
 from runtime.engine.templates import RESERVED_NAMES
+from runtime.engine import reasoning
 from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import OPENAI, openai_error
@@ -73,7 +74,7 @@ async def chat_completions(request: Request) -> Response:
     prompt = await run_in_threadpool(tools.prompt, engine, messages, template_kwargs(body))
     top = _chat_logprobs(body)
     sampling = request_sampling(body, request.app.state.settings.defaults, grammar=grammar or tools.grammar(), logprobs=top)
-    reply = _Reply(request, body, "chatcmpl", tools)
+    reply = _Reply(request, body, "chatcmpl", tools, thinking_open=reasoning.thinking_open(prompt.text))
     generation = Generation(engine, prompt, sampling, n=_n(body))
     if body.boolean("stream"):
         return sse(reply.chat_events(generation, top is not None), _stream_error)
@@ -237,17 +238,23 @@ def request_sampling(body: Body, defaults: Sampling, *, grammar: str | None, log
 class _Reply:
     """What one request's answer shares: its envelope and how its choices are written."""
 
-    def __init__(self, request: Request, body: Body, prefix: str, tools: ToolUse | None = None) -> None:
+    def __init__(self, request: Request, body: Body, prefix: str, tools: ToolUse | None = None, thinking_open: bool = False) -> None:
         settings: ServerSettings = request.app.state.settings
         self.tools = tools or ToolUse()
+        # llama-server's reasoning_format (the request's, else --reasoning-format): where the reply's thoughts go.
+        self.reasoning_format = body.choice("reasoning_format", reasoning.FORMATS) or settings.reasoning_format
+        self.thinking_open = thinking_open
         self.envelope = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_id, "system_fingerprint": settings.fingerprint}
         self.single_call = body.boolean("parallel_tool_calls") is False
         stream_options = body.obj("stream_options")
         self.include_usage = bool(stream_options and stream_options.boolean("include_usage"))
 
     def chat_choice(self, index: int, result: Completion, logprobs: bool) -> dict[str, Any]:
-        calls = self.tools.parse(result.text)[: 1 if self.single_call else None]
-        message: dict[str, Any] = {"role": "assistant", "content": None if calls else result.text, "refusal": None}
+        thoughts, text = self._split(result.text)
+        calls = self.tools.parse(text)[: 1 if self.single_call else None]
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls else text, "refusal": None}
+        if thoughts:
+            message["reasoning_content"] = thoughts
         if calls:
             message["tool_calls"] = [_tool_call_out(call) for call in calls]
         return {"index": index, "message": message, "logprobs": _chat_logprob_list(result.logprobs) if logprobs else None, "finish_reason": "tool_calls" if calls else result.finish_reason}
@@ -256,7 +263,7 @@ class _Reply:
         def event(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             return {**self.envelope, "object": "chat.completion.chunk", "choices": choices, **extra}
 
-        started, finals, held = set(), [], {}
+        started, finals, held, splitters = set(), [], {}, {}
         async for index, chunk in generation.chunks():
             if index not in started:
                 started.add(index)
@@ -266,7 +273,7 @@ class _Reply:
                 if chunk.finish_reason:
                     yield event([self._whole_delta(self.chat_choice(index, Completion.from_pieces(held.pop(index)), logprobs))])
             elif chunk.text or chunk.finish_reason:
-                delta = {"content": chunk.text} if chunk.text else {}
+                delta = self._delta(splitters, index, chunk)
                 lp = _chat_logprob_list(chunk.logprobs) if logprobs else None
                 extra = {"timings": timings_of(chunk)} if chunk.finish_reason else {}  # as llama-server: speed for the chat page
                 yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": chunk.finish_reason}], **extra)
@@ -275,6 +282,27 @@ class _Reply:
         if self.include_usage:
             yield event([], usage=_usage(usage_of(finals)))
         yield "[DONE]"
+
+    def _split(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) of a whole reply, as its reasoning_format asks."""
+        if self.reasoning_format == "none":
+            return "", text
+        thoughts, answer = reasoning.split(text, self.thinking_open)
+        return thoughts, text if self.reasoning_format == "deepseek-legacy" else answer
+
+    def _delta(self, splitters: dict[int, reasoning.Splitter], index: int, chunk: Chunk) -> dict[str, str]:
+        """A streamed piece's delta: its reasoning as reasoning_content, the rest as content (a legacy format keeps the
+        whole text in content too)."""
+        if self.reasoning_format == "none":
+            return {"content": chunk.text} if chunk.text else {}
+        splitter = splitters.setdefault(index, reasoning.Splitter(self.thinking_open))
+        thoughts, answer = splitter.feed(chunk.text)
+        if chunk.finish_reason:
+            more_thoughts, more_answer = splitter.finish()
+            thoughts, answer = thoughts + more_thoughts, answer + more_answer
+        if self.reasoning_format == "deepseek-legacy":
+            answer = chunk.text
+        return {key: value for key, value in (("reasoning_content", thoughts), ("content", answer)) if value}
 
     @staticmethod
     def _whole_delta(choice: dict[str, Any]) -> dict[str, Any]:

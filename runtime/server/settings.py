@@ -75,3 +75,4 @@ class ServerSettings:
     metrics: bool = False  # GET /metrics answers (--metrics)
     endpoints: Endpoints = field(default_factory=Endpoints)
     aliases: tuple[str, ...] = ()  # --alias: every name given
+    reasoning_format: str = "auto"  # --reasoning-format: where a chat reply's thoughts go (engine/reasoning.py)
