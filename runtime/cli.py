@@ -173,7 +173,7 @@ HELP_SECTIONS = [
 )
 @click.option(
     "--api-key-file",
-    type=click.File("r", encoding="utf-8"),
+    type=click.File("r", encoding="utf-8-sig"),  # a file saved by Notepad starts with a BOM
     help="Also accept the keys in this file, one a line (lines starting with # are comments), as llama-server's.",
 )
 @click.option("--ssl-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Serve HTTPS with this PEM private key (with --ssl-cert-file).")
@@ -333,7 +333,7 @@ HELP_SECTIONS = [
     "--load-mode",
     type=click.Choice(["auto", "none", "mmap", "mlock", "mmap+mlock", "dio"]),
     help="How the weights are read, as llama-server's: auto (mapped in place, unless a device cannot), none (read into "
-    "memory), mmap, mlock (read and locked in memory), mmap+mlock, dio (direct I/O) [default: auto].",
+    "memory), mmap, mlock (read and locked in memory), mmap+mlock [default: auto]; dio is refused (direct I/O needs a path).",
 )
 @click.option("--mlock", is_flag=True, help="Keep the weights in memory, never swapped out (llama-server's older spelling of -lm mmap+mlock).")
 @click.option("--no-mmap", is_flag=True, help="Read the weights into memory rather than map them (older spelling of -lm none).")
@@ -466,10 +466,34 @@ def check_args(args: list[str]) -> str | None:
     return None
 
 
+def merged_args(baked: list[str], given: list[str]) -> list[str]:
+    """The bundle's baked arguments, then the user's, which win: click lets a later value of an option replace an
+    earlier one, but a repeatable option (--api-key, --lora, --cors, ...) would add up, so the baked values of one the
+    user gives are dropped (a key rotated at run time must not leave the baked one valid)."""
+    repeatable = [param for param in run.params if isinstance(param, click.Option) and param.multiple]
+
+    def names(param: click.Option) -> list[str]:
+        return [*param.opts, *param.secondary_opts]
+
+    given_names = {arg.split("=", 1)[0] for arg in given if arg.startswith("-")}
+    replaced = [param for param in repeatable if given_names & set(names(param))]
+    kept, skip = [], False
+    for arg in baked:
+        if skip:
+            skip = False
+            continue
+        param = next((p for p in replaced if arg.split("=", 1)[0] in names(p)), None)
+        if param is None:
+            kept.append(arg)
+        else:
+            skip = "=" not in arg  # its value is the next argument
+    return [*kept, *given]
+
+
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     own: OwnBundle = own_bundle()
-    args = [*own.default_args, *(sys.argv[1:] if argv is None else argv)]
+    args = merged_args(own.default_args, sys.argv[1:] if argv is None else argv)
     own_file = packaged.own_file()
     prog = own_file.name if own_file is not None else "python -m runtime"
     run.main(args=args, prog_name=prog, obj={"own": own, "started": started})

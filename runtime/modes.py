@@ -99,6 +99,11 @@ class RunOptions:
         """llama.cpp's load mode (loader.LOAD_MODES) from -lm, or from llama-server's older --mlock and --no-mmap."""
         if self.load_mode is not None and (self.mlock or self.no_mmap):
             raise LlamaboxError("-lm/--load-mode replaces --mlock and --no-mmap; give one of them")
+        if self.load_mode == "dio":
+            raise LlamaboxError(
+                "-lm dio: llama.cpp reads with direct I/O only from a path, and the runtime reads the weights through its own "
+                "open file (a bundle's region of itself); use -lm none to read them into memory, or leave -lm out"
+            )
         if self.load_mode is not None:
             return self.load_mode
         if self.mlock:

@@ -74,6 +74,13 @@ def test_a_shifted_reply_goes_on_past_the_context_and_keeps_its_first_tokens(smo
     assert len(slot.cached) < CELLS and len(slot.cached) + last.context_dropped == last.prompt_tokens + last.completion_tokens - 1
 
 
+def test_a_reply_without_a_token_limit_is_not_shifted_for_ever(smollm2: Path, unshifted: list[Chunk]) -> None:
+    """As llama-server: only a reply with a limit is shifted; one without it would never have to end."""
+    shifting = engine(smollm2, parallel=1, context_shift=True)
+    pieces = list(shifting.stream(story(shifting), Sampling(temperature=0)))
+    assert pieces[-1].finish_reason == "length" and pieces[-1].context_dropped == 0 and text(pieces) == text(unshifted)
+
+
 def test_requests_filling_a_shared_cache_shift_rather_than_end(smollm2: Path) -> None:
     """Two replies in one shared cache of 256 cells: the one holding most is shifted, and both reach their limit."""
     shared = engine(smollm2, parallel=2, context_shift=True)

@@ -108,5 +108,19 @@ def test_the_server_puts_the_reasoning_in_reasoning_content(bundle: Path, tmp_pa
         assert streamed["reasoning_content"].strip() == message["reasoning_content"] and streamed["content"] == message["content"]
         refused = httpx.post(server.url + "v1/chat/completions", json={**chat, "reasoning_format": "html"}, timeout=120)
         assert refused.status_code == 400 and "reasoning_format" in refused.json()["error"]["message"]
+
+        # Ollama's shape: the thinking apart (message.thinking; `thinking` in /api/generate), unless think is false.
+        ollama = {"model": "m", "messages": QUESTION, "stream": False, "options": {"num_predict": 30}}
+        thought = httpx.post(server.url + "api/chat", json={**ollama, "think": True}, timeout=120).json()["message"]
+        assert thought["thinking"] == message["reasoning_content"] and thought["content"] == message["content"]
+        plain = httpx.post(server.url + "api/chat", json={**ollama, "think": False}, timeout=120).json()["message"]
+        assert "thinking" not in plain and "</think>" in plain["content"]
+        lines = httpx.post(server.url + "api/chat", json={**ollama, "stream": True}, timeout=120).text.splitlines()
+        parts = [json.loads(line)["message"] for line in lines]
+        assert "".join(m.get("thinking", "") for m in parts).strip() == thought["thinking"]
+        assert "".join(m["content"] for m in parts) == thought["content"]
+        generated = httpx.post(server.url + "api/generate", json={"model": "m", "prompt": QUESTION[0]["content"], "stream": False,
+                                                                 "options": {"num_predict": 30}}, timeout=120).json()
+        assert generated["thinking"] == thought["thinking"] and generated["response"] == thought["content"]
     finally:
         stop_server(server)

@@ -49,6 +49,8 @@ def test_help_groups_the_flags_as_llama_server_does(bundle: Path) -> None:
         (["--timeout", "30"], "-to/--timeout: "),
         (["-nocb"], "-nocb/--no-cont-batching: llamabox always batches requests continuously"),
         (["-lm", "none", "--mlock"], "-lm/--load-mode replaces --mlock and --no-mmap"),
+        (["-lm", "dio"], "-lm dio: llama.cpp reads with direct I/O only from a path"),
+        (["-b", "2", "-np", "4"], "-b 2 tokens per decode call cannot hold a token of each of the 4 requests"),
         (["--ssl-cert-file", __file__], "HTTPS needs both --ssl-key-file and --ssl-cert-file"),
     ],
 )
@@ -57,6 +59,22 @@ def test_flags_llamabox_cannot_honour_are_refused_in_one_line(bundle: Path, args
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert said in last, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("baked", "given", "merged"),
+    [
+        (["--api-key", "old", "--temp", "0"], ["--api-key", "new"], ["--temp", "0", "--api-key", "new"]),
+        (["--api-key=old", "--lora", "a.gguf"], ["--api-key", "new"], ["--lora", "a.gguf", "--api-key", "new"]),
+        (["--cors", "http://a", "--cors", "http://b"], ["--cors=http://c"], ["--cors=http://c"]),
+        (["--temp", "0"], ["--temp", "1"], ["--temp", "0", "--temp", "1"]),  # one value: click keeps the last
+    ],
+)
+def test_the_users_repeatable_options_replace_the_baked_ones(baked: list[str], given: list[str], merged: list[str]) -> None:
+    """A key rotated at run time (or other adapters, origins) must not leave the bundle's baked one in force."""
+    from runtime.cli import merged_args
+
+    assert merged_args(baked, given) == merged
 
 
 def test_flags_accepted_with_their_meaning_reach_llama_cpp(bundle: Path) -> None:

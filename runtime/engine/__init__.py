@@ -171,6 +171,13 @@ class Engine:
         # What llama.cpp made of -b and -ub: it takes no more per call than the context it was asked for (-c 128 gives
         # 128 even where the cache is padded to 256), and a batch beyond that would abort the process.
         self.batch_size, self.ubatch_size = llama_cpp.llama_n_batch(context), llama_cpp.llama_n_ubatch(context)
+        if self.batch_size < self.parallel:  # every generating request puts a token into each decode call
+            llama_cpp.llama_free(context)
+            self._model.close()
+            raise LlamaboxError(
+                f"-b {self.batch_size} tokens per decode call cannot hold a token of each of the {self.parallel} requests decoded "
+                f"together (-np); give -b at least {self.parallel}"
+            )
         # The cache as llama.cpp rounded its cells, and how many one request may use: all of them when shared.
         self.cache = CachePlan(llama_cpp.llama_n_ctx(self._context), self.parallel, shared=not options.ctx_per_slot)
         self.n_ctx = self.cache.per_request
@@ -225,6 +232,11 @@ class Engine:
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
+
+    @property
+    def reasons(self) -> bool:
+        """Whether the model's chat template is a reasoning model's (it writes or switches a <think> block)."""
+        return bool(self.chat_template) and any(mark in self.chat_template for mark in (reasoning.OPEN, "enable_thinking"))
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)

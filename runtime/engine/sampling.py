@@ -128,6 +128,12 @@ class SamplerChain:
         if self._penalties is not None:
             llama_cpp.llama_sampler_accept(self._penalties, token)
 
+    def accept(self, token: int) -> None:
+        """Tell the chain (and the grammar) about a token chosen without it (a forced one), as sample() does its own."""
+        if self._grammar:
+            llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+
     def sample(self, context: object, index: int) -> int:
         """The next token from the logits at batch position `index` (accepted into the chain).
 

@@ -489,9 +489,11 @@ class Scheduler:
         for slot in active:
             if slot.batch_index >= 0 and slot.request is not None:
                 try:
-                    token = slot.sampler.sample(self._context, slot.batch_index)  # type: ignore[union-attr]
-                    if slot.forced:  # the reasoning budget is spent: the block's end instead of what was sampled
+                    if slot.forced:  # the reasoning budget is spent: the block's end, not a sampled token
                         token = slot.forced.pop(0)
+                        slot.sampler.accept(token)  # type: ignore[union-attr]
+                    else:
+                        token = slot.sampler.sample(self._context, slot.batch_index)  # type: ignore[union-attr]
                 except SamplingError as exc:  # this request's grammar has no way on: it ends, the others go on
                     with self._wake:
                         slot.request.put(exc)
@@ -549,8 +551,10 @@ class Scheduler:
             if text.stopped:
                 finish = "stop"
             elif (limit is not None and limit > 0 and slot.generated >= limit) or (
-                len(slot.cached) + 1 >= self.n_ctx_slot and not (self.context_shift and self._discard(slot)[1] > 0)
+                len(slot.cached) + 1 >= self.n_ctx_slot and not (self.context_shift and limit and self._discard(slot)[1] > 0)
             ):
+                # A reply is shifted only when it has a token limit: without one it could go on for ever (llama-server
+                # stops such a reply at the end of its context too).
                 finish = "length"
         if finish is None:
             slot.next_token = token

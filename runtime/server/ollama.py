@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runtime.engine import Chunk, Completion, Engine, Prompt, Sampling, Timings, TokenLogprob
+from runtime.engine import Chunk, Completion, Engine, Prompt, Sampling, Timings, TokenLogprob, reasoning
 from runtime.engine.embeddings import MAX_TOKENS as EMBED_MAX_TOKENS
 from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
@@ -242,12 +242,45 @@ def _streams(body: Body) -> bool:
     return True if stream is None else stream  # Ollama streams unless told not to
 
 
-def _refuse_thinking(body: Body) -> None:
+def _thinking(body: Body, engine: Engine) -> bool | None:
+    """Ollama's `think`: true (or a level, low, medium or high) lets a reasoning model think, false stops it, absent
+    leaves it to the model's template. A model that does not reason refuses true."""
     think = body.raw("think")
-    if think is not None and think is not False:
-        if not isinstance(think, (bool, str)):
-            raise body.fail("think", "must be true, false, or low, medium or high")
+    if think is None or think is False:
+        return think
+    if not (think is True or think in ("low", "medium", "high")):
+        raise body.fail("think", "must be true, false, or low, medium or high")
+    if not engine.reasons:
         raise ApiError(400, "this model does not support thinking; leave out 'think' or send false", param="think")
+    return True
+
+
+def _think_kwargs(think: bool | None) -> dict[str, Any]:
+    """The template's enable_thinking, as `think` sets it (nothing when absent)."""
+    return {} if think is None else {"enable_thinking": think}
+
+
+def _thoughts(engine: Engine, think: bool | None, prompt: Prompt) -> reasoning.Splitter | None:
+    """A splitter for the reply's thinking (Ollama returns it apart from the content), unless `think` is false or the
+    model does not reason."""
+    return reasoning.Splitter(reasoning.thinking_open(prompt.text)) if engine.reasons and think is not False else None
+
+
+def _whole(splitter: reasoning.Splitter | None, text: str) -> tuple[str, str]:
+    """(thinking, content) of a whole reply, the thinking without the blank lines around it."""
+    thinking, content = _split(splitter, text, last=True)
+    return thinking.strip(), content
+
+
+def _split(splitter: reasoning.Splitter | None, text: str, last: bool) -> tuple[str, str]:
+    """(thinking, content) of a piece of the reply (the whole reply: `last` with one piece)."""
+    if splitter is None:
+        return "", text
+    thinking, content = splitter.feed(text)
+    if last:
+        more_thinking, more_content = splitter.finish()
+        thinking, content = thinking + more_thinking, content + more_content
+    return thinking, content
 
 
 def _refuse_images(images: Any, where: Body, name: str = "images") -> None:
@@ -427,11 +460,10 @@ def _is_zero(keep_alive: Any) -> bool:
 
 
 async def _generation_body(request: Request) -> Body:
-    """The body of /api/generate or /api/chat, with what both check first: a model named, keep_alive, no thinking."""
+    """The body of /api/generate or /api/chat, with what both check first: a model named, keep_alive."""
     body = await read_json(request)
     _require_model(body)
     _keep_alive(body)
-    _refuse_thinking(body)
     return body
 
 
@@ -455,15 +487,18 @@ async def generate(request: Request) -> Response:
         return _loaded(answer, body, {"response": ""})
     grammar = format_grammar(body)
     top = _logprobs(body)
+    think = _thinking(body, engine)
     answer = replace(answer, logprobs=top is not None)
-    prompt = await run_in_threadpool(_generate_prompt, engine, text, system, raw, context)
+    prompt = await run_in_threadpool(_generate_prompt, engine, text, system, raw, context, _think_kwargs(think))
     sampling = request_sampling(body, settings.defaults, grammar=grammar, logprobs=top)
     generation = Generation(engine, prompt, sampling)
     with_context = not raw  # Ollama returns the conversation's tokens, except in raw mode
+    splitter = None if raw else _thoughts(engine, think, prompt)
     if _streams(body):
-        return ndjson(_generate_events(engine, answer, generation, prompt, with_context), ollama_error)
+        return ndjson(_generate_events(engine, answer, generation, prompt, with_context, splitter), ollama_error)
     [result] = await generation.result()
-    final = {**answer.head(), "response": result.text, "done": True, **answer.metrics(result)}
+    thinking, response = _whole(splitter, result.text)
+    final = {**answer.head(), "response": response, **({"thinking": thinking} if thinking else {}), "done": True, **answer.metrics(result)}
     if answer.logprobs:
         final["logprobs"] = _logprob_list(result.logprobs)
     if with_context:
@@ -479,13 +514,14 @@ def _context(body: Body) -> list[int]:
     return context
 
 
-def _generate_prompt(engine: Engine, text: str, system: str, raw: bool, context: list[int]) -> Prompt:
-    """The prompt in the model's chat template (with `system`), or as is with raw; after `context`."""
+def _generate_prompt(engine: Engine, text: str, system: str, raw: bool, context: list[int], kwargs: dict[str, Any]) -> Prompt:
+    """The prompt in the model's chat template (with `system` and the template variables `kwargs`), or as is with raw;
+    after `context`."""
     if raw:
         return engine.text_prompt(text)
     if engine.has_chat_template:
         messages = [{"role": "system", "content": system}] if system else []
-        prompt = engine.chat_prompt([*messages, {"role": "user", "content": text}])
+        prompt = engine.chat_prompt([*messages, {"role": "user", "content": text}], template_kwargs=kwargs)
     else:  # as Ollama's default template for a model without one: the prompt as is
         prompt = engine.text_prompt(f"{system}\n\n{text}" if system else text)
     if context:
@@ -499,12 +535,15 @@ def _conversation(engine: Engine, prompt: Prompt, response: str) -> list[int]:
     return [*prompt.tokens, *engine.tokenize(response, add_bos=False)] if response else list(prompt.tokens)
 
 
-async def _generate_events(engine: Engine, answer: _Answer, generation: Generation, prompt: Prompt, with_context: bool) -> AsyncIterator[dict[str, Any]]:
+async def _generate_events(
+    engine: Engine, answer: _Answer, generation: Generation, prompt: Prompt, with_context: bool, splitter: reasoning.Splitter | None
+) -> AsyncIterator[dict[str, Any]]:
     pieces: list[str] = []
     async for _, chunk in generation.chunks():
-        if chunk.text:
+        thinking, response = _split(splitter, chunk.text, last=chunk.finish_reason is not None)
+        if thinking or response:
             pieces.append(chunk.text)
-            yield {**answer.head(), "response": chunk.text, "done": False, **answer.piece(chunk)}
+            yield {**answer.head(), "response": response, **({"thinking": thinking} if thinking else {}), "done": False, **answer.piece(chunk)}
         elif chunk.logprobs and answer.logprobs:
             yield {**answer.head(), "response": "", "done": False, **answer.piece(chunk)}
         if chunk.finish_reason:
@@ -530,13 +569,15 @@ async def chat(request: Request) -> Response:
     grammar = format_grammar(body)
     top = _logprobs(body)
     answer = replace(answer, logprobs=top is not None)
-    prompt = await run_in_threadpool(tools.prompt, engine, messages)
+    think = _thinking(body, engine)
+    prompt = await run_in_threadpool(tools.prompt, engine, messages, _think_kwargs(think))
     sampling = request_sampling(body, settings.defaults, grammar=grammar, logprobs=top)
     generation = Generation(engine, prompt, sampling)
+    splitter = _thoughts(engine, think, prompt)
     if _streams(body):
-        return ndjson(_chat_events(answer, generation, tools), ollama_error)
+        return ndjson(_chat_events(answer, generation, tools, splitter), ollama_error)
     [result] = await generation.result()
-    final = {**answer.head(), "message": _assistant(result.text, tools), "done": True, **answer.metrics(result)}
+    final = {**answer.head(), "message": _assistant(*_whole(splitter, result.text), tools), "done": True, **answer.metrics(result)}
     if answer.logprobs:
         final["logprobs"] = _logprob_list(result.logprobs)
     return JSONResponse(final)
@@ -564,7 +605,7 @@ def _message(message: Body, index: int) -> dict[str, Any]:
         name = message.string("tool_name") or message.string("name")
         if name:
             out["name"] = name
-    return out  # `thinking` of earlier turns is dropped: this model does not think
+    return out  # `thinking` of earlier turns is dropped, as reasoning models' templates drop it
 
 
 def _call_in(message: Body, prefix: str, call: Any) -> dict[str, Any]:
@@ -584,15 +625,17 @@ def _call_out(index: int, call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": call.arguments}}
 
 
-def _assistant(text: str, tools: ToolUse) -> dict[str, Any]:
-    """The answer as an assistant message: its text, or the tool calls it makes (arguments as objects)."""
+def _assistant(thinking: str, text: str, tools: ToolUse) -> dict[str, Any]:
+    """The answer as an assistant message: its text, or the tool calls it makes (arguments as objects), after its
+    thinking (Ollama's `thinking`) where the model thought."""
+    thought = {"thinking": thinking} if thinking else {}
     calls = tools.parse(text)
     if calls:
-        return {"role": "assistant", "content": "", "tool_calls": [_call_out(i, c) for i, c in enumerate(calls)]}
-    return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": "", **thought, "tool_calls": [_call_out(i, c) for i, c in enumerate(calls)]}
+    return {"role": "assistant", "content": text, **thought}
 
 
-async def _chat_events(answer: _Answer, generation: Generation, tools: ToolUse) -> AsyncIterator[dict[str, Any]]:
+async def _chat_events(answer: _Answer, generation: Generation, tools: ToolUse, splitter: reasoning.Splitter | None) -> AsyncIterator[dict[str, Any]]:
     """Text as it comes; with tools, the answer is held until whole, since only then is it known to be a call."""
     held: list[Chunk] = []
     async for _, chunk in generation.chunks():
@@ -601,9 +644,12 @@ async def _chat_events(answer: _Answer, generation: Generation, tools: ToolUse) 
             if chunk.finish_reason:
                 whole = Completion.from_pieces(held)
                 extra = {"logprobs": _logprob_list(whole.logprobs)} if answer.logprobs else {}
-                yield {**answer.head(), "message": _assistant(whole.text, tools), "done": False, **extra}
-        elif chunk.text or (chunk.logprobs and answer.logprobs):
-            yield {**answer.head(), "message": {"role": "assistant", "content": chunk.text}, "done": False, **answer.piece(chunk)}
+                yield {**answer.head(), "message": _assistant(*_whole(splitter, whole.text), tools), "done": False, **extra}
+        else:
+            thinking, content = _split(splitter, chunk.text, last=chunk.finish_reason is not None)
+            if thinking or content or (chunk.logprobs and answer.logprobs):
+                message = {"role": "assistant", "content": content, **({"thinking": thinking} if thinking else {})}
+                yield {**answer.head(), "message": message, "done": False, **answer.piece(chunk)}
         if chunk.finish_reason:
             yield {**answer.head(), "message": {"role": "assistant", "content": ""}, "done": True, **answer.metrics(chunk)}
 

@@ -309,7 +309,8 @@ class _Reply:
         """A whole answer as one streamed delta (tool calls carry their index in the list)."""
         message = choice.pop("message")
         calls = message.get("tool_calls")
-        choice["delta"] = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else {"content": message["content"]}
+        delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else {"content": message["content"]}
+        choice["delta"] = {"reasoning_content": message["reasoning_content"], **delta} if message.get("reasoning_content") else delta
         return choice
 
     # /v1/completions
