@@ -157,6 +157,13 @@ class Engine:
         per_token = memory.kv_bytes_per_token(metadata, options.cache_type_k, options.cache_type_v)
         cache = plan_cache(options.ctx_size, options.ctx_per_slot, options.parallel, per_token, self._model.n_ctx_train())
         self.parallel, cells = cache.parallel, cache.cells
+        if min(self.batch_size, cells) < self.parallel:
+            # Every generating request puts a token into each decode call; llama.cpp aborts the process otherwise.
+            self._model.close()
+            raise LlamaboxError(
+                f"-b {min(self.batch_size, cells)} tokens per decode call cannot hold a token of each of the {self.parallel} "
+                f"requests decoded together (-np); give -b at least {self.parallel}"
+            )
         context = self._new_context(cells, self.parallel)
         while context is None and self.gpu_layers > 0:
             # The cache and compute buffers of the offloaded layers did not fit on the GPU: fewer layers there.
@@ -171,13 +178,6 @@ class Engine:
         # What llama.cpp made of -b and -ub: it takes no more per call than the context it was asked for (-c 128 gives
         # 128 even where the cache is padded to 256), and a batch beyond that would abort the process.
         self.batch_size, self.ubatch_size = llama_cpp.llama_n_batch(context), llama_cpp.llama_n_ubatch(context)
-        if self.batch_size < self.parallel:  # every generating request puts a token into each decode call
-            llama_cpp.llama_free(context)
-            self._model.close()
-            raise LlamaboxError(
-                f"-b {self.batch_size} tokens per decode call cannot hold a token of each of the {self.parallel} requests decoded "
-                f"together (-np); give -b at least {self.parallel}"
-            )
         # The cache as llama.cpp rounded its cells, and how many one request may use: all of them when shared.
         self.cache = CachePlan(llama_cpp.llama_n_ctx(self._context), self.parallel, shared=not options.ctx_per_slot)
         self.n_ctx = self.cache.per_request
