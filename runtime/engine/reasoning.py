@@ -21,10 +21,8 @@ def thinking_open(prompt_text: str) -> bool:
 
 def split(text: str, opened: bool) -> tuple[str, str]:
     """A whole reply as (reasoning, answer)."""
-    splitter = Splitter(opened)
-    reasoning, answer = splitter.feed(text)
-    more_reasoning, more_answer = splitter.finish()
-    return (reasoning + more_reasoning).strip(), (answer + more_answer)
+    reasoning, answer = Splitter(opened).feed(text, last=True)
+    return reasoning.strip(), answer
 
 
 class Splitter:
@@ -40,8 +38,15 @@ class Splitter:
         """Inside the reasoning block (its closing tag not seen yet)."""
         return self._state == "thinking"
 
-    def feed(self, text: str) -> tuple[str, str]:
-        """(reasoning, answer) that this piece completes."""
+    def feed(self, text: str, last: bool = False) -> tuple[str, str]:
+        """(reasoning, answer) that this piece completes; with the reply's `last` piece, also what was held back."""
+        reasoning, answer = self._feed(text)
+        if last:
+            more_reasoning, more_answer = self.finish()
+            reasoning, answer = reasoning + more_reasoning, answer + more_answer
+        return reasoning, answer
+
+    def _feed(self, text: str) -> tuple[str, str]:
         self._held += text
         reasoning = answer = ""
         while True:

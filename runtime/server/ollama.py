@@ -274,13 +274,7 @@ def _whole(splitter: reasoning.Splitter | None, text: str) -> tuple[str, str]:
 
 def _split(splitter: reasoning.Splitter | None, text: str, last: bool) -> tuple[str, str]:
     """(thinking, content) of a piece of the reply (the whole reply: `last` with one piece)."""
-    if splitter is None:
-        return "", text
-    thinking, content = splitter.feed(text)
-    if last:
-        more_thinking, more_content = splitter.finish()
-        thinking, content = thinking + more_thinking, content + more_content
-    return thinking, content
+    return ("", text) if splitter is None else splitter.feed(text, last)
 
 
 def _refuse_images(images: Any, where: Body, name: str = "images") -> None:

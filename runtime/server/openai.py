@@ -296,10 +296,7 @@ class _Reply:
         if self.reasoning_format == "none":
             return {"content": chunk.text} if chunk.text else {}
         splitter = splitters.setdefault(index, reasoning.Splitter(self.thinking_open))
-        thoughts, answer = splitter.feed(chunk.text)
-        if chunk.finish_reason:
-            more_thoughts, more_answer = splitter.finish()
-            thoughts, answer = thoughts + more_thoughts, answer + more_answer
+        thoughts, answer = splitter.feed(chunk.text, last=chunk.finish_reason is not None)
         if self.reasoning_format == "deepseek-legacy":
             answer = chunk.text
         return {key: value for key, value in (("reasoning_content", thoughts), ("content", answer)) if value}
