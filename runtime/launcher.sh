@@ -65,13 +65,20 @@ check_can_unpack() {
     fi
 }
 
-# Unpack into a new folder under $1 (mode $2), check it and mark it whole; print its path.
+# The packed runtime, in whole blocks: gzip passes over the zeros after it.
+payload() { dd if="$self" bs=4096 skip="$skip" count="$blocks" 2>/dev/null; }
+
+# Unpack into a new folder under $1 (mode $2), check it and mark it whole; print its path. Returns 2, having said
+# so, when the payload itself is damaged: no other folder can help then.
 unpack() {
     into=
     trap 'rm -rf "$into"; exit 130' INT TERM HUP  # interrupted: leave nothing half-unpacked
     into=$(mktemp -d "$1/$id.XXXXXX" 2>/dev/null) || return 1
     chmod "$2" "$into"
-    if dd if="$self" bs=4096 skip="$skip" count="$blocks" 2>/dev/null | gzip -dc 2>/dev/null | (cd "$into" && tar -xf - 2>/dev/null); then
+    # sh has no pipefail, and tar may have unpacked every file before gzip finds the checksum wrong at the very
+    # end: gzip's failure leaves a mark for the test below.
+    if { payload | gzip -dc 2>/dev/null || : >"$into/.llamabox-damaged"; } | (cd "$into" && tar -xf - 2>/dev/null) &&
+        [ ! -e "$into/.llamabox-damaged" ]; then
         whole=yes
         for entry in $needed; do
             [ -f "$into/${entry%:*}" ] && [ $(($(wc -c <"$into/${entry%:*}"))) -eq "${entry##*:}" ] || whole=no
@@ -82,8 +89,13 @@ unpack() {
             return 0
         fi
     fi
-    rm -rf "$into"  # tar failed (a full disk?) or files came out short: never published, never run
+    rm -rf "$into"  # tar or gzip failed, or files came out short: never published, never run
     trap - INT TERM HUP
+    # The folder (a full disk?) is blamed only when the payload is whole: garbled data can make tar fail too.
+    if ! payload | gzip -t 2>/dev/null; then
+        say "the runtime inside $self is damaged; copy or download it again"
+        return 2
+    fi
     return 1
 }
 
@@ -103,7 +115,10 @@ fi
 check_can_unpack
 if [ -n "$cache" ] && mkdir -p "$runtimes" 2>/dev/null && can_run_in "$runtimes"; then
     say "preparing the runtime for its first start: unpacking $unpacked_mb MB into $runtimes/$id (once per runtime build)..."
-    if fresh=$(unpack "$runtimes" 755); then
+    fresh=$(unpack "$runtimes" 755)
+    unpacked=$?
+    [ $unpacked -eq 2 ] && exit 1
+    if [ $unpacked -eq 0 ]; then
         # Published by creating a symbolic link, which is atomic: of two first starts at once, one link wins; the
         # other start removes its own copy and runs the winner's. A damaged copy's link is replaced.
         [ -L "$runtimes/$id" ] && ! usable "$runtimes/$id" && rm -f "$runtimes/$id"
@@ -131,7 +146,10 @@ for base in "${TMPDIR:-/tmp}" /tmp /var/tmp /dev/shm; do
     case " $tried " in *" $base "*) continue ;; esac
     tried="$tried $base"
     [ -d "$base" ] && can_run_in "$base" || continue
-    if fresh=$(unpack "$base" 700); then
+    fresh=$(unpack "$base" 700)
+    unpacked=$?
+    [ $unpacked -eq 2 ] && exit 1
+    if [ $unpacked -eq 0 ]; then
         if usable "$fresh"; then
             launch "$fresh" 1 "$@"
         fi

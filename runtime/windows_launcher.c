@@ -344,7 +344,9 @@ static void tar_feed(Tar *tar, const unsigned char *data, size_t size) {
 typedef enum { UNPACKED, CANNOT_WRITE, DAMAGED } Unpacked;
 
 /* Unpack the payload of `file` into the new folder `folder`. DAMAGED comes with a line saying so; CANNOT_WRITE
- * leaves the caller to try elsewhere. The whole gzip stream is read, so that its checksum is checked. */
+ * leaves the caller to try elsewhere. The whole gzip stream is read, so that its checksum is checked, also after a
+ * write failed: garbled data can name a file Windows refuses or make one too big, and that is the payload's fault,
+ * not the folder's, only the checksum can tell. */
 static Unpacked unpack(HANDLE file, const Stub *stub, const wchar_t *folder) {
     if (!make_folders(folder)) return CANNOT_WRITE;
     static unsigned char in[CHUNK], out[CHUNK];
@@ -353,7 +355,7 @@ static Unpacked unpack(HANDLE file, const Stub *stub, const wchar_t *folder) {
     Tar tar = {.root = folder, .out = INVALID_HANDLE_VALUE};
     unsigned long long read = 0;
     int status = Z_OK;
-    while (status != Z_STREAM_END && !tar.failed) {
+    while (status != Z_STREAM_END && !tar.damaged) {
         if (z.avail_in == 0) {
             DWORD want = (DWORD)(stub->payload_size - read < CHUNK ? stub->payload_size - read : CHUNK), got = 0;
             if (!want || !read_at(file, stub->payload_offset + read, in, want, &got) || got != want) {
@@ -371,7 +373,7 @@ static Unpacked unpack(HANDLE file, const Stub *stub, const wchar_t *folder) {
             tar.failed = tar.damaged = TRUE;
             break;
         }
-        tar_feed(&tar, out, CHUNK - z.avail_out); /* after the archive's end block, the rest is only read */
+        if (!tar.failed) tar_feed(&tar, out, CHUNK - z.avail_out); /* after the end block or a failure: only read */
     }
     inflateEnd(&z);
     if (tar.out != INVALID_HANDLE_VALUE) CloseHandle(tar.out);

@@ -216,6 +216,29 @@ def test_downloads_cut_short_are_explained(bundle: Path, tmp_path: Path) -> None
         assert "is incomplete" in result.stderr and "copy or download it again" in result.stderr, (name, result.stderr)
 
 
+@pytest.mark.parametrize("where", ["inside the packed data", "in the gzip checksum at its end"])
+def test_a_damaged_runtime_payload_is_refused_and_never_cached(bundle: Path, tmp_path: Path, where: str) -> None:
+    """One bit flipped in the packed runtime. At its end only the checksum is wrong: tar has unpacked every file
+    whole by then, and only gzip's status, which sh's pipes drop, tells."""
+    with open(bundle, "rb") as f:
+        header = bundle_format.read_stub_header(f)
+    assert header is not None
+    damaged = tmp_path / "damaged.run"
+    shutil.copy(bundle, damaged)
+    offset = header.payload_size // 2 if where == "inside the packed data" else header.payload_size - 8  # CRC-32
+    with open(damaged, "r+b") as f:
+        f.seek(header.payload_offset + offset)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x20]))
+    cache = tmp_path / "cache"
+    result = run([damaged, *PROMPT], env_with(LLAMABOX_CACHE=str(cache)))
+    assert result.returncode == 1 and not result.stdout, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"llamabox: the runtime inside {damaged} is damaged; copy or download it again"
+    assert "temporary folder" not in result.stderr and "Traceback" not in result.stderr
+    assert list((cache / "runtime").iterdir()) == []
+
+
 def test_the_stub_alone_asks_for_a_model(stub: Path, tmp_path: Path) -> None:
     result = run([stub, "-p", "hi"], env_with(LLAMABOX_CACHE=str(tmp_path / "cache")))
     assert result.returncode != 0 and "Traceback" not in result.stderr
