@@ -121,6 +121,7 @@ HELP_SECTIONS = [
          "flash_attn", "gpu_layers", "gpu_device", "load_mode", "mlock", "no_mmap", "numa", "offline", "context_shift", "n_keep",
          "lora", "lora_scaled", "verbose"],
     ),
+    ("Speculative decoding (as llama-server's)", ["model_draft", "spec_type", "draft_max", "draft_min", "draft_p_min"]),
     ("Sampling options (each request may override them)",
      ["temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "n_predict"]),
     (
@@ -141,6 +142,44 @@ HELP_SECTIONS = [
 
 @click.command(cls=_Runtime, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-m", "--model", type=click.Path(path_type=Path), help="Run this GGUF (or .run bundle) instead of the embedded model.")
+@click.option(
+    "-md",
+    "--model-draft",
+    "--spec-draft-model",
+    "model_draft",
+    type=click.Path(path_type=Path),
+    help="A small model of the same tokenizer (a GGUF or a .run bundle) that guesses the next tokens, which the model "
+    "checks in one step: the same text, sooner. Each answer's timings say how many guesses were right (draft_n_accepted).",
+)
+@click.option(
+    "--spec-type",
+    type=click.Choice(["none", "draft-simple"]),
+    help="draft-simple: decode speculatively with -md's draft (what -md alone does here); none: not, though -md is given.",
+)
+@click.option(
+    "--spec-draft-n-max",
+    "--draft-max",
+    "--draft-n",
+    "--draft",
+    "draft_max",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Tokens the draft model guesses per step at most (0: none).",
+)
+@click.option(
+    "--spec-draft-n-min", "--draft-min", "--draft-n-min", "draft_min", default=0, show_default=True, type=click.IntRange(0),
+    help="Fewer guesses than this are not checked.",
+)
+@click.option(
+    "--spec-draft-p-min",
+    "--draft-p-min",
+    "draft_p_min",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="The draft stops guessing before a token it gives a lower probability (among its ten likeliest).",
+)
 @click.option("-p", "--prompt", help="Print a completion of PROMPT to stdout and exit (a chat turn if the model has a chat template).")
 @click.option(
     "--chat",

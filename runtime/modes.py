@@ -18,11 +18,11 @@ from runtime.cache_types import UNQUANTIZED
 from runtime.devices import cpu as cpu_module
 from runtime.devices import offload
 from runtime.cache_plan import CachePlan, plan_cache
-from runtime.engine import Engine, EngineOptions, LoraFile, Sampling
+from runtime.engine import DraftOptions, Engine, EngineOptions, LoraFile, Sampling
 from runtime.engine.templates import TemplateChoice
 from runtime.engine.loader import model_facts
 from runtime.errors import LlamaboxError
-from runtime.model_source import ModelSource, OwnBundle
+from runtime.model_source import ModelLocation, ModelSource, OwnBundle
 from runtime.server.settings import Access, Endpoints, ModelFacts, ServerSettings, Tls
 
 
@@ -69,6 +69,11 @@ class RunOptions:
     lora: tuple[tuple[Path, float], ...]
     lora_scaled: tuple[tuple[Path, float], ...]
     lora_init_without_apply: bool
+    model_draft: Path | None
+    spec_type: str | None  # None: speculative decoding where -md gives a draft
+    draft_max: int
+    draft_min: int
+    draft_p_min: float
     temperature: float
     top_k: int
     top_p: float
@@ -173,6 +178,8 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             n_keep=options.n_keep,
             truncate_prompt=options.truncate_prompt,
             lora=tuple(LoraFile(path, 0.0 if options.lora_init_without_apply else scale) for path, scale in (*options.lora, *options.lora_scaled)),
+            draft=_draft(options, own),
+            draft_options=DraftOptions(options.draft_max, options.draft_min, options.draft_p_min),
             gpu_layers=placement.layers,
             gpu_devices=tuple(g.index for g in placement.gpus),
             system_prompt=options.system_prompt,
@@ -211,6 +218,19 @@ def _slots_line(cache: CachePlan) -> str:
 
 def _say(line: str) -> None:
     click.echo(f"llamabox: {line}", err=True)
+
+
+def _draft(options: RunOptions, own: OwnBundle) -> ModelLocation | None:
+    """The draft model for speculative decoding: -md's, unless --spec-type none or --draft-max 0 turn it off."""
+    if options.model_draft is None:
+        if options.spec_type == "draft-simple":
+            raise LlamaboxError("--spec-type draft-simple needs a draft model: give one with -md DRAFT.gguf")
+        return None
+    if options.draft_min > options.draft_max:
+        raise LlamaboxError(f"--draft-min {options.draft_min} is above --draft-max {options.draft_max}: no draft would ever be checked")
+    if options.spec_type == "none" or options.draft_max == 0:
+        return None
+    return model_source.resolve(options.model_draft, own).location
 
 
 def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions, parallel: int | None) -> offload.Offload:

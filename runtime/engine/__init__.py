@@ -18,6 +18,7 @@ import llama_cpp
 from runtime.cache_plan import CachePlan, plan_cache
 from runtime.cache_types import UNQUANTIZED
 from runtime.engine import memory, prompt_cache, reasoning, templates
+from runtime.engine.draft import Drafter, DraftOptions, check_compatible
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.infill import FimTokens
 from runtime.engine.templates import ChatTemplateError, TemplateChoice, render_chat
@@ -41,7 +42,7 @@ from runtime.engine.lora import Adapters, LoraError, LoraFile
 from runtime.engine.quiet import quiet
 
 __all__ = [
-    "ChatTemplateError", "Chunk", "Completion", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "LoraError", "LoraFile",
+    "ChatTemplateError", "Chunk", "Completion", "DraftOptions", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "LoraError", "LoraFile",
     "Metrics", "Prompt",
     "PromptError", "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState", "Timings",
     "TokenLogprob",
@@ -81,6 +82,8 @@ class EngineOptions:
     n_keep: int = 0  # prompt tokens a context shift keeps (--keep; -1: the whole prompt)
     truncate_prompt: bool = False  # a chat too long for the context loses its oldest turns, not its system message
     lora: tuple[LoraFile, ...] = ()  # LoRA adapters to load with the model (--lora, --lora-scaled)
+    draft: ModelLocation | None = None  # a draft model of the same vocabulary, for speculative decoding (-md)
+    draft_options: DraftOptions = DraftOptions()
     gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
     gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
     system_prompt: str | None = None
@@ -175,6 +178,9 @@ class Engine:
             raise ModelFileError(f"llama.cpp could not make a context of {cells} tokens for this model; try a smaller --ctx-size")
         self._context = context
         self.adapters = Adapters(self._model.model, list(options.lora), options.verbose)
+        self._draft_model: InPlaceModel | None = None
+        self._draft_context: Any = None
+        drafter = self._drafter(options.draft, cells) if options.draft is not None else None
         # What llama.cpp made of -b and -ub: it takes no more per call than the context it was asked for (-c 128 gives
         # 128 even where the cache is padded to 256), and a batch beyond that would abort the process.
         self.batch_size, self.ubatch_size = llama_cpp.llama_n_batch(context), llama_cpp.llama_n_ubatch(context)
@@ -192,11 +198,32 @@ class Engine:
             self._model.model, self._context, self.n_ctx, self.parallel, self.batch_size, self.ubatch_size, options.max_waiting,
             shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(self.cache.cells * per_token),
             context_shift=options.context_shift, n_keep=options.n_keep, adapters=self.adapters if len(self.adapters) else None,
-            end_of_thinking=self.tokenize("\n" + reasoning.CLOSE + "\n\n", add_bos=False),
+            end_of_thinking=self.tokenize("\n" + reasoning.CLOSE + "\n\n", add_bos=False), drafter=drafter,
         )
         if options.context_shift and not self._scheduler.context_shift:
             self.warnings.append("this model's cache cannot shift its context (--context-shift); a reply that fills it ends with length")
         self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
+
+    def _drafter(self, location: ModelLocation, cells: int) -> Drafter:
+        """The draft model, on the devices the model is on, and its context: as many sequences as the model's."""
+        try:
+            self._draft_model = InPlaceModel(
+                location, 1 << 20 if self.gpu_layers else 0, self.options.verbose, self.options.gpu_devices if self.gpu_layers else (),
+                load_mode=self.options.load_mode,
+            )
+        except ValueError as exc:
+            raise ModelFileError(f"llama.cpp could not load the draft model from {location.path} ({exc})") from None
+        check_compatible(self._model.vocab, self._draft_model.vocab, location.path.name)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = cells, self.batch_size, self.ubatch_size
+        params.n_seq_max, params.kv_unified = self.parallel, not self.options.ctx_per_slot
+        params.n_threads = self.options.threads or 0
+        params.n_threads_batch = self.options.threads_batch or params.n_threads
+        with quiet(self.options.verbose):
+            self._draft_context = llama_cpp.llama_init_from_model(self._draft_model.model, params) or None
+        if self._draft_context is None:
+            raise ModelFileError(f"llama.cpp could not make a context of {cells} tokens for the draft model; try a smaller --ctx-size")
+        return Drafter(self._draft_model.model, self._draft_context, self.options.draft_options)
 
     def _load(self, location: ModelLocation) -> InPlaceModel:
         """The model with `gpu_layers` on the GPUs; fewer, down to none, while the GPU runs out of memory."""
@@ -344,6 +371,10 @@ class Engine:
             self._embedder.close()
             llama_cpp.llama_free(self._context)
             self._context = None
+            if self._draft_context is not None:
+                llama_cpp.llama_free(self._draft_context)
+            if self._draft_model is not None:
+                self._draft_model.close()
             self._model.close()
 
     def __enter__(self) -> Engine:

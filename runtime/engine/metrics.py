@@ -21,6 +21,9 @@ class Metrics:
     n_decode: int = 0  # llama_decode calls
     n_busy_slots: int = 0  # summed over those calls: divided by n_decode, how many slots each one served
     n_tokens_max: int = 0  # the longest sequence seen, prompt and generated tokens
+    drafts: int = 0  # speculative decoding: the drafts checked, their tokens, and those the model chose too
+    draft_tokens: int = 0
+    draft_tokens_accepted: int = 0
     # Since the last read: the averages of llama-server's gauges.
     recent_prompt_tokens: int = 0
     recent_prompt_seconds: float = 0.0
@@ -42,6 +45,11 @@ class Metrics:
         self.n_decode += 1
         self.n_busy_slots += busy_slots
         self.n_tokens_max = max(self.n_tokens_max, longest)
+
+    def drafted(self, tokens: int, accepted: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += tokens
+        self.draft_tokens_accepted += accepted
 
     def read(self) -> Metrics:
         """A copy of the counters; the recent ones start over."""

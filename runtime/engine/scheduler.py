@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+from runtime.engine.draft import Drafter
 from runtime.engine.lora import Adapters, Scales
 from runtime.engine.metrics import Metrics
 from runtime.engine.prompt_cache import PromptCache, common_prefix
@@ -67,6 +68,8 @@ class Timings:
 
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
+    draft_n: int = 0  # tokens a draft model guessed for the request (speculative decoding)
+    draft_n_accepted: int = 0  # of which the model chose the same
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ class _Slot:
         self.reasoning: Splitter | None = None  # follows the reply's <think> block while a reasoning budget holds
         self.thought = 0  # tokens generated inside that block
         self.forced: list[int] = []  # tokens that replace the next ones sampled (the end of the reasoning block)
+        self.drafted: list[int] = []  # this step's draft, decoded after next_token, to check against the model's choices
+        self.draft_n = self.draft_n_accepted = 0
         self.logprobs: list[TokenLogprob] = []  # generated since the last piece sent
         self.started_at = self.first_token_at = 0.0
         self.batch_index = -1
@@ -194,13 +199,14 @@ class SlotState:
     n_ctx: int
     is_processing: bool
     cached_tokens: int
+    speculative: bool = False  # a draft model guesses for it
 
 
 class Scheduler:
     def __init__(
         self, model: object, context: object, n_ctx_slot: int, parallel: int, n_batch: int, n_ubatch: int, max_waiting: int,
         shared_cells: int | None = None, prompt_cache_bytes: int = 0, context_shift: bool = False, n_keep: int = 0,
-        adapters: Adapters | None = None, end_of_thinking: list[int] | None = None,
+        adapters: Adapters | None = None, end_of_thinking: list[int] | None = None, drafter: Drafter | None = None,
     ) -> None:
         self._model, self._context = model, context
         self._vocab = llama_cpp.llama_model_get_vocab(model)
@@ -215,6 +221,7 @@ class Scheduler:
         self._n_keep, self._add_bos = n_keep, bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._adapters = adapters  # LoRA: one set of scales per decode call
         self._end_of_thinking = end_of_thinking or []  # what closes a reasoning block when its budget is spent
+        self._drafter = drafter  # speculative decoding: a draft model's guesses, checked in the same decode call
         self._last_lora: Scales | None = None
         self._shared_cells = shared_cells  # the shared cache's size; None: each slot has n_ctx_slot cells of its own
         # With a shared cache, idle slots' prompts wait in memory rather than in it (prompt_cache.py).
@@ -261,7 +268,7 @@ class Scheduler:
 
     def state(self) -> tuple[list[SlotState], int]:
         with self._wake:
-            slots = [SlotState(s.id, self.n_ctx_slot, s.request is not None, len(s.cached)) for s in self._slots]
+            slots = [SlotState(s.id, self.n_ctx_slot, s.request is not None, len(s.cached), self._drafter is not None) for s in self._slots]
             return slots, len(self._waiting)
 
     def metrics(self) -> Metrics:
@@ -287,6 +294,8 @@ class Scheduler:
             if slot.sampler is not None:
                 slot.sampler.close()
         llama_cpp.llama_batch_free(self._batch)
+        if self._drafter is not None:
+            self._drafter.close()
 
     def _loop(self) -> None:
         while True:
@@ -352,6 +361,7 @@ class Scheduler:
             slot.sampler.accept_prompt(token)
         slot.text = TextStream(request.stop)
         slot.reasoning, slot.thought, slot.forced = None, 0, []
+        slot.draft_n = slot.draft_n_accepted = 0
         budget = request.sampling.reasoning_budget
         if budget >= 0 and self._end_of_thinking and request.sampling.grammar is None:  # a grammar decides every token itself
             slot.reasoning = Splitter(request.thinking_open)
@@ -462,10 +472,14 @@ class Scheduler:
         generating = [slot for slot in active if slot.next_token is not None]
         if not active:
             return
+        self._draft(generating)
         for slot in generating:
             self._add(n, slot.next_token, len(slot.cached), slot.id, True)
             slot.cached.append(slot.next_token)
             slot.batch_index, n = n, n + 1
+            for i, token in enumerate(slot.drafted):  # the model's choice after each is sampled below
+                self._add(n + i, token, len(slot.cached) + i, slot.id, True)
+            n += len(slot.drafted)
         budget = self._n_batch - n if not generating else min(self._prompt_chunk, self._n_batch - n)
         for slot in active:
             if slot.next_token is not None or budget <= 0:
@@ -488,22 +502,63 @@ class Scheduler:
             self._metrics.decoded(len(active), max(len(slot.cached) for slot in active))
         for slot in active:
             if slot.batch_index >= 0 and slot.request is not None:
-                try:
-                    if slot.forced:  # the reasoning budget is spent: the block's end, not a sampled token
-                        token = slot.forced.pop(0)
-                        slot.sampler.accept(token)  # type: ignore[union-attr]
-                    else:
-                        token = slot.sampler.sample(self._context, slot.batch_index)  # type: ignore[union-attr]
-                except SamplingError as exc:  # this request's grammar has no way on: it ends, the others go on
-                    with self._wake:
-                        slot.request.put(exc)
-                        self._free(slot, keep_cache=False)
-                    slot.batch_index = -1
-                    continue
-                if slot.request.sampling.logprobs is not None and not llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    slot.logprobs.append(self._logprob(slot.batch_index, token, slot.request.sampling.logprobs))
-                self._sampled(slot, token)
-            slot.batch_index = -1
+                self._sample(slot)
+            slot.batch_index, slot.drafted = -1, []
+
+    def _sample(self, slot: _Slot) -> None:
+        """The slot's next token from this step's logits; then, while the model chose what the draft guessed, the next
+        after each guess (whose keys and values the step computed already). Each token is sampled by the request's
+        own chain, exactly as without a draft, so the text is the same: a draft only saves decode calls."""
+        assert slot.request is not None
+        slot.draft_n += len(slot.drafted)  # counted before the request can end below, so that its timings have them
+        accepted = 0
+        for i in range(len(slot.drafted) + 1):
+            try:
+                if slot.forced:  # the reasoning budget is spent: the block's end, not a sampled token
+                    token = slot.forced.pop(0)
+                    slot.sampler.accept(token)  # type: ignore[union-attr]
+                else:
+                    token = slot.sampler.sample(self._context, slot.batch_index + i)  # type: ignore[union-attr]
+            except SamplingError as exc:  # this request's grammar has no way on: it ends, the others go on
+                with self._wake:
+                    slot.request.put(exc)
+                    self._free(slot, keep_cache=False)
+                return
+            if slot.request.sampling.logprobs is not None and not llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                slot.logprobs.append(self._logprob(slot.batch_index + i, token, slot.request.sampling.logprobs))
+            self._sampled(slot, token)
+            if i == len(slot.drafted) or slot.request is None or slot.forced or token != slot.drafted[i]:
+                break
+            slot.cached.append(token)  # the guess was right: go on from it
+            slot.next_token, accepted, slot.draft_n_accepted = None, accepted + 1, slot.draft_n_accepted + 1
+        if slot.drafted:
+            # The cells of the guesses not taken (or of all, where the request ended) are free again.
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.id, len(slot.cached), -1)
+            with self._wake:
+                self._metrics.drafted(len(slot.drafted), accepted)
+
+    def _draft(self, generating: list[_Slot]) -> None:
+        """Each generating slot's guesses for this step (slot.drafted): as many as the draft settings, the batch, the
+        slot's context, the free cells of a shared cache and the request's token limit leave room for."""
+        if self._drafter is None:
+            return
+        for slot in generating:
+            slot.drafted = []
+        options, room = self._drafter.options, self._n_batch - len(generating)
+        spare = self._free_cells() - len(generating) if self._shared_cells is not None else room
+        wants = {}
+        for slot in generating:
+            assert slot.request is not None and slot.next_token is not None
+            limit = slot.request.sampling.max_tokens
+            n = min(options.n_max, room, spare, self.n_ctx_slot - len(slot.cached) - 3)
+            if limit is not None and limit > 0:
+                n = min(n, limit - slot.generated - 1)
+            if slot.forced or n < max(options.n_min, 1):
+                continue
+            wants[slot.id] = ([*slot.cached, slot.next_token], n)
+            room, spare = room - n, spare - n
+        for slot_id, tokens in self._drafter.draft(wants).items():
+            self._slots[slot_id].drafted = tokens
 
     def _this_steps_lora(self, active: list[_Slot]) -> list[_Slot]:
         """The requests of this step: those with one set of LoRA scales (llama.cpp applies one per decode call), the
@@ -586,7 +641,7 @@ class Scheduler:
         assert request is not None and text is not None
         now = time.perf_counter()
         first = slot.first_token_at or now
-        timings = Timings((first - slot.started_at) * 1000, (now - first) * 1000)
+        timings = Timings((first - slot.started_at) * 1000, (now - first) * 1000, slot.draft_n, slot.draft_n_accepted)
         request.put(
             Chunk(
                 piece, finish, len(request.tokens), slot.generated, slot.reused, tuple(slot.logprobs), timings, text.stop_word, slot.dropped,

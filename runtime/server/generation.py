@@ -41,6 +41,7 @@ def timings_of(result: Completion | Chunk) -> dict[str, float]:
     timings = result.timings
     read = max(result.prompt_tokens - result.cached_tokens, 0)
     prompt_ms, predicted_ms = (timings.prompt_ms, timings.predicted_ms) if timings else (0.0, 0.0)
+    drafted = {"draft_n": timings.draft_n, "draft_n_accepted": timings.draft_n_accepted} if timings and timings.draft_n else {}
     return {
         "cache_n": result.cached_tokens,
         "prompt_n": read,
@@ -51,6 +52,7 @@ def timings_of(result: Completion | Chunk) -> dict[str, float]:
         "predicted_ms": predicted_ms,
         "predicted_per_token_ms": predicted_ms / result.completion_tokens if result.completion_tokens else 0.0,
         "predicted_per_second": result.completion_tokens * 1000 / predicted_ms if predicted_ms else 0.0,
+        **drafted,  # as llama-server: only where a draft model guessed
     }
 
 

@@ -132,7 +132,7 @@ async def list_slots(request: Request) -> Response:
     return JSONResponse(
         [
             {
-                "id": s.id, "id_task": -1, "n_ctx": s.n_ctx, "speculative": False, "is_processing": s.is_processing,
+                "id": s.id, "id_task": -1, "n_ctx": s.n_ctx, "speculative": s.speculative, "is_processing": s.is_processing,
                 "params": params, "cached_tokens": s.cached_tokens,
                 "next_token": {"has_next_token": s.is_processing, "has_new_line": False, "n_remain": -1, "n_decoded": 0, "stopping_word": ""},
             }

@@ -35,6 +35,9 @@ def render(counted: Metrics, processing: int, deferred: int) -> str:
         ("tokens_predicted_seconds_total", "Total time spent generating tokens", counted.predicted_seconds),
         ("n_decode_total", "Total number of llama_decode() calls", counted.n_decode),
         ("n_tokens_max", "Largest observed sequence length (prompt + generation)", counted.n_tokens_max),
+        ("spec_decode_num_drafts_total", "Number of speculative decoding drafts checked", counted.drafts),
+        ("spec_decode_num_draft_tokens_total", "Number of tokens drafted", counted.draft_tokens),
+        ("spec_decode_num_accepted_tokens_total", "Number of drafted tokens accepted", counted.draft_tokens_accepted),
     ]
     gauges = [
         ("prompt_tokens_seconds", "Average prompt throughput in tokens/s", _rate(counted.recent_prompt_tokens, counted.recent_prompt_seconds)),
