@@ -41,7 +41,7 @@ CMAKE_FLAGS = [
 
 DL_FLAGS = [flag for flag in CMAKE_FLAGS if flag != "-DGGML_NATIVE=ON"] + [
     "-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU=OFF", "-DBUILD_SHARED_LIBS=ON"]
-TARGETS = ("llama-server", "llama-bench")
+TARGETS = ("llama-server", "llama-bench", "llama-quantize")
 
 
 def llama_server() -> Path:

@@ -7,6 +7,7 @@ import os
 import shlex
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -17,7 +18,7 @@ from bundler.sources import Fetched, fetch
 from bundler.splits import MergedGGUF, split_name
 from bundler.targets import check_stub, check_windows_size, sidecar_path
 from runtime import __version__, bundle_format
-from runtime.bundle_format import INLINE_FORMAT_VERSION, Manifest, ModelEntry
+from runtime.bundle_format import INLINE_FORMAT_VERSION, Companion, Manifest, ModelEntry
 from runtime.errors import LlamaboxError, ModelFileError
 
 # Given the total byte count, returns a context manager yielding a callback for bytes done.
@@ -26,39 +27,57 @@ LICENSE_LIMIT = 1 << 20
 ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
 
 
-def build_bundle(
-    source: str | None,
-    output: Path,
-    stub: Path,
-    *,
-    revision: str | None = None,
-    name: str | None = None,
-    args: str = "",
-    force: bool = False,
-    progress: ProgressFactory,
-    platform: str | None = None,
-    sidecar: bool = False,
-    license_file: Path | None = None,
-) -> Manifest:
+RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a model with a ranking head
+
+
+@dataclass(frozen=True)
+class CompanionSpec:
+    """A --draft, --lora, --embedding or --reranker of `llamabox build`: its role and its source, named as the model's."""
+
+    role: str  # bundle_format.COMPANION_ROLES
+    source: str
+    scale: float | None = None  # a LoRA adapter's
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What `llamabox build` was asked for, beyond the model, the output and the stub."""
+
+    revision: str | None = None
+    name: str | None = None
+    args: str = ""
+    force: bool = False
+    platform: str | None = None
+    sidecar: bool = False
+    license_file: Path | None = None
+    companions: tuple[CompanionSpec, ...] = ()
+
+
+def build_bundle(source: str | None, output: Path, stub: Path, options: BuildOptions, progress: ProgressFactory) -> Manifest:
     """Write a bundle of the model `source` names (see bundler.sources) on `stub` to `output`.
 
     With `sidecar`, the model goes into NAME.gguf beside `output` (see bundle_format). The stub, the
-    arguments and the output path are checked before anything is downloaded, and the model before
+    arguments and the output path are checked before anything is downloaded, and the models before
     anything is written.
     """
-    stub_info = check_stub(stub, platform)
-    default_args = _split_args(args)
-    license_text = read_license_file(license_file) if license_file is not None else None
-    check_output(output, force)
-    sidecar_out = sidecar_path(output) if sidecar else None
+    stub_info = check_stub(stub, options.platform)
+    default_args = _split_args(options.args)
+    license_text = read_license_file(options.license_file) if options.license_file is not None else None
+    if options.companions and options.sidecar:
+        raise LlamaboxError("--sidecar keeps one model beside the executable; leave it out to bundle --draft, --lora, --embedding or --reranker")
+    check_output(output, options.force)
+    sidecar_out = sidecar_path(output) if options.sidecar else None
     if sidecar_out is not None:
-        check_output(sidecar_out, force)
-    fetched = fetch(source, revision)
+        check_output(sidecar_out, options.force)
+    fetched = fetch(source, options.revision)
+    carried = [(spec, fetch(spec.source)) for spec in options.companions]
     with ExitStack() as stack:
         model, info, file_name, size, part_hashes = _open_model(fetched, stack)
-        check_windows_size(stub_info.platform, stub.stat().st_size, size, sidecar)
+        companions = [_open_companion(spec, got, fetched, stack) for spec, got in carried]
+        extra = sum(companion.size for companion, _ in companions)
+        check_windows_size(stub_info.platform, stub.stat().st_size, size + extra, options.sidecar)
         manifest = Manifest(
-            name=name or Path(file_name).stem,
+            name=options.name or Path(file_name).stem,
             model=ModelEntry(file_name=file_name, size=size, sha256=""),
             metadata=info.as_metadata(),
             default_args=default_args,
@@ -77,9 +96,58 @@ def build_bundle(
             return dataclasses.replace(written, source=dataclasses.replace(fetched.source, files=files))
 
         stub_file = stack.enter_context(open(stub, "rb"))
-        advance = stack.enter_context(progress(size))
-        out, side = _outputs(stack, output, sidecar_out, force)
-        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, complete, side)
+        advance = stack.enter_context(progress(size + extra))
+        out, side = _outputs(stack, output, sidecar_out, options.force)
+        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, complete, side, companions)
+
+
+def _open_companion(spec: CompanionSpec, got: Fetched, model: Fetched, stack: ExitStack) -> tuple[Companion, BinaryIO]:
+    """The companion's entry (offset and SHA-256 to come) and reader, checked for its role: a LoRA is an adapter, a
+    draft or embedding model is not, and a draft has the model's tokenizer (the runtime's own check)."""
+    if len(got.parts) > 1:
+        raise ModelFileError(f"--{spec.role} {spec.source} is split into {len(got.parts)} files; merge them into one GGUF first")
+    path = got.parts[0]
+    info = read_gguf_info(path)
+    adapter = info.general_type == "adapter"
+    if adapter != (spec.role == "lora"):
+        what = "a LoRA adapter, not a model" if adapter else "a model, not a LoRA adapter"
+        raise ModelFileError(f"--{spec.role} {path.name} is {what}; give it with --{'lora' if adapter else 'draft, --embedding or --reranker'}")
+    if spec.role == "draft":
+        check_draft_vocabulary(model.parts[0], path)
+    if spec.role == "reranker" and info.pooling_type != RANK_POOLING:
+        raise ModelFileError(
+            f"--reranker {path.name} has no ranking head (its pooling type is not rank); give a reranking model such as "
+            "bge-reranker or Qwen3-Reranker"
+        )
+    reader = stack.enter_context(open(path, "rb"))
+    size = os.fstat(reader.fileno()).st_size
+    entry = Companion(role=spec.role, file_name=path.name, offset=0, size=size, sha256="", scale=spec.scale, license=info.license,
+                      source=got.source)
+    return entry, reader
+
+
+def check_draft_vocabulary(model: Path, draft: Path) -> None:
+    """Refuse a draft whose tokenizer is not the model's, as the runtime would at start (its check, on the two
+    vocabularies alone: llama.cpp reads them without the weights)."""
+    import llama_cpp
+
+    from runtime.engine.draft import check_compatible
+    from runtime.engine.quiet import quiet
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    loaded = []
+    try:
+        for path in (model, draft):
+            with quiet(False):
+                handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+            if not handle:
+                raise ModelFileError(f"llama.cpp cannot read the tokenizer of {path.name}")
+            loaded.append(handle)
+        check_compatible(llama_cpp.llama_model_get_vocab(loaded[0]), llama_cpp.llama_model_get_vocab(loaded[1]), draft.name)
+    finally:
+        for handle in loaded:
+            llama_cpp.llama_model_free(handle)
 
 
 def repack_bundle(
@@ -132,12 +200,26 @@ def repack_bundle(
             )
         return written
 
+    carried = opened.manifest.companions
+    if carried and keep_sidecar:
+        raise LlamaboxError(f"{old.name} carries a {carried[0].role} model beside its own; the sidecar layout keeps one model, so leave out --sidecar")
+
+    def check_hashes(written: Manifest) -> Manifest:
+        for before, after in zip(carried, written.companions):
+            if before.sha256 != after.sha256:
+                raise LlamaboxError(
+                    f"{before.file_name} inside {old.name} is damaged (its SHA-256 does not match its manifest); "
+                    "nothing was written: build the bundle again"
+                )
+        return check_hash(written)
+
     with ExitStack() as stack:
-        model = stack.enter_context(bundle_format.ModelRegion(opened))
+        model = stack.enter_context(bundle_format.Region.model(opened))
+        companions = [(c, stack.enter_context(bundle_format.Region(opened.path, c.offset, c.size))) for c in carried]
         stub_file = stack.enter_context(open(stub, "rb"))
-        advance = stack.enter_context(progress(opened.model_size))
+        advance = stack.enter_context(progress(opened.model_size + sum(c.size for c in carried)))
         out, side = _outputs(stack, output, sidecar_out, force)
-        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, check_hash, side)  # type: ignore[arg-type]
+        return bundle_format.write_bundle(out, stub_file, model, manifest, advance, check_hashes, side, companions)  # type: ignore[arg-type]
 
 
 def _outputs(stack: ExitStack, output: Path, sidecar: Path | None, force: bool) -> tuple[BinaryIO, tuple[BinaryIO, str] | None]:

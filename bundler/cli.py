@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from bundler import glibc, stubs, targets
-from bundler.assemble import build_bundle, repack_bundle
+from bundler.assemble import BuildOptions, CompanionSpec, build_bundle, repack_bundle
 from bundler.atomic import Interrupted, interruptible
 from bundler.default_model import default_model_path
 from bundler.stubs import STUB_DIR
@@ -100,6 +100,21 @@ def cli() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="A licence text to store in the bundle; the bundle shows it with --license.",
 )
+@click.option(
+    "--draft",
+    metavar="DRAFT",
+    help="Also carry this draft model (a FILE.gguf or OWNER/REPO[:QUANT], of the model's tokenizer): the bundle decodes "
+    "speculatively with it, the same text sooner.",
+)
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="ADAPTER[:SCALE]",
+    help="Also carry this LoRA adapter (a GGUF made for the model), applied at SCALE (default 1) from the start; repeatable.",
+)
+@click.option("--embedding", metavar="MODEL", help="Also carry this embedding model: /v1/embeddings and the others' embedding routes use it.")
+@click.option("--reranker", metavar="MODEL", help="Also carry this reranker (a model with a ranking head): /rerank and /v1/rerank use it.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def build(
     model: str | None,
@@ -113,6 +128,10 @@ def build(
     gpu: str | None,
     sidecar: bool,
     license_file: Path | None,
+    draft: str | None,
+    loras: tuple[str, ...],
+    embedding: str | None,
+    reranker: str | None,
     force: bool,
 ) -> None:
     """Bundle MODEL into the executable OUTPUT.
@@ -142,24 +161,20 @@ def build(
       llamabox build model.gguf -o model --platform windows-x86_64   # writes model.exe
       llamabox build big.gguf -o big.run --sidecar                    # big.run + big.gguf
       llamabox build model.gguf -o model.run --gpu cuda               # with the CUDA stub
+      llamabox build big.gguf -o big.run --draft small.gguf --lora style.gguf:0.5
     """
     chosen = targets.select_stub(platform, stub, stub_dir, gpu)
     if platform is not None:
         output = targets.output_name(output, platform)
     with _writing(output):
-        manifest = build_bundle(
-            model,
-            output,
-            chosen,
-            revision=revision,
-            name=name,
-            args=default_args,
-            force=force,
-            progress=_progress_bar,
-            platform=platform,
-            sidecar=sidecar,
-            license_file=license_file,
-        )
+        companions = [
+            *([CompanionSpec("draft", draft)] if draft else []),
+            *(_lora_spec(item) for item in loras),
+            *([CompanionSpec("embedding", embedding)] if embedding else []),
+            *([CompanionSpec("reranker", reranker)] if reranker else []),
+        ]
+        options = BuildOptions(revision, name, default_args, force, platform, sidecar, license_file, tuple(companions))
+        manifest = build_bundle(model, output, chosen, options, _progress_bar)
     _report_written(output, manifest)
     if not manifest.metadata.get("license") and not manifest.license_text:
         click.echo(
@@ -174,6 +189,17 @@ def build(
             "portable stub (scripts/build_portable.sh, see the README).",
             err=True,
         )
+
+
+def _lora_spec(item: str) -> CompanionSpec:
+    """ADAPTER[:SCALE]: the part after the last colon is a scale when it is a number (a Hub QUANT is not)."""
+    source, colon, scale = item.rpartition(":")
+    if colon:
+        try:
+            return CompanionSpec("lora", source, float(scale))
+        except ValueError:
+            pass
+    return CompanionSpec("lora", item, 1.0)
 
 
 def _report_written(output: Path, manifest: bundle_format.Manifest) -> None:
@@ -317,6 +343,11 @@ def describe(bundle: Bundle) -> Iterator[tuple[str, str]]:
     if m.license_text:
         first = m.license_text.strip().splitlines()[0] if m.license_text.strip() else ""
         yield "License file", f"stored ({len(m.license_text):,} characters: {first[:60]}); the bundle prints it with --license"
+    for c in m.companions:
+        scale = f" at scale {c.scale:g}" if c.scale is not None else ""
+        yield f"{c.role.capitalize()} model" if c.role != "lora" else "LoRA adapter", (
+            f"{c.file_name}{scale} ({c.size:,} bytes at offset {c.offset:,}), sha256 {c.sha256}, licence {c.license or 'not stated'}"
+        )
     yield "Default args", " ".join(m.default_args) or "(none)"
     yield "Platform", m.platform
     yield "Runtime", f"llamabox {m.runtime_version}"
@@ -355,15 +386,25 @@ def _describe_source(source: bundle_format.Source | None) -> Iterator[tuple[str,
 def verify(bundle: Path) -> None:
     """Re-hash the model inside BUNDLE and compare it with the manifest."""
     opened = bundle_format.open_bundle(bundle)
-    with _progress_bar(opened.model_size, label="Hashing") as advance:
+    companions = opened.manifest.companions
+    with _progress_bar(opened.model_size + sum(c.size for c in companions), label="Hashing") as advance:
         actual = bundle_format.hash_model(opened, advance)
+        carried = [bundle_format.hash_region(opened.path, c.offset, c.size, advance) for c in companions]
     if actual != opened.manifest.model.sha256:
         raise click.ClickException(
             f"{bundle.name}: the embedded model is damaged (SHA-256 {actual[:16]}... instead of "
             f"{opened.manifest.model.sha256[:16]}...); download or build it again"
         )
+    for companion, digest in zip(companions, carried):
+        if digest != companion.sha256:
+            raise click.ClickException(
+                f"{bundle.name}: the {companion.role} model {companion.file_name} inside it is damaged (SHA-256 {digest[:16]}... "
+                f"instead of {companion.sha256[:16]}...); download or build it again"
+            )
     where = f" (in {opened.manifest.sidecar.name})" if opened.manifest.sidecar is not None else ""
     click.echo(f"OK: {bundle.name}: {opened.manifest.model.file_name}{where}, sha256 {actual}")
+    for companion, digest in zip(companions, carried):
+        click.echo(f"OK: {bundle.name}: {companion.role} {companion.file_name}, sha256 {digest}")
 
 
 @cli.command("default-model")

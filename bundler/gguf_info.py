@@ -48,6 +48,8 @@ class GGUFInfo:
     # A part of a split model (NAME-00001-of-00003.gguf) says which part it is (from 0) and how many there are.
     split_no: int = 0
     split_count: int = 1
+    general_type: str | None = None  # "adapter" for a LoRA adapter; a model says "model" or nothing
+    pooling_type: int | None = None  # llama.cpp's: 4 (rank) for a reranker
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -128,6 +130,8 @@ def summarise(lib: ctypes.CDLL, ctx: int, version: int) -> GGUFInfo:
         size_label=_get(lib, ctx, "general.size_label"),
         split_no=_int(_get(lib, ctx, "split.no"), 0),
         split_count=_int(_get(lib, ctx, "split.count"), 1),
+        general_type=_get(lib, ctx, "general.type"),
+        pooling_type=_int(_get(lib, ctx, f"{architecture}.pooling_type"), -1) if architecture else None,
     )
 
 

@@ -12,6 +12,8 @@ there (see the launcher's own comments); the runtime then maps the model from th
     payload_offset      the runtime payload (.tar.gz); the trailer's archive fields point at it
     model_offset        the GGUF, byte for byte, at a multiple of ALIGNMENT (4096), so llama.cpp
                         can memory-map the weights straight from the bundle
+    (companions)        other GGUFs the model works with (a draft model, LoRA adapters, an embedding
+                        model, a reranker), each at a multiple of ALIGNMENT; the manifest's `companions` say where
     manifest_offset     the manifest: UTF-8 JSON describing the model and the build
     bundle_size - 72    the trailer: fixed size, little-endian, ends with TRAILER_MAGIC
 
@@ -143,6 +145,26 @@ class Source:
     package: str | None = None
 
 
+COMPANION_ROLES = ("draft", "lora", "embedding", "reranker")
+
+
+@dataclass(frozen=True)
+class Companion:
+    """Another GGUF inside the bundle, after the model (one-file layouts only): the draft model for speculative
+    decoding, a LoRA adapter (applied at `scale` from the start), the model /v1/embeddings uses, or the reranker
+    /rerank uses. Older runtimes
+    ignore these (an unknown manifest key) and run the model alone."""
+
+    role: str  # one of COMPANION_ROLES
+    file_name: str
+    offset: int  # where its GGUF starts in the bundle
+    size: int
+    sha256: str
+    scale: float | None = None  # a LoRA adapter's
+    license: str | None = None  # its GGUF's general.license
+    source: Source | None = None
+
+
 @dataclass(frozen=True)
 class Sidecar:
     """The file beside the executable that holds the model, in the sidecar layout."""
@@ -168,6 +190,7 @@ class Manifest:
     source: Source | None = None
     license_text: str | None = None  # the licence file given with `llamabox build --license-file`
     sidecar: Sidecar | None = None
+    companions: list[Companion] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode("utf-8") + b"\n"
@@ -185,9 +208,19 @@ class Manifest:
                 manifest["source"] = Source(**source)
             if raw.get("sidecar") is not None:
                 manifest["sidecar"] = Sidecar(**_known_fields(Sidecar, raw["sidecar"]))
+            manifest["companions"] = [_companion(c) for c in raw.get("companions") or []]
             return cls(**manifest)
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"the bundle's manifest is damaged ({exc}); rebuild or download it again") from None
+
+
+def _companion(raw: dict[str, Any]) -> Companion:
+    fields = _known_fields(Companion, raw)
+    if fields.get("source") is not None:
+        source = _known_fields(Source, fields["source"])
+        source["files"] = [SourceFile(**_known_fields(SourceFile, f)) for f in source["files"]]
+        fields["source"] = Source(**source)
+    return Companion(**fields)
 
 
 def _known_fields(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
@@ -465,12 +498,29 @@ def open_bundle(path: Path) -> Bundle:
                 f.seek(trailer.model_offset)
                 if f.read(4) != GGUF_MAGIC:
                     raise BundleError(f"{path.name} has no GGUF model where its trailer says; build it again")
+            _check_companions(path, f, trailer, manifest.companions)
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
     bundle = Bundle(path=path, trailer=trailer, manifest=manifest)
     if manifest.sidecar is not None:
         _check_sidecar(bundle, manifest.sidecar)
     return bundle
+
+
+def _check_companions(path: Path, f: BinaryIO, trailer: Trailer, companions: list[Companion]) -> None:
+    """Each companion lies between the model and the manifest, aligned, in order, and starts as a GGUF."""
+    if not companions:
+        return
+    if trailer.flags & FLAG_SIDECAR:
+        raise BundleError(f"{path.name} has an inconsistent manifest; build it again")
+    end = trailer.model_offset + trailer.model_size
+    for companion in companions:
+        f.seek(companion.offset)
+        if companion.offset < end or companion.offset % ALIGNMENT or f.read(4) != GGUF_MAGIC:
+            raise BundleError(f"{path.name} has no GGUF where its manifest puts {companion.file_name}; build it again")
+        end = companion.offset + companion.size
+    if end > trailer.manifest_offset:
+        raise BundleError(f"{path.name} has an inconsistent manifest; build it again")
 
 
 def _check_sidecar(bundle: Bundle, sidecar: Sidecar) -> None:
@@ -547,15 +597,19 @@ def write_bundle(
     on_progress: ProgressCallback | None = None,
     complete: Callable[[Manifest], Manifest] | None = None,
     sidecar: tuple[BinaryIO, str] | None = None,
+    companions: list[tuple[Companion, BinaryIO]] | None = None,
 ) -> Manifest:
-    """Write stub + model + manifest (+ archive copy, for a one-file stub) + trailer to `out`, hashing the
-    model as it goes.
+    """Write stub + model (+ companions) + manifest (+ archive copy, for a one-file stub) + trailer to `out`,
+    hashing the model and the companions as it goes.
 
     `model` needs only seek(0) and read(). `complete`, if given, fills in what is known only once the
     model has been read (such as the SHA-256 of the files it was made from). With `sidecar` (a file
     and the name it will have beside `out`), the model goes into that file instead (the sidecar
-    layout). Returns the manifest as written, with the model's SHA-256.
+    layout). `companions` (each entry's offset and SHA-256 filled in here, and `size` bytes read from its file)
+    follow the model. Returns the manifest as written, with the model's SHA-256.
     """
+    if companions and sidecar is not None:
+        raise BundleError("the sidecar layout keeps one model beside the executable; bundle a draft, LoRA, embedding or reranking model without --sidecar")
     stub_size = stub.seek(0, 2)
     header = read_stub_header(stub)
     if header is not None:
@@ -591,10 +645,22 @@ def write_bundle(
         manifest = dataclasses.replace(
             manifest, sidecar=Sidecar(name=sidecar[1], size=manifest.model.size, sha256=manifest.model.sha256)
         )
+    end = model_offset + manifest.model.size
+    written = []
+    for companion, reader in companions or []:
+        offset = align_up(end)
+        out.write(b"\0" * (offset - end))
+        digest = hashlib.sha256()
+        reader.seek(0)
+        if _copy(reader, out, companion.size, digest, on_progress) != companion.size:
+            raise BundleError(f"{companion.file_name} changed while it was being copied")
+        written.append(dataclasses.replace(companion, offset=offset, sha256=digest.hexdigest()))
+        end = offset + companion.size
+    manifest = dataclasses.replace(manifest, companions=written)
     if complete is not None:
         manifest = complete(manifest)
     manifest_bytes = manifest.to_json()
-    manifest_offset = model_offset + manifest.model.size if sidecar is None else stub_size
+    manifest_offset = end if sidecar is None else stub_size
     out.write(manifest_bytes)
 
     archive_size = archive[1] - archive[0]
@@ -623,13 +689,17 @@ def write_bundle(
     return manifest
 
 
-class ModelRegion:
-    """A read-only view of the model inside an existing bundle (or its sidecar), for repacking."""
+class Region:
+    """A read-only view of a GGUF inside an existing bundle (or its sidecar), for repacking."""
 
-    def __init__(self, bundle: Bundle) -> None:
-        self._file = open(bundle.model_path, "rb")
-        self._start, self.size = bundle.model_offset, bundle.model_size
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        self._file = open(path, "rb")
+        self._start, self.size = start, size
         self._pos = 0
+
+    @classmethod
+    def model(cls, bundle: Bundle) -> Region:
+        return cls(bundle.model_path, bundle.model_offset, bundle.model_size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         self._pos = offset if whence == 0 else (self.size + offset if whence == 2 else self._pos + offset)
@@ -645,7 +715,7 @@ class ModelRegion:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> ModelRegion:
+    def __enter__(self) -> Region:
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -654,10 +724,15 @@ class ModelRegion:
 
 def hash_model(bundle: Bundle, on_progress: ProgressCallback | None = None) -> str:
     """SHA-256 of the embedded model, read back from the bundle."""
+    return hash_region(bundle.model_path, bundle.model_offset, bundle.model_size, on_progress)
+
+
+def hash_region(path: Path, offset: int, size: int, on_progress: ProgressCallback | None = None) -> str:
+    """SHA-256 of `size` bytes of `path` from `offset` (a model or a companion inside a bundle)."""
     digest = hashlib.sha256()
-    with open(bundle.model_path, "rb") as f:
-        f.seek(bundle.model_offset)
-        _copy(f, None, bundle.model_size, digest, on_progress)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        _copy(f, None, size, digest, on_progress)
     return digest.hexdigest()
 
 

@@ -128,7 +128,7 @@ HELP_SECTIONS = [
         "Server options (as llama-server's)",
         ["host", "port", "alias", "parallel", "cont_batching", "api_key", "api_key_file", "ssl_key_file", "ssl_cert_file",
          "cors_origins", "allowed_hosts", "chat_template", "jinja", "chat_template_kwargs", "reasoning_format", "reasoning",
-         "reasoning_budget",
+         "reasoning_budget", "reranking",
          "system_prompt", "metrics", "slots",
          "props", "webui", "lora_init_without_apply"],
     ),
@@ -465,6 +465,12 @@ HELP_SECTIONS = [
 )
 @click.option("--gpu-device", help="Use only this GPU, by its name in --info (Vulkan0, CUDA1) [default: every GPU of the best backend].")
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
+@click.option(
+    "--reranking",
+    "--rerank",
+    is_flag=True,
+    help="Answer /rerank with this model's ranking head, as llama-server's (a reranker the bundle carries answers it without this).",
+)
 @click.option("--metrics", is_flag=True, help="Serve Prometheus metrics at GET /metrics, with llama-server's names (llamacpp:...).")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's own log and one line per HTTP request.")
 @click.version_option(__version__, prog_name="llamabox runtime")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime import bundle_format, packaged
-from runtime.bundle_format import Bundle
+from runtime.bundle_format import Bundle, Companion
 from runtime.errors import BundleError, LlamaboxError, ModelFileError
 
 
@@ -80,14 +80,27 @@ def _from_bundle(bundle: Bundle) -> ModelSource:
     )
 
 
+def companions(source: ModelSource, role: str) -> list[tuple[Companion, ModelLocation]]:
+    """The GGUFs of `role` (bundle_format.COMPANION_ROLES) the model's bundle carries, and where each is."""
+    if source.bundle is None:
+        return []
+    return [(c, ModelLocation(source.bundle.path.resolve(), c.offset)) for c in source.bundle.manifest.companions if c.role == role]
+
+
 def verify(bundle: Bundle) -> None:
-    """Full SHA-256 check of the embedded model (the start-up check only looks at sizes)."""
+    """Full SHA-256 check of the embedded model and what it carries (the start-up check only looks at sizes)."""
     actual = bundle_format.hash_model(bundle)
     if actual != bundle.manifest.model.sha256:
         raise BundleError(
             f"{bundle.path.name}: the embedded model is damaged (its SHA-256 does not match the manifest); "
             "download or build it again"
         )
+    for companion in bundle.manifest.companions:
+        if bundle_format.hash_region(bundle.path, companion.offset, companion.size) != companion.sha256:
+            raise BundleError(
+                f"{bundle.path.name}: the {companion.role} model {companion.file_name} inside it is damaged (its SHA-256 "
+                "does not match the manifest); download or build it again"
+            )
 
 
 

@@ -70,6 +70,7 @@ class RunOptions:
     lora_scaled: tuple[tuple[Path, float], ...]
     lora_init_without_apply: bool
     model_draft: Path | None
+    reranking: bool  # the model itself ranks (llama-server's --reranking)
     spec_type: str | None  # None: speculative decoding where -md gives a draft
     draft_max: int
     draft_min: int
@@ -177,8 +178,11 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             context_shift=options.context_shift,
             n_keep=options.n_keep,
             truncate_prompt=options.truncate_prompt,
-            lora=tuple(LoraFile(path, 0.0 if options.lora_init_without_apply else scale) for path, scale in (*options.lora, *options.lora_scaled)),
-            draft=_draft(options, own),
+            lora=_adapters(options, source),
+            draft=_draft(options, own, source),
+            embedding=next((location for _, location in model_source.companions(source, "embedding")), None),
+            reranker=next((location for _, location in model_source.companions(source, "reranker")), None),
+            reranking=options.reranking,
             draft_options=DraftOptions(options.draft_max, options.draft_min, options.draft_p_min),
             gpu_layers=placement.layers,
             gpu_devices=tuple(g.index for g in placement.gpus),
@@ -220,9 +224,11 @@ def _say(line: str) -> None:
     click.echo(f"llamabox: {line}", err=True)
 
 
-def _draft(options: RunOptions, own: OwnBundle) -> ModelLocation | None:
-    """The draft model for speculative decoding: -md's, unless --spec-type none or --draft-max 0 turn it off."""
-    if options.model_draft is None:
+def _draft(options: RunOptions, own: OwnBundle, source: ModelSource) -> ModelLocation | None:
+    """The draft model for speculative decoding: -md's, else the one the bundle carries; none with --spec-type none
+    or --draft-max 0."""
+    carried = next((location for _, location in model_source.companions(source, "draft")), None)
+    if options.model_draft is None and carried is None:
         if options.spec_type == "draft-simple":
             raise LlamaboxError("--spec-type draft-simple needs a draft model: give one with -md DRAFT.gguf")
         return None
@@ -230,7 +236,17 @@ def _draft(options: RunOptions, own: OwnBundle) -> ModelLocation | None:
         raise LlamaboxError(f"--draft-min {options.draft_min} is above --draft-max {options.draft_max}: no draft would ever be checked")
     if options.spec_type == "none" or options.draft_max == 0:
         return None
-    return model_source.resolve(options.model_draft, own).location
+    return model_source.resolve(options.model_draft, own).location if options.model_draft else carried
+
+
+def _adapters(options: RunOptions, source: ModelSource) -> tuple[LoraFile, ...]:
+    """The LoRA adapters the bundle carries (at their baked scales), then --lora's and --lora-scaled's."""
+    def scale(given: float) -> float:
+        return 0.0 if options.lora_init_without_apply else given
+
+    carried = [LoraFile(location.path, scale(c.scale if c.scale is not None else 1.0), location.offset, c.file_name)
+               for c, location in model_source.companions(source, "lora")]
+    return (*carried, *(LoraFile(path, scale(given)) for path, given in (*options.lora, *options.lora_scaled)))
 
 
 def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions, parallel: int | None) -> offload.Offload:

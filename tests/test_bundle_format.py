@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import struct
@@ -289,3 +290,43 @@ def test_sidecar_layout_of_each_stub_kind(tmp_path: Path, stub: bytes) -> None:
     side.write_bytes(MODEL[:-10])
     with pytest.raises(BundleError, match="copy it again"):
         bundle_format.open_bundle(out)
+
+
+def companion(role: str, data: bytes, scale: float | None = None) -> tuple[bundle_format.Companion, io.BytesIO]:
+    return bundle_format.Companion(role, f"{role}.gguf", 0, len(data), "", scale), io.BytesIO(data)
+
+
+def test_companions_follow_the_model_aligned_and_hashed(tmp_path: Path, stub: bytes) -> None:
+    draft, adapter = b"GGUF" + b"d" * 5000, b"GGUF" + b"a" * 300
+    out = tmp_path / "b.run"
+    with open(out, "wb") as f:
+        bundle_format.write_bundle(f, io.BytesIO(stub), io.BytesIO(MODEL), manifest(), companions=[companion("draft", draft), companion("lora", adapter, 0.5)])
+    bundle = bundle_format.open_bundle(out)
+    data = out.read_bytes()
+    carried = bundle.manifest.companions
+    assert [(c.role, c.scale) for c in carried] == [("draft", None), ("lora", 0.5)]
+    assert carried[0].offset >= bundle.model_offset + bundle.model_size
+    for c, expected in zip(carried, (draft, adapter)):
+        assert c.offset % ALIGNMENT == 0 and data[c.offset : c.offset + c.size] == expected
+        assert c.sha256 == bundle_format.hash_region(out, c.offset, c.size) == hashlib.sha256(expected).hexdigest()
+    assert carried[1].offset + carried[1].size <= bundle.trailer.manifest_offset
+
+
+def test_a_manifest_that_puts_a_companion_where_none_is_is_damage(tmp_path: Path) -> None:
+    out = tmp_path / "b.run"
+    with open(out, "wb") as f:
+        written = bundle_format.write_bundle(f, io.BytesIO(fake_launcher_stub()), io.BytesIO(MODEL), manifest(), companions=[companion("draft", b"GGUF" + b"d" * 100)])
+    bundle = bundle_format.open_bundle(out)
+    data = bytearray(out.read_bytes())
+    offset = written.companions[0].offset
+    data[offset : offset + 4] = b"XXXX"
+    out.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="has no GGUF where its manifest puts draft.gguf"):
+        bundle_format.open_bundle(out)
+    assert bundle.manifest.companions[0].offset == offset
+
+
+def test_the_sidecar_layout_carries_no_companions(tmp_path: Path) -> None:
+    with open(tmp_path / "b.run", "wb") as f, open(tmp_path / "b.gguf", "wb") as side:
+        with pytest.raises(BundleError, match="the sidecar layout keeps one model"):
+            bundle_format.write_bundle(f, io.BytesIO(fake_stub()), io.BytesIO(MODEL), manifest(), sidecar=(side, "b.gguf"), companions=[companion("draft", b"GGUF")])

@@ -9,7 +9,6 @@ self-test runs once.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import os
 import shutil

@@ -17,7 +17,6 @@ import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
-import gguf
 import httpx
 import pytest
 
@@ -26,6 +25,7 @@ from runtime.engine import DraftOptions, Engine, EngineOptions, LoraFile, Sampli
 from runtime.errors import LlamaboxError
 from runtime.model_source import ModelLocation
 from tests.conftest import Server, free_port, start_server, stop_server
+from tests.gguf_copy import other_vocabulary
 from tests.test_lora import write_lora
 
 PROMPTS = ["Write a short story about a cat.", "List five fruits and say why each is good.", "Explain what a compiler does."]
@@ -89,29 +89,8 @@ def test_the_token_limit_holds_when_a_draft_runs_past_it(drafted: Engine, alone:
     assert tokens == 6 and alone["greedy", PROMPTS[0]].startswith(text)
 
 
-def write_other_vocabulary(path: Path, base: Path) -> Path:
-    """`base` with one token's text changed: a tokenizer that is not the model's."""
-    reader = gguf.GGUFReader(base)
-    writer = gguf.GGUFWriter(str(path), str(reader.fields["general.architecture"].contents()))
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        value = field.contents()
-        if field.name == "tokenizer.ggml.tokens":
-            value[1000] = "not-a-token-of-smollm2"
-        array = field.types[0] == gguf.GGUFValueType.ARRAY
-        writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if array else None)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_a_draft_with_another_tokenizer_is_refused_in_one_line(smollm2: Path, tmp_path: Path) -> None:
-    other = write_other_vocabulary(tmp_path / "other.gguf", smollm2)
+    other = other_vocabulary(smollm2, tmp_path / "other.gguf")
     with pytest.raises(LlamaboxError, match=r"^other.gguf cannot draft for this model: token 1000 is another word in it; give a draft"):
         Engine(ModelLocation(smollm2), EngineOptions(ctx_size=256, threads=2, draft=ModelLocation(other)))
 

@@ -20,6 +20,7 @@ from runtime.cache_types import UNQUANTIZED
 from runtime.engine import memory, prompt_cache, reasoning, templates
 from runtime.engine.draft import Drafter, DraftOptions, check_compatible
 from runtime.engine.embeddings import Embedder, EmbeddingError
+from runtime.engine.rerank import Reranker, RerankError, check_reranker
 from runtime.engine.infill import FimTokens
 from runtime.engine.templates import ChatTemplateError, TemplateChoice, render_chat
 from runtime.engine.loader import InPlaceModel
@@ -44,7 +45,7 @@ from runtime.engine.quiet import quiet
 __all__ = [
     "ChatTemplateError", "Chunk", "Completion", "DraftOptions", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "LoraError", "LoraFile",
     "Metrics", "Prompt",
-    "PromptError", "PromptTooLongError", "QueueFullError", "Sampling", "SamplingError", "SlotState", "Timings",
+    "PromptError", "PromptTooLongError", "QueueFullError", "RerankError", "Sampling", "SamplingError", "SlotState", "Timings",
     "TokenLogprob",
 ]
 
@@ -84,6 +85,9 @@ class EngineOptions:
     lora: tuple[LoraFile, ...] = ()  # LoRA adapters to load with the model (--lora, --lora-scaled)
     draft: ModelLocation | None = None  # a draft model of the same vocabulary, for speculative decoding (-md)
     draft_options: DraftOptions = DraftOptions()
+    embedding: ModelLocation | None = None  # a model of its own for embeddings (one a bundle carries)
+    reranker: ModelLocation | None = None  # a model with a ranking head for /rerank (one a bundle carries)
+    reranking: bool = False  # the model itself ranks (llama-server's --reranking)
     gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
     gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
     system_prompt: str | None = None
@@ -180,6 +184,8 @@ class Engine:
         self.adapters = Adapters(self._model.model, list(options.lora), options.verbose)
         self._draft_model: InPlaceModel | None = None
         self._draft_context: Any = None
+        self._embedding_model: InPlaceModel | None = None
+        self._reranker_model: InPlaceModel | None = None
         drafter = self._drafter(options.draft, cells) if options.draft is not None else None
         # What llama.cpp made of -b and -ub: it takes no more per call than the context it was asked for (-c 128 gives
         # 128 even where the cache is padded to 256), and a batch beyond that would abort the process.
@@ -202,17 +208,36 @@ class Engine:
         )
         if options.context_shift and not self._scheduler.context_shift:
             self.warnings.append("this model's cache cannot shift its context (--context-shift); a reply that fills it ends with length")
-        self._embedder = Embedder(self._model.model, metadata, self.n_ctx, options.threads, options.verbose)
+        # Embeddings: from the embedding model, where one is given, on the CPU (a text at a time), else from this one.
+        self._embedding_model = self._load_plain(options.embedding, "embedding") if options.embedding is not None else None
+        embedder = self._embedding_model or self._model
+        self._embedder = Embedder(
+            embedder.model, embedder.metadata(), min(self.n_ctx, embedder.n_ctx_train()), options.threads, options.verbose)
+        self.embedding_limit = self._embedder.max_tokens
+        self._reranker_model = self._load_plain(options.reranker, "reranker") if options.reranker is not None else None
+        self._reranker = self._make_reranker(options.reranker.path.name if options.reranker else location.path.name)
+
+    def _make_reranker(self, name: str) -> Reranker | None:
+        """The reranker: the carried or given one, or the model itself with --reranking; none otherwise."""
+        model = self._reranker_model or (self._model if self.options.reranking else None)
+        if model is None:
+            return None
+        check_reranker(model.metadata(), name)
+        return Reranker(model, self.options.threads, self.options.verbose)
+
+    @property
+    def reranks(self) -> bool:
+        return self._reranker is not None
+
+    def rerank(self, query: str, documents: list[str]) -> list[tuple[float, int]]:
+        """Each document's score against `query`, with the tokens the pair took (a RerankError where one is too long)."""
+        assert self._reranker is not None
+        pairs = [self._reranker.pair(query, document) for document in documents]
+        return [(self._reranker.score(tokens), len(tokens)) for tokens in pairs]
 
     def _drafter(self, location: ModelLocation, cells: int) -> Drafter:
         """The draft model, on the devices the model is on, and its context: as many sequences as the model's."""
-        try:
-            self._draft_model = InPlaceModel(
-                location, 1 << 20 if self.gpu_layers else 0, self.options.verbose, self.options.gpu_devices if self.gpu_layers else (),
-                load_mode=self.options.load_mode,
-            )
-        except ValueError as exc:
-            raise ModelFileError(f"llama.cpp could not load the draft model from {location.path} ({exc})") from None
+        self._draft_model = self._load_plain(location, "draft", on_gpu=self.gpu_layers > 0)
         check_compatible(self._model.vocab, self._draft_model.vocab, location.path.name)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = cells, self.batch_size, self.ubatch_size
@@ -224,6 +249,16 @@ class Engine:
         if self._draft_context is None:
             raise ModelFileError(f"llama.cpp could not make a context of {cells} tokens for the draft model; try a smaller --ctx-size")
         return Drafter(self._draft_model.model, self._draft_context, self.options.draft_options)
+
+    def _load_plain(self, location: ModelLocation, role: str, on_gpu: bool = False) -> InPlaceModel:
+        """A companion model (draft, embedding): wholly on the model's GPUs when `on_gpu`, else on the CPU."""
+        try:
+            return InPlaceModel(
+                location, 1 << 20 if on_gpu else 0, self.options.verbose, self.options.gpu_devices if on_gpu else (),
+                load_mode=self.options.load_mode,
+            )
+        except ValueError as exc:
+            raise ModelFileError(f"llama.cpp could not load the {role} model from {location.path} ({exc})") from None
 
     def _load(self, location: ModelLocation) -> InPlaceModel:
         """The model with `gpu_layers` on the GPUs; fewer, down to none, while the GPU runs out of memory."""
@@ -358,9 +393,17 @@ class Engine:
     def complete(self, prompt: Prompt, sampling: Sampling) -> Completion:
         return Completion.from_pieces(list(self.stream(prompt, sampling)))
 
+    def embedding_tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """The text in the embedding model's tokens."""
+        return (self._embedding_model or self._model).tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def embedding_detokenize(self, tokens: list[int]) -> str:
+        model = self._embedding_model or self._model
+        return b"".join(token_bytes(model.vocab, t) for t in tokens).decode("utf-8", errors="replace")
+
     def embed(self, text: str) -> list[float]:
         """The text's embedding: pooled, unit length. Made in a context of its own (created on first use)."""
-        return self._embedder.embed(self.tokenize(text))
+        return self._embedder.embed(self.embedding_tokenize(text))
 
     def close(self) -> None:
         """Stop generating and free llama.cpp's contexts, then the model, in that order."""
@@ -369,12 +412,15 @@ class Engine:
         self._scheduler.stop()
         with quiet(self.options.verbose):  # llama.cpp reports what it frees
             self._embedder.close()
+            if self._reranker is not None:
+                self._reranker.close()
             llama_cpp.llama_free(self._context)
             self._context = None
             if self._draft_context is not None:
                 llama_cpp.llama_free(self._draft_context)
-            if self._draft_model is not None:
-                self._draft_model.close()
+            for companion in (self._draft_model, self._embedding_model, self._reranker_model):
+                if companion is not None:
+                    companion.close()
             self._model.close()
 
     def __enter__(self) -> Engine:

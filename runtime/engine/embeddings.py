@@ -24,6 +24,7 @@ MAX_TOKENS = 2048  # per text: the whole text is one step, and the context's buf
 class Embedder:
     def __init__(self, model: Any, metadata: dict[str, str], n_ctx: int, threads: int | None, verbose: bool) -> None:
         self._model, self._n_ctx, self._threads, self._verbose = model, min(n_ctx, MAX_TOKENS), threads, verbose
+        self.max_tokens = self._n_ctx  # a text's tokens at most
         architecture = metadata.get("general.architecture", "")
         self._pooling = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if f"{architecture}.pooling_type" in metadata else llama_cpp.LLAMA_POOLING_TYPE_MEAN
         self._n_embd = llama_cpp.llama_model_n_embd(model)

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import llama_cpp
@@ -69,6 +70,18 @@ class _CRuntime:
 
 
 _libc = _CRuntime()
+
+
+@contextlib.contextmanager
+def c_file_at(location: ModelLocation) -> Iterator[int | None]:
+    """A FILE of llama.cpp's C runtime at `location` (None where it cannot be opened there), closed afterwards: for
+    what llama.cpp reads once (a LoRA adapter) from a file region."""
+    fp = _libc.open(str(location.path))
+    try:
+        yield fp if fp and _libc.seek(fp, location.offset) else None
+    finally:
+        if fp:
+            _libc.close(fp)
 
 # The private shape this module relies on: checked at import, so a llama-cpp-python upgrade that
 # changes it fails loudly here rather than deep inside a load.

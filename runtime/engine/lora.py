@@ -14,7 +14,9 @@ from typing import Any
 
 import llama_cpp
 
+from runtime.engine.loader import c_file_at
 from runtime.engine.quiet import quiet
+from runtime.model_source import ModelLocation
 from runtime.errors import LlamaboxError, ModelFileError
 
 # A request's scales, one per adapter in load order; () where the server has none.
@@ -27,25 +29,31 @@ class LoraError(LlamaboxError):
 
 @dataclass(frozen=True)
 class LoraFile:
-    """One --lora (scale 1) or --lora-scaled FILE:SCALE."""
+    """One --lora (scale 1) or --lora-scaled FILE:SCALE, or an adapter a bundle carries (at `offset` in it)."""
 
     path: Path
     scale: float = 1.0
+    offset: int = 0
+    name: str | None = None  # what /lora-adapters calls it: its path, or a carried adapter's file name
+
+    @property
+    def shown(self) -> str:
+        return self.name or str(self.path)
 
 
 class Adapters:
     def __init__(self, model: Any, files: list[LoraFile], verbose: bool) -> None:
-        self.paths = [file.path for file in files]
+        self.names = [file.shown for file in files]
         self.scales: list[float] = [file.scale for file in files]  # what new requests get (POST /lora-adapters)
         self._handles: list[Any] = []
         for file in files:
-            with quiet(verbose):
-                handle = llama_cpp.llama_adapter_lora_init(model, str(file.path).encode())
+            with quiet(verbose), c_file_at(ModelLocation(file.path, file.offset)) as fp:
+                handle = llama_cpp.llama_adapter_lora_init_from_file_ptr(model, fp) if fp else None
             if not handle:
                 for loaded in self._handles:  # the rest go with the model, which frees its adapters itself
                     llama_cpp.llama_adapter_lora_free(loaded)
                 raise ModelFileError(
-                    f"--lora {file.path}: llama.cpp cannot apply it to this model (not a LoRA GGUF, or made for another "
+                    f"--lora {file.shown}: llama.cpp cannot apply it to this model (not a LoRA GGUF, or made for another "
                     "model or architecture); give an adapter converted for this model"
                 )
             self._handles.append(handle)
@@ -58,9 +66,9 @@ class Adapters:
     def describe(self) -> list[dict[str, Any]]:
         """llama-server's GET /lora-adapters: id, path, scale, and the adapter's own task name and prompt prefix."""
         return [
-            {"id": i, "path": str(path), "scale": scale, "task_name": self._meta(i, "adapter.lora.task_name"),
+            {"id": i, "path": name, "scale": scale, "task_name": self._meta(i, "adapter.lora.task_name"),
              "prompt_prefix": self._meta(i, "adapter.lora.prompt_prefix")}
-            for i, (path, scale) in enumerate(zip(self.paths, self.scales, strict=True))
+            for i, (name, scale) in enumerate(zip(self.names, self.scales, strict=True))
         ]
 
     def scales_for(self, config: dict[int, float] | None) -> Scales:

@@ -86,6 +86,7 @@ def routes() -> list[Route]:
         NATIVE.route("/embedding", embedding, ["POST"]),
         NATIVE.route("/embeddings", embedding, ["POST"]),
         NATIVE.route("/apply-template", apply_template, ["POST"]),
+        *(NATIVE.route(path, rerank, ["POST"]) for path in ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking")),
         NATIVE.route("/metrics", prometheus.metrics, ["GET"]),
         NATIVE.route("/lora-adapters", list_lora_adapters, ["GET"]),
         NATIVE.route("/lora-adapters", set_lora_adapters, ["POST"]),
@@ -95,8 +96,6 @@ def routes() -> list[Route]:
 
 # llama-server routes for features llamabox does not have: 501, as llama-server answers for a disabled feature.
 UNSUPPORTED = [
-    ("/rerank", "reranking", ["POST"]),
-    ("/reranking", "reranking", ["POST"]),
     ("/slots/{id_slot}", "saving, restoring and erasing slots", ["POST"]),
 ]
 
@@ -759,6 +758,43 @@ async def embedding(request: Request) -> Response:
     prompts, _ = await run_in_threadpool(read_prompts, engine, body.raw(name), name)
     vectors = await run_in_threadpool(lambda: [engine.embed(_embedding_text(engine, p)) for p in prompts])
     return JSONResponse([{"index": i, "embedding": [_normalized(v, norm)]} for i, v in enumerate(vectors)])
+
+
+# --- reranking -----------------------------------------------------------------------------------
+
+
+async def rerank(request: Request) -> Response:
+    """llama-server's reranking: `query` against each of `documents`, answered in Jina's shape ({"results": [{"index",
+    "relevance_score"}], "usage", ...}); with `texts` instead of `documents`, in TEI's ([{"index", "score"}], and
+    "text" with return_text). Best first, the first `top_n`; the scores are the ranking head's raw outputs."""
+    engine: Engine = request.app.state.engine
+    settings: ServerSettings = request.app.state.settings
+    if not engine.reranks:
+        raise ApiError(
+            501, "This server does not support reranking. Start it with `--reranking` and a model with a ranking head, or "
+            "bundle a reranker with `llamabox build MODEL --reranker R.gguf`",
+        )
+    body = await read_json(request)
+    query = body.string("query", required=True)
+    tei = "texts" in body
+    name = "texts" if tei else "documents"
+    documents = body.raw(name)
+    if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+        raise body.fail(name, "must be a non-empty string array")
+    top_n = body.integer("top_n", minimum=0)
+    return_text = tei and bool(body.boolean("return_text"))
+    scored = await run_in_threadpool(engine.rerank, query or "", documents)
+    label = "score" if tei else "relevance_score"
+    results = [{"index": i, label: score, **({"text": documents[i]} if return_text else {})} for i, (score, _) in enumerate(scored)]
+    results = sorted(results, key=lambda r: -r[label])[: len(results) if top_n is None else top_n]
+    if tei:
+        return JSONResponse(results)
+    used = sum(tokens for _, tokens in scored)
+    model = body.raw("model")
+    return JSONResponse({
+        "model": model if isinstance(model, str) else settings.model_id, "object": "list",
+        "usage": {"prompt_tokens": used, "total_tokens": used}, "results": results,
+    })
 
 
 def _embedding_text(engine: Engine, prompt: Prompt) -> str:

@@ -26,7 +26,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime.engine import Chunk, Completion, Engine, Prompt, Sampling, Timings, TokenLogprob, reasoning
-from runtime.engine.embeddings import MAX_TOKENS as EMBED_MAX_TOKENS
 from runtime.server import sampling as sampling_fields
 from runtime.server.body import Body, read_json
 from runtime.server.dialect import Dialect
@@ -691,15 +690,15 @@ def _embed_all(engine: Engine, texts: list[str], truncate: bool) -> tuple[list[l
 
 def _fitted(engine: Engine, text: str, truncate: bool) -> tuple[str, int]:
     """The text, cut at its end to the tokens an embedding takes if `truncate`; with its token count."""
-    limit = min(engine.n_ctx, EMBED_MAX_TOKENS)
-    count = len(engine.tokenize(text))
+    limit = engine.embedding_limit
+    count = len(engine.embedding_tokenize(text))
     if count <= limit or not truncate:
         return text, count  # too long without truncate: the engine refuses it with a 400 that says so
-    body = engine.tokenize(text, add_bos=False)
+    body = engine.embedding_tokenize(text, add_bos=False)
     keep = len(body) - (count - limit)
     while keep > 0:
-        text = engine.detokenize(body[:keep])
-        count = len(engine.tokenize(text))
+        text = engine.embedding_detokenize(body[:keep])
+        count = len(engine.embedding_tokenize(text))
         if count <= limit:
             return text, count
         keep -= count - limit  # re-tokenizing can merge differently: cut again by the excess

@@ -80,7 +80,9 @@ async def chat_completions(request: Request) -> Response:
         return sse(reply.chat_events(generation, top is not None), _stream_error)
     results = await generation.result()
     choices = [reply.chat_choice(i, r, top is not None) for i, r in enumerate(results)]
-    return JSONResponse({**reply.envelope, "object": "chat.completion", "choices": choices, "usage": _usage(usage_of(results))})
+    # timings as llama-server adds them (the first choice's): clients written for it read the speed there.
+    return JSONResponse({**reply.envelope, "object": "chat.completion", "choices": choices, "usage": _usage(usage_of(results)),
+                         "timings": timings_of(results[0])})
 
 
 def _refuse_unsupported(body: Body) -> None:
@@ -405,7 +407,8 @@ async def completions(request: Request) -> Response:
         if echo:
             choice["text"] = engine.detokenize(prompt.tokens) + choice["text"]
         choices.append(choice)
-    return JSONResponse({**reply.envelope, "object": "text_completion", "choices": choices, "usage": _usage(usage_of(results))})
+    return JSONResponse({**reply.envelope, "object": "text_completion", "choices": choices, "usage": _usage(usage_of(results)),
+                         "timings": timings_of(results[0])})
 
 
 def _completion_prompt(engine: Engine, body: Body) -> Prompt:
@@ -445,7 +448,7 @@ async def embeddings(request: Request) -> Response:
 
 
 def _embed_all(engine: Engine, texts: list[str]) -> tuple[list[list[float]], int]:
-    return [engine.embed(t) for t in texts], sum(len(engine.tokenize(t)) for t in texts)
+    return [engine.embed(t) for t in texts], sum(len(engine.embedding_tokenize(t)) for t in texts)
 
 
 def _encoded(vector: list[float], encoding: str) -> list[float] | str:
