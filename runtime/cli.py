@@ -129,7 +129,7 @@ HELP_SECTIONS = [
         ["host", "port", "alias", "parallel", "cont_batching", "api_key", "api_key_file", "ssl_key_file", "ssl_cert_file",
          "cors_origins", "allowed_hosts", "chat_template", "jinja", "chat_template_kwargs", "reasoning_format", "reasoning",
          "reasoning_budget", "reranking",
-         "system_prompt", "metrics", "slots",
+         "system_prompt", "metrics", "slots", "slot_save_path",
          "props", "webui", "lora_init_without_apply"],
     ),
     (
@@ -224,6 +224,12 @@ HELP_SECTIONS = [
     "[default: the model's own name].",
 )
 @click.option("--slots/--no-slots", default=True, show_default=True, help="Answer GET /slots (llama-server's slot monitoring).")
+@click.option(
+    "--slot-save-path",
+    type=click.Path(exists=True, file_okay=False, writable=True, path_type=Path),
+    help="Let clients save a slot's cache to a file in this folder and restore it (POST /slots/ID?action=save|restore|erase), "
+    "as llama-server's.",
+)
 @click.option("--props", is_flag=True, help="Let clients POST /props, as llama-server's --props (no property can be changed there yet).")
 @click.option(
     "--webui/--no-webui",

@@ -45,6 +45,7 @@ class RunOptions:
     ssl_cert_file: Path | None
     alias: str | None
     slots: bool
+    slot_save_path: Path | None
     props: bool
     webui: bool
     cont_batching: bool  # always on: accepted for llama-server's scripts
@@ -315,7 +316,7 @@ def run_server(engine: Engine, options: RunOptions, access: Access, source: Mode
         system_prompt=options.system_prompt,
         access=access,
         metrics=options.metrics,
-        endpoints=Endpoints(slots=options.slots, props=options.props, webui=options.webui),
+        endpoints=Endpoints(slots=options.slots, props=options.props, webui=options.webui, slot_save_path=options.slot_save_path),
         reasoning_format=options.reasoning_format,
     )
     browser = options.webui and not options.nobrowser

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -21,6 +22,7 @@ from runtime.engine import memory, prompt_cache, reasoning, templates
 from runtime.engine.draft import Drafter, DraftOptions, check_compatible
 from runtime.engine.embeddings import Embedder, EmbeddingError
 from runtime.engine.rerank import Reranker, RerankError, check_reranker
+from runtime.engine.slot_files import SlotFile, SlotFileError, valid_filename
 from runtime.engine.infill import FimTokens
 from runtime.engine.templates import ChatTemplateError, TemplateChoice, render_chat
 from runtime.engine.loader import InPlaceModel
@@ -45,7 +47,7 @@ from runtime.engine.quiet import quiet
 __all__ = [
     "ChatTemplateError", "Chunk", "Completion", "DraftOptions", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "LoraError", "LoraFile",
     "Metrics", "Prompt",
-    "PromptError", "PromptTooLongError", "QueueFullError", "RerankError", "Sampling", "SamplingError", "SlotState", "Timings",
+    "PromptError", "PromptTooLongError", "QueueFullError", "RerankError", "SlotFile", "SlotFileError", "valid_filename", "Sampling", "SamplingError", "SlotState", "Timings",
     "TokenLogprob",
 ]
 
@@ -432,6 +434,16 @@ class Engine:
     def slots(self) -> tuple[list[SlotState], int]:
         """Each slot's state, and how many requests wait for one."""
         return self._scheduler.state()
+
+    def save_slot(self, slot_id: int, path: Path) -> SlotFile:
+        """Save a slot's cache to `path` once the slot is idle (engine/slot_files.py)."""
+        return self._scheduler.save_slot(slot_id, path)
+
+    def restore_slot(self, slot_id: int, path: Path) -> SlotFile:
+        return self._scheduler.restore_slot(slot_id, path)
+
+    def erase_slot(self, slot_id: int) -> int:
+        return self._scheduler.erase_slot(slot_id)
 
     def metrics(self) -> Metrics:
         """What the engine has counted since it started, for /metrics (the recent averages start over)."""

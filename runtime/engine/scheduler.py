@@ -19,12 +19,15 @@ order, up to a bound; each request's pieces go to its own queue, which its reade
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import llama_cpp
 import numpy as np
@@ -35,9 +38,14 @@ from runtime.engine.metrics import Metrics
 from runtime.engine.prompt_cache import PromptCache, common_prefix
 from runtime.engine.reasoning import Splitter
 from runtime.engine.sampling import SamplerChain, Sampling, SamplingError
+from runtime.engine import slot_files
+from runtime.engine.slot_files import SlotFile, SlotFileError
 from runtime.engine.text import TextStream
 from runtime.errors import LlamaboxError
 
+
+
+T = TypeVar("T")
 
 
 class PromptError(LlamaboxError):
@@ -200,6 +208,8 @@ class SlotState:
     is_processing: bool
     cached_tokens: int
     speculative: bool = False  # a draft model guesses for it
+    draft_n: int = 0  # its request's guesses so far (the last request's, when idle), and those the model took
+    draft_n_accepted: int = 0
 
 
 class Scheduler:
@@ -228,6 +238,8 @@ class Scheduler:
         self._parked = PromptCache(context, prompt_cache_bytes) if shared_cells is not None else None
         self._slots = [_Slot(i) for i in range(parallel)]
         self._waiting: collections.deque[_Request] = collections.deque()
+        # Work on a slot's cache (saving, restoring, erasing it) waiting for the slot to be idle, as llama-server defers it.
+        self._idle_work: list[tuple[_Slot, Callable[[_Slot], object], concurrent.futures.Future[object]]] = []
         self._requests_started = 0
         self._metrics = Metrics()
         self._wake = threading.Condition()
@@ -268,8 +280,58 @@ class Scheduler:
 
     def state(self) -> tuple[list[SlotState], int]:
         with self._wake:
-            slots = [SlotState(s.id, self.n_ctx_slot, s.request is not None, len(s.cached), self._drafter is not None) for s in self._slots]
+            slots = [
+                SlotState(s.id, self.n_ctx_slot, s.request is not None, len(s.cached), self._drafter is not None, s.draft_n, s.draft_n_accepted)
+                for s in self._slots
+            ]
             return slots, len(self._waiting)
+
+    def save_slot(self, slot_id: int, path: Path) -> SlotFile:
+        """Save the slot's cached tokens and their keys and values to `path` (once the slot is idle)."""
+        return self._when_idle(slot_id, lambda slot: slot_files.save(self._context, slot.id, slot.cached, path))
+
+    def restore_slot(self, slot_id: int, path: Path) -> SlotFile:
+        """Put a saved slot's cache back into the slot (once it is idle); the next request that starts as it did reuses it."""
+
+        def restore(slot: _Slot) -> SlotFile:
+            slot.cached = []
+            capacity = self.n_ctx_slot if self._shared_cells is None else min(self.n_ctx_slot, self._free_cells())
+            slot.cached, done = slot_files.restore(self._context, slot.id, path, capacity, self._n_vocab)
+            slot.lora = tuple(self._adapters.scales) if self._adapters is not None else ()
+            return done
+
+        return self._when_idle(slot_id, restore)
+
+    def erase_slot(self, slot_id: int) -> int:
+        """Empty the slot's cache (once it is idle); how many tokens it held."""
+
+        def erase(slot: _Slot) -> int:
+            held = len(slot.cached)
+            self._drop_cache(slot)
+            return held
+
+        return self._when_idle(slot_id, erase)
+
+    def _when_idle(self, slot_id: int, work: Callable[[_Slot], T]) -> T:
+        if not 0 <= slot_id < len(self._slots):
+            raise SlotFileError("Invalid slot ID")
+        done: concurrent.futures.Future[object] = concurrent.futures.Future()
+        with self._wake:
+            if self._stopping:
+                raise SlotFileError("the server is stopping")
+            self._idle_work.append((self._slots[slot_id], work, done))
+            self._wake.notify()
+        return done.result()  # type: ignore[return-value]
+
+    def _do_idle_work(self) -> None:
+        """The slot work whose slot has no request now (under the lock, on the engine thread)."""
+        for item in [item for item in self._idle_work if item[0].request is None]:
+            slot, work, done = item
+            self._idle_work.remove(item)
+            try:
+                done.set_result(work(slot))
+            except Exception as exc:  # handed to the caller, whose request answers with it
+                done.set_exception(exc)
 
     def metrics(self) -> Metrics:
         """The counters for /metrics (their recent averages start over)."""
@@ -288,6 +350,9 @@ class Scheduler:
             self._stopping = True
             for request in [*self._waiting, *(slot.request for slot in self._slots if slot.request)]:
                 request.put(Chunk("", "cancelled"))
+            for _, _, done in self._idle_work:
+                done.set_exception(SlotFileError("the server is stopping"))
+            self._idle_work = []
             self._wake.notify()
         self._thread.join()
         for slot in self._slots:
@@ -303,10 +368,12 @@ class Scheduler:
                 with self._wake:
                     self._drop_cancelled()
                     self._assign_waiting()
+                    self._do_idle_work()
                     while not self._stopping and not any(slot.request for slot in self._slots):
                         self._wake.wait()
                         self._drop_cancelled()
                         self._assign_waiting()
+                        self._do_idle_work()
                     if self._stopping:
                         return
                 self._step()

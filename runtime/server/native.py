@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime import __version__
-from runtime.engine import Chunk, Engine, Prompt, Sampling, Timings, TokenLogprob
+from runtime.engine import Chunk, Engine, Prompt, Sampling, Timings, TokenLogprob, valid_filename
 from runtime.engine.infill import InfillRequest, infill_tokens
 from runtime.engine.sampling import PENALTY_LAST_N
 from runtime.server import prometheus
@@ -90,22 +90,11 @@ def routes() -> list[Route]:
         NATIVE.route("/metrics", prometheus.metrics, ["GET"]),
         NATIVE.route("/lora-adapters", list_lora_adapters, ["GET"]),
         NATIVE.route("/lora-adapters", set_lora_adapters, ["POST"]),
-        *(NATIVE.route(path, _unsupported(what), methods) for path, what, methods in UNSUPPORTED),
+        NATIVE.route("/slots/{id_slot}", slot_action, ["POST"]),
     ]
 
 
 # llama-server routes for features llamabox does not have: 501, as llama-server answers for a disabled feature.
-UNSUPPORTED = [
-    ("/slots/{id_slot}", "saving, restoring and erasing slots", ["POST"]),
-]
-
-
-def _unsupported(what: str) -> Callable[[Request], Any]:
-    async def unsupported(_request: Request) -> Response:
-        raise ApiError(501, f"llamabox does not support {what}")
-
-    return unsupported
-
 
 # --- health, props, slots ------------------------------------------------------------------------
 
@@ -133,6 +122,8 @@ async def list_slots(request: Request) -> Response:
             {
                 "id": s.id, "id_task": -1, "n_ctx": s.n_ctx, "speculative": s.speculative, "is_processing": s.is_processing,
                 "params": params, "cached_tokens": s.cached_tokens,
+                # llamabox's: how the draft fared for the slot's request (its last, when idle)
+                **({"draft_n": s.draft_n, "draft_n_accepted": s.draft_n_accepted} if s.speculative else {}),
                 "next_token": {"has_next_token": s.is_processing, "has_new_line": False, "n_remain": -1, "n_decoded": 0, "stopping_word": ""},
             }
             for s in slots
@@ -193,6 +184,37 @@ async def set_lora_adapters(request: Request) -> Response:
         raise ApiError(400, "the body must be a list such as [{\"id\": 0, \"scale\": 0.5}]")
     engine.adapters.set_scales(sampling_fields.lora_scales(body, "body"))
     return JSONResponse({"success": True})
+
+
+async def slot_action(request: Request) -> Response:
+    """llama-server's POST /slots/{id}?action=save|restore|erase, with its answers; only with --slot-save-path, as
+    there. The work waits for the slot to be idle."""
+    settings: ServerSettings = request.app.state.settings
+    engine: Engine = request.app.state.engine
+    folder = settings.endpoints.slot_save_path
+    if folder is None:
+        raise ApiError(501, "This server does not support slots action. Start it with `--slot-save-path`")
+    try:
+        slot_id = int(request.path_params["id_slot"])
+    except ValueError:
+        raise ApiError(400, "Invalid slot ID") from None
+    action = request.query_params.get("action")
+    if action == "erase":
+        erased = await run_in_threadpool(engine.erase_slot, slot_id)
+        return JSONResponse({"id_slot": slot_id, "n_erased": erased})
+    if action not in ("save", "restore"):
+        raise ApiError(400, "Invalid action")
+    body = await read_json(request)
+    filename = body.string("filename", required=True) or ""
+    if not valid_filename(filename):
+        raise body.fail("filename", "is not a valid file name (a name, not a path)")
+    if action == "save":
+        saved = await run_in_threadpool(engine.save_slot, slot_id, folder / filename)
+        return JSONResponse({"id_slot": slot_id, "filename": filename, "n_saved": saved.tokens, "n_written": saved.bytes,
+                             "timings": {"save_ms": saved.ms}})
+    restored = await run_in_threadpool(engine.restore_slot, slot_id, folder / filename)
+    return JSONResponse({"id_slot": slot_id, "filename": filename, "n_restored": restored.tokens, "n_read": restored.bytes,
+                         "timings": {"restore_ms": restored.ms}})
 
 
 async def change_props(request: Request) -> Response:

@@ -48,6 +48,7 @@ class Endpoints:
     slots: bool = True  # GET /slots (--no-slots turns it off)
     props: bool = False  # POST /props (--props)
     webui: bool = True  # the chat page at / (--no-webui turns it off)
+    slot_save_path: Path | None = None  # POST /slots/{id} saves and restores slots' caches here (--slot-save-path)
 
 
 @dataclass(frozen=True)
