@@ -21,6 +21,22 @@ class EmbeddingError(LlamaboxError):
 MAX_TOKENS = 2048  # per text: the whole text is one step, and the context's buffers grow with it
 
 
+def pooled(context: Any, model: Any, tokens: list[int]) -> Any:
+    """Read `tokens` whole in one step as the pooling context's one sequence, from an empty cache: the pooled output
+    (llama.cpp's floats for sequence 0: an embedding, or a reranker's score), or None where llama.cpp could not."""
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context), True)
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+            batch.seq_id[i][0] = 0
+        run = llama_cpp.llama_encode if llama_cpp.llama_model_has_encoder(model) else llama_cpp.llama_decode
+        return llama_cpp.llama_get_embeddings_seq(context, 0) if run(context, batch) == 0 else None
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
 class Embedder:
     def __init__(self, model: Any, metadata: dict[str, str], n_ctx: int, threads: int | None, verbose: bool) -> None:
         self._model, self._n_ctx, self._threads, self._verbose = model, min(n_ctx, MAX_TOKENS), threads, verbose
@@ -37,21 +53,10 @@ class Embedder:
         if len(tokens) > self._n_ctx:
             raise EmbeddingError(f"the text is {len(tokens)} tokens but embeddings take at most {self._n_ctx}; shorten it")
         with self._lock:
-            context = self._context or self._new_context()
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context), True)
-            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-            try:
-                batch.n_tokens = len(tokens)
-                for i, token in enumerate(tokens):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
-                    batch.seq_id[i][0] = 0
-                run = llama_cpp.llama_encode if llama_cpp.llama_model_has_encoder(self._model) else llama_cpp.llama_decode
-                if run(context, batch) != 0:
-                    raise EmbeddingError("llama.cpp could not evaluate the text for its embedding")
-                pooled = llama_cpp.llama_get_embeddings_seq(context, 0)
-                vector = [float(pooled[i]) for i in range(self._n_embd)]
-            finally:
-                llama_cpp.llama_batch_free(batch)
+            output = pooled(self._context or self._new_context(), self._model, tokens)
+            if output is None:
+                raise EmbeddingError("llama.cpp could not evaluate the text for its embedding")
+            vector = [float(output[i]) for i in range(self._n_embd)]
         norm = math.sqrt(sum(x * x for x in vector)) or 1.0
         return [x / norm for x in vector]
 

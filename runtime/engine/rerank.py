@@ -13,6 +13,7 @@ from typing import Any
 
 import llama_cpp
 
+from runtime.engine.embeddings import pooled
 from runtime.engine.quiet import quiet
 from runtime.errors import LlamaboxError, ModelFileError
 
@@ -73,18 +74,10 @@ class Reranker:
         if len(tokens) > self.max_tokens:
             raise RerankError(f"the query and a document are {len(tokens)} tokens together, more than the reranker's {self.max_tokens}; shorten them")
         with self._lock:
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._context), True)
-            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-            try:
-                batch.n_tokens = len(tokens)
-                for i, token in enumerate(tokens):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
-                    batch.seq_id[i][0] = 0
-                if llama_cpp.llama_decode(self._context, batch) != 0:
-                    raise RerankError("llama.cpp could not evaluate the query and document")
-                return float(llama_cpp.llama_get_embeddings_seq(self._context, 0)[0])
-            finally:
-                llama_cpp.llama_batch_free(batch)
+            output = pooled(self._context, self._model.model, tokens)
+            if output is None:
+                raise RerankError("llama.cpp could not evaluate the query and document")
+            return float(output[0])
 
     def close(self) -> None:
         with self._lock:
