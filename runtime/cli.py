@@ -149,7 +149,8 @@ HELP_SECTIONS = [
     "model_draft",
     type=click.Path(path_type=Path),
     help="A small model of the same tokenizer (a GGUF or a .run bundle) that guesses the next tokens, which the model "
-    "checks in one step: the same text, sooner. Each answer's timings say how many guesses were right (draft_n_accepted).",
+    "checks in one step: the same text, sooner where the draft costs far less than the model. Each answer's timings say "
+    "how many guesses were right (draft_n_accepted).",
 )
 @click.option(
     "--spec-type",
