@@ -241,11 +241,7 @@ class Engine:
         """The draft model, on the devices the model is on, and its context: as many sequences as the model's."""
         self._draft_model = self._load_plain(location, "draft", on_gpu=self.gpu_layers > 0)
         check_compatible(self._model.vocab, self._draft_model.vocab, location.path.name)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = cells, self.batch_size, self.ubatch_size
-        params.n_seq_max, params.kv_unified = self.parallel, not self.options.ctx_per_slot
-        params.n_threads = self.options.threads or 0
-        params.n_threads_batch = self.options.threads_batch or params.n_threads
+        params = self._slot_context_params(cells, self.parallel)  # the draft's cache: f16, as llama-server's -ctkd default
         with quiet(self.options.verbose):
             self._draft_context = llama_cpp.llama_init_from_model(self._draft_model.model, params) or None
         if self._draft_context is None:
@@ -278,14 +274,19 @@ class Engine:
         before, self.gpu_layers = self.gpu_layers, self.gpu_layers // 2
         self.warnings.append(f"the GPU ran out of memory {step} with {before} layers on it; trying {self.gpu_layers}")
 
-    def _new_context(self, n_ctx: int, parallel: int) -> Any:
-        """A context for `parallel` slots, or None where llama.cpp cannot make one (out of memory)."""
+    def _slot_context_params(self, n_ctx: int, parallel: int) -> Any:
+        """llama.cpp's context parameters for `parallel` slots in `n_ctx` cells: the model's and its draft's."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, self.batch_size, self.ubatch_size
         # One cache shared by the slots (llama-server's default), or each slot its own part of it (--ctx-per-slot).
         params.n_seq_max, params.kv_unified = parallel, not self.options.ctx_per_slot
         params.n_threads = self.options.threads or 0
         params.n_threads_batch = self.options.threads_batch or params.n_threads
+        return params
+
+    def _new_context(self, n_ctx: int, parallel: int) -> Any:
+        """A context for `parallel` slots, or None where llama.cpp cannot make one (out of memory)."""
+        params = self._slot_context_params(n_ctx, parallel)
         params.type_k, params.type_v = memory.GGML_CACHE_TYPES[self.options.cache_type_k], memory.GGML_CACHE_TYPES[self.options.cache_type_v]
         params.flash_attn_type = flash_attention(
             self.options.flash_attn, self.gpu_layers, llama_cpp.llama_model_n_layer(self._model.model), self.options.cache_type_v)
@@ -314,8 +315,7 @@ class Engine:
         return self.token_text(tokens).decode("utf-8", errors="replace")
 
     def token_text(self, tokens: list[int]) -> bytes:
-        vocab = llama_cpp.llama_model_get_vocab(self._model.model)
-        return b"".join(token_bytes(vocab, t) for t in tokens)
+        return _text_of(self._model, tokens)
 
     def fim_tokens(self) -> FimTokens:
         """The model's fill-in-the-middle tokens (runtime/engine/infill.py)."""
@@ -400,8 +400,7 @@ class Engine:
         return (self._embedding_model or self._model).tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def embedding_detokenize(self, tokens: list[int]) -> str:
-        model = self._embedding_model or self._model
-        return b"".join(token_bytes(model.vocab, t) for t in tokens).decode("utf-8", errors="replace")
+        return _text_of(self._embedding_model or self._model, tokens).decode("utf-8", errors="replace")
 
     def embed(self, text: str) -> list[float]:
         """The text's embedding: pooled, unit length. Made in a context of its own (created on first use)."""
@@ -457,3 +456,7 @@ class Engine:
                 "shorten it or restart with a larger --ctx-size"
             )
 
+
+def _text_of(model: InPlaceModel, tokens: list[int]) -> bytes:
+    """The bytes of `model`'s tokens (special tokens are not rendered as text)."""
+    return b"".join(token_bytes(model.vocab, t) for t in tokens)
