@@ -48,6 +48,7 @@ from runtime import __version__, bundle_format
 from runtime.devices.cpu import CPU_VARIANT_GLOB
 from runtime.devices.gpu import COMPANIONS
 from runtime.devices.gpu import modules as gpu_modules
+from runtime.devices.rpc import module as rpc_module
 from runtime.bundle_format import FORMAT_VERSION
 from runtime.devices.proof import model as proof_model
 from runtime.packaged import (
@@ -98,7 +99,8 @@ def llama_cpp_libraries(gpu: str | None) -> tuple[list[Path], list[Path]]:
     companions = [backend_dir() / name for name in COMPANIONS.get(gpu or "", ())]
     if missing := [p.name for p in companions if not p.exists()]:
         sys.exit(f"build.py: the {gpu} backend's libraries are missing from {backend_dir()} ({', '.join(missing)}); rerun `scripts/setup.sh --gpu {gpu}`")
-    return core, variants + list(gpus.values()) + companions
+    rpc = rpc_module(backend_dir())  # ggml's RPC backend: --rpc-worker and --rpc (runtime/devices/rpc.py)
+    return core, variants + list(gpus.values()) + companions + ([rpc] if rpc else [])
 
 
 # A spec rather than command-line options: for the stripping hook, and the onedir/onefile split below.

@@ -36,12 +36,13 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
+    "-DGGML_RPC=ON",  # ggml-rpc-server and llama-server --rpc (benchmarks/rpc.py)
 ]
 
 
 DL_FLAGS = [flag for flag in CMAKE_FLAGS if flag != "-DGGML_NATIVE=ON"] + [
     "-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU=OFF", "-DBUILD_SHARED_LIBS=ON"]
-TARGETS = ("llama-server", "llama-bench", "llama-quantize")
+TARGETS = ("llama-server", "llama-bench", "llama-quantize", "ggml-rpc-server")
 
 
 def llama_server() -> Path:

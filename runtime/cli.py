@@ -122,6 +122,7 @@ HELP_SECTIONS = [
          "lora", "lora_scaled", "verbose"],
     ),
     ("Speculative decoding (as llama-server's)", ["model_draft", "spec_type", "draft_max", "draft_min", "draft_p_min"]),
+    ("Several machines (ggml's RPC backend)", ["rpc_worker", "rpc_mem", "rpc_allow_remote", "rpc", "tensor_split"]),
     ("Sampling options (each request may override them)",
      ["temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "n_predict"]),
     (
@@ -180,6 +181,37 @@ HELP_SECTIONS = [
     show_default=True,
     type=click.FloatRange(0, 1),
     help="The draft stops guessing before a token it gives a lower probability (among its ten likeliest).",
+)
+@click.option(
+    "--rpc-worker",
+    is_flag=True,
+    help="Serve this machine's best device to a head on another machine (ggml's RPC backend) on --host and --port "
+    "[default port: 50052]; needs no model, so the bare stub does it too.",
+)
+@click.option(
+    "--rpc-mem",
+    type=click.IntRange(min=1),
+    metavar="MiB",
+    help="With --rpc-worker: offer heads at most this much of the device's memory [default: all that is free].",
+)
+@click.option(
+    "--rpc",
+    metavar="HOST:PORT[,HOST:PORT...]",
+    help="Spread the model's layers over these --rpc-worker machines and this one's GPUs by their free memory, as "
+    "llama-server's --rpc; what does not fit stays on this CPU.",
+)
+@click.option(
+    "-ts",
+    "--tensor-split",
+    metavar="N0,N1,...",
+    help="How the layers are shared among the devices: the --rpc workers in order, then this machine's GPUs (--info "
+    "lists them), e.g. 3,1 [default: in proportion to their free memory].",
+)
+@click.option(
+    "--rpc-allow-remote",
+    is_flag=True,
+    help="Let --rpc-worker listen on an address other machines reach: ggml RPC has no authentication, so only on a "
+    "trusted network or through an SSH tunnel or WireGuard.",
 )
 @click.option("-p", "--prompt", help="Print a completion of PROMPT to stdout and exit (a chat turn if the model has a chat template).")
 @click.option(

@@ -31,6 +31,11 @@ class Hardware:
     def placed(self, decision: offload.Offload) -> Hardware:
         return Hardware(self.cpu, self.cpu_backend, self.gpus, self.gpu_notes, decision)
 
+    def with_workers(self, workers: tuple[gpu.GpuDevice, ...]) -> Hardware:
+        """The devices of --rpc's workers before this machine's GPUs (as llama.cpp orders them: the output layer,
+        placed last, stays here where it can)."""
+        return Hardware(self.cpu, self.cpu_backend, workers + self.gpus, self.gpu_notes, self.offload)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "cpu": {"name": self.cpu.name, "features": list(self.cpu.features)},
@@ -41,6 +46,7 @@ class Hardware:
                 {
                     "backend": g.backend, "name": g.name, "description": g.description,
                     "memory_free": g.free_bytes, "memory_total": g.total_bytes, "used": g in self.offload.gpus,
+                    "endpoint": g.endpoint,
                 }
                 for g in self.gpus
             ],
@@ -59,7 +65,11 @@ class Hardware:
             f"CPU kernels loaded: {self.cpu_backend.variant} ({self.cpu_backend.path.name}, llama.cpp score {self.cpu_backend.score}; "
             f"runnable here: {', '.join(self.cpu_backend.runnable)})",
             f"CPU kernels self-test: {self.cpu_backend.proof}",
-            *(f"GPU found: {g.name} {g.description}, {g.free_bytes >> 20} MiB free of {g.total_bytes >> 20} MiB ({g.backend})" for g in self.gpus),
+            *(
+                f"RPC worker: {g.name} at {g.endpoint}, {g.free_bytes >> 20} MiB free of {g.total_bytes >> 20} MiB"
+                if g.endpoint else f"GPU found: {g.name} {g.description}, {g.free_bytes >> 20} MiB free of {g.total_bytes >> 20} MiB ({g.backend})"
+                for g in self.gpus
+            ),
             *(f"GPU: {note}" for note in self.gpu_notes),
             f"GPU: {self.offload.note}",
         ]

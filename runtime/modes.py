@@ -18,7 +18,7 @@ from runtime.cache_types import UNQUANTIZED
 from runtime.devices import cpu as cpu_module
 from runtime.devices import offload
 from runtime.cache_plan import CachePlan, plan_cache
-from runtime.engine import DraftOptions, Engine, EngineOptions, LoraFile, Sampling
+from runtime.engine import DeviceLost, DraftOptions, Engine, EngineOptions, LoraFile, Sampling
 from runtime.engine.templates import TemplateChoice
 from runtime.engine.loader import model_facts
 from runtime.errors import LlamaboxError
@@ -71,6 +71,11 @@ class RunOptions:
     lora_scaled: tuple[tuple[Path, float], ...]
     lora_init_without_apply: bool
     model_draft: Path | None
+    rpc_worker: bool
+    rpc_mem: int | None  # MiB a worker offers
+    rpc: str | None  # HOST:PORT,... of --rpc-worker machines
+    rpc_allow_remote: bool
+    tensor_split: str | None
     reranking: bool  # the model itself ranks (llama-server's --reranking)
     spec_type: str | None  # None: speculative decoding where -md gives a draft
     draft_max: int
@@ -137,6 +142,9 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
         raise LlamaboxError("choose one of -p (one prompt, then exit) and --chat (a conversation in the terminal)")
     if options.flash_attn == "off" and options.cache_type_v not in UNQUANTIZED:
         raise LlamaboxError(f"-ctv {options.cache_type_v} needs flash attention; leave out -fa off, or use -ctv f16")
+    if options.rpc_worker:
+        return _run_rpc_worker(options)
+    split = _tensor_split(options.tensor_split)  # a mistake there is said before any worker is asked
     load_mode = options.weights_load_mode
     serving = not (options.info or options.chat or options.prompt is not None)
     access = _access(options) if serving else None
@@ -152,8 +160,15 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
     if options.numa is not None:
         hardware.numa_init(options.numa)
     machine = hardware.add_gpus(cpu, cpu_backend, options.gpu, say=_say)
+    if options.rpc:
+        machine, all_there = _with_workers(machine, options, serving)
+        if split and not all_there:
+            _say("--tensor-split left out: it named the devices of a worker that is gone; the layers go by free memory")
+            split = ()
     parallel = 1 if options.prompt is not None or options.chat else options.parallel
-    machine = machine.placed(_place(source, machine, options, parallel))
+    machine = machine.placed(_place(source, machine, options, parallel, split))
+    if options.rpc and supervisor.restarts():
+        _check_fits_without_workers(machine.offload, model_facts(source.location, options.cache_type_k, options.cache_type_v))
     if options.info:
         cache = machine.offload.cache  # planned already where a GPU's fit counted with it
         if cache is None:
@@ -187,6 +202,7 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             draft_options=DraftOptions(options.draft_max, options.draft_min, options.draft_p_min),
             gpu_layers=placement.layers,
             gpu_devices=tuple(g.index for g in placement.gpus),
+            tensor_split=placement.split,
             system_prompt=options.system_prompt,
             verbose=options.verbose,
             cache_type_k=options.cache_type_k,
@@ -197,6 +213,12 @@ def dispatch(own: OwnBundle, started: float, options: RunOptions) -> None:
             template_kwargs={**({"enable_thinking": options.reasoning == "on"} if options.reasoning != "auto" else {}), **options.chat_template_kwargs},
         ),
     )
+    if options.rpc:
+        from runtime.devices import rpc
+
+        rpc.on_connection_lost(lambda endpoint: _worker_lost(endpoint, engine, serving))
+        if not options.verbose:
+            rpc.quiet_head_log()
     for warning in engine.warnings:
         click.echo(f"llamabox: warning: {warning}", err=True)
     if engine.gpu_layers != placement.layers:
@@ -225,6 +247,75 @@ def _say(line: str) -> None:
     click.echo(f"llamabox: {line}", err=True)
 
 
+def _with_workers(machine: hardware.Hardware, options: RunOptions, serving: bool) -> tuple[hardware.Hardware, bool]:
+    """--rpc: the workers' devices beside this machine's GPUs, and whether every worker named is there. Where a
+    worker's connection drops while the model runs, the requests in flight fail with a 503 and the supervisor
+    starts the model again without that worker (serving), or the run ends (-p, --chat, --info)."""
+    from runtime.devices import rpc
+
+    assert options.rpc is not None
+    endpoints = rpc.parse_endpoints(options.rpc)
+    again = supervisor.restarts() > 0  # after a worker was lost: those that are still gone are left out
+    workers = rpc.add_workers(endpoints, say=_say if again else None)
+    if again and not workers and not machine.gpus:
+        _say("no RPC worker is left: the model runs on this machine's CPU")
+    rpc.on_connection_lost(lambda endpoint: _worker_lost(endpoint, None, serving))
+    return machine.with_workers(tuple(workers)), len({w.endpoint for w in workers}) == len(endpoints)
+
+
+def _worker_lost(endpoint: str, engine: Engine | None, serving: bool) -> None:
+    """Called on ggml's thread that found the worker's connection gone, just before ggml would abort the process.
+    Serving: fail every request with a 503 (DeviceLost), give the answers a moment to leave, and hand over to the
+    supervisor, which starts the model again on what is left. With -p or --chat: one line and exit 1. Never returns."""
+    if not serving:
+        _say(f"lost the RPC worker {endpoint} (its connection dropped); start it again, or leave it out of --rpc")
+        sys.stderr.flush()
+        os._exit(1)
+    _say(f"lost the RPC worker {endpoint} (its connection dropped); the requests in flight failed; starting again without it")
+    if engine is not None:
+        engine.fail_everything(DeviceLost(f"the RPC worker {endpoint} dropped out; the server is starting again without it, try again shortly"))
+        time.sleep(1.0)  # the event loop sends the 503s and the streams' error events meanwhile
+    supervisor.start_again()
+
+
+def _tensor_split(text: str | None) -> tuple[float, ...]:
+    """-ts 3,1 as llama-server reads it (commas or slashes)."""
+    if not text:
+        return ()
+    try:
+        return tuple(float(x) for x in text.replace("/", ",").split(","))
+    except ValueError:
+        raise LlamaboxError(f"--tensor-split {text!r}: give numbers separated by commas, one per device, e.g. 3,1") from None
+
+
+def _check_fits_without_workers(placement: offload.Offload, facts: offload.ModelFacts) -> None:
+    """After a worker was lost: the layers that now stay on this CPU must fit its memory, else a clear exit."""
+    on_cpu = facts.weights_bytes * (placement.total_layers - placement.layers) // max(placement.total_layers, 1)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if on_cpu > memory:
+        raise LlamaboxError(
+            f"without the lost RPC worker the model does not fit: {on_cpu >> 20:,} MiB of it would be on this machine, "
+            f"which has {memory >> 20:,} MiB; start the worker again, then start llamabox again"
+        )
+
+
+def _run_rpc_worker(options: RunOptions) -> None:
+    from runtime import rpc_worker
+    from runtime.devices import rpc
+
+    rpc_worker.run(
+        rpc_worker.WorkerSettings(
+            host=options.host,
+            port=options.port if options.explicit_port else rpc.PORT,
+            allow_remote=options.rpc_allow_remote,
+            cpu_variant=options.cpu_variant,
+            gpu=options.gpu,
+            threads=options.threads,
+            options=rpc.WorkerOptions(max_bytes=(options.rpc_mem or 0) << 20, verbose=options.verbose),
+        )
+    )
+
+
 def _draft(options: RunOptions, own: OwnBundle, source: ModelSource) -> ModelLocation | None:
     """The draft model for speculative decoding: -md's, else the one the bundle carries; none with --spec-type none
     or --draft-max 0."""
@@ -250,7 +341,7 @@ def _adapters(options: RunOptions, source: ModelSource) -> tuple[LoraFile, ...]:
     return (*carried, *(LoraFile(path, scale(given)) for path, given in (*options.lora, *options.lora_scaled)))
 
 
-def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions, parallel: int | None) -> offload.Offload:
+def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions, parallel: int | None, split: tuple[float, ...]) -> offload.Offload:
     """Where the model's layers go: nowhere but the CPU without a proven GPU, else as offload.plan fits them."""
     if options.gpu_device and not machine.gpus:
         why = "; ".join(machine.gpu_notes) or "none was found"
@@ -262,6 +353,8 @@ def _place(source: ModelSource, machine: hardware.Hardware, options: RunOptions,
         cache=plan_cache(options.ctx_size, options.ctx_per_slot, parallel, facts.kv_bytes_per_token, facts.n_ctx_train),
         layers=options.gpu_layers,
         device=options.gpu_device,
+        split=split,
+        ubatch=options.ubatch_size,
         flexible=parallel is None if options.ctx_per_slot else options.ctx_size is None,
     )
     return offload.plan(list(machine.gpus), facts, request)

@@ -15,6 +15,7 @@ import mmap
 import os
 import signal
 import sys
+from typing import NoReturn
 
 import click
 
@@ -37,6 +38,9 @@ _CRASHES = {
 _IGNORED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGQUIT") if hasattr(signal, name))
 _FORWARDED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 _PR_SET_PDEATHSIG = 1
+# The model's process exits with this to be started again from the fork (an RPC worker was lost: start_again).
+_START_AGAIN = 75
+_restarts = 0  # how often the model's process was started again; read in a new child (restarts)
 # A page both processes share (anonymous mappings made before fork() are shared): where the child says which GPU
 # holds layers, for the watcher's message should the child die.
 _GPU_NOTE = mmap.mmap(-1, 512)
@@ -62,9 +66,23 @@ def crash_line(what: str, name: str, variant: str) -> str:
     )
 
 
+def restarts() -> int:
+    """How many times the model's process was started again before this one (0 in the first)."""
+    return _restarts
+
+
+def start_again() -> NoReturn:
+    """End the model's process and have the watcher start a new one from the fork (the state before any GPU or RPC
+    backend was loaded). Without a watcher (Windows), the process ends with the same code."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_START_AGAIN)
+
+
 def supervise(variant: str) -> None:
-    """Continue in a child process; this process waits for it and exits as it did. Without fork() (Windows),
-    this process reports its own crash instead (windows_crashes)."""
+    """Continue in a child process; this process waits for it and exits as it did, or forks again where it asks
+    (start_again). Without fork() (Windows), this process reports its own crash instead (windows_crashes)."""
+    global _restarts
     if not hasattr(os, "fork"):
         if sys.platform == "win32":
             from runtime import windows_crashes
@@ -74,20 +92,25 @@ def supervise(variant: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     watched = (*_IGNORED, *_FORWARDED)
-    # Held back until the handlers are in place, so that no signal finds this process half-way.
-    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:
+    while True:
+        # Held back until the handlers are in place, so that no signal finds this process half-way.
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
+            end_with_parent(parent)
+            return
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED}
+        previous.update({sig: signal.signal(sig, lambda number, _frame, child=pid: os.kill(child, number)) for sig in _FORWARDED})
         signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
-        _die_with(parent)
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED}
-    previous.update({sig: signal.signal(sig, lambda number, _frame: os.kill(pid, number)) for sig in _FORWARDED})
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
-    _, status = os.waitpid(pid, 0)
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+        _, status = os.waitpid(pid, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _START_AGAIN:
+            _restarts += 1
+            continue
+        break
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         name = signal.Signals(number).name
@@ -101,8 +124,9 @@ def supervise(variant: str) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def _die_with(parent: int) -> None:
-    """On Linux, have the kernel end this child with SIGTERM if the watcher is killed outright (kill -9)."""
+def end_with_parent(parent: int) -> None:
+    """In a forked child of `parent`, on Linux: have the kernel end it with SIGTERM if the watcher is killed outright
+    (kill -9)."""
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the watcher died before the request took effect

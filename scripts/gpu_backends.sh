@@ -9,6 +9,8 @@
 #           ggml-vulkan, and its glslc lacks the cooperative-matrix, integer-dot and bfloat16 shader extensions,
 #           which ggml would then leave out (the tensor-core paths). Debian 13's glslc needs glibc 2.38, so it
 #           runs through the dynamic loader it came with.
+#   rpc     in every Linux x86-64 stub: ggml's RPC backend, with which a bundle serves its device to other
+#           machines (--rpc-worker) and uses theirs (--rpc); it needs nothing from the machine but its network.
 #   cuda    only in the CUDA stub (build.py --gpu cuda; setup.sh --gpu cuda): compiled by the nvcc 13.0 in
 #           $LLAMABOX_CUDA_HOME (/usr/local/cuda) for real sm_80, sm_86, sm_89 and sm_90 code plus compute_75 PTX,
 #           which the driver compiles once for every other GPU from Turing on (Blackwell included). It links
@@ -17,7 +19,7 @@
 #           against: one is made from cuda.h's declarations (the driver's real libcuda.so.1 is used at run time).
 
 # The backends setup.sh builds (LLAMABOX_GPU_BACKENDS= builds none).
-GPU_BACKENDS=${LLAMABOX_GPU_BACKENDS-vulkan}
+GPU_BACKENDS=${LLAMABOX_GPU_BACKENDS-vulkan rpc}
 GPU_BACKEND_RECIPE_VERSION=1
 TRIXIE_MIRROR=${LLAMABOX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 VULKAN_SDK_PACKAGES="libvulkan-dev libvulkan1 spirv-headers glslc libshaderc1 libc6 libgcc-s1 libstdc++6"
@@ -101,6 +103,8 @@ _gpu_cmake_flags() {
             printf '%s\n' -DGGML_VULKAN=ON "-DVulkan_INCLUDE_DIR=$sdk/root/usr/include" \
                 "-DVulkan_LIBRARY=$sdk/root/usr/lib/x86_64-linux-gnu/libvulkan.so.1" \
                 "-DVulkan_GLSLC_EXECUTABLE=$sdk/bin/glslc" "-DCMAKE_PREFIX_PATH=$sdk/root/usr" ;;
+        rpc)
+            printf '%s\n' -DGGML_RPC=ON ;;
         cuda)
             sdk=$(cuda_libs) || return 1
             # nvcc's host compiler gets the portable build's sysroot flags (CXXFLAGS) through -Xcompiler.
@@ -136,7 +140,7 @@ _gpu_recipe() {
 gpu_backend_dir() {
     local id
     id=$( { printf '%s\n' "$1" "$GPU_BACKEND_RECIPE_VERSION" "${2:-}"; _gpu_recipe "$1"; \
-            declare -f build_gpu_backend; cat scripts/patches/*.patch; } | hash_of | cut -c1-12)
+            declare -f build_gpu_backend; cat scripts/patches/*.patch; ! [ -d scripts/patches/"$1" ] || cat scripts/patches/"$1"/*.patch; } | hash_of | cut -c1-12)
     echo "$(_gpu_cache)/backends/ggml-$1-llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION${2:+-$2}-$id"
 }
 
@@ -156,6 +160,11 @@ build_gpu_backend() {
     work="$out.work"
     rm -rf "$work" "$out" && mkdir -p "$work"
     src=$(llama_source "$python" "$work") || return 1
+    for p in scripts/patches/"$name"/*.patch; do  # patches to this backend alone (scripts/patches/rpc/)
+        [ -f "$p" ] || continue
+        patch -d "$src" -p1 --forward --batch --quiet <"$p" \
+            || { echo "$p no longer applies to llama-cpp-python $LLAMA_CPP_PYTHON_VERSION; refresh or drop it" >&2; return 1; }
+    done
     "$bin/cmake" -S "$src/vendor/llama.cpp" -B "$work/build" -G Ninja -DCMAKE_MAKE_PROGRAM="$bin/ninja" \
         -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF -DGGML_CPU=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \

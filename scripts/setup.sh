@@ -31,7 +31,7 @@ source scripts/gpu_backends.sh  # GPU_BACKENDS, gpu_backend_dir, build_gpu_backe
 # Linux x86-64 with apt only (Debian 13's Vulkan SDK packages): macOS has Metal in the wheel's build, Windows
 # stubs are built elsewhere, and elsewhere the stub carries no Vulkan backend (say so, do not fail).
 if [ -n "$GPU_BACKENDS" ] && { [ "$(uname -s)-$(uname -m)" != Linux-x86_64 ] || ! command -v apt-get >/dev/null; }; then
-    [ "$(uname -s)" = Linux ] && echo "setup.sh: the Vulkan backend is built on Linux x86-64 with apt only; this stub will have none." >&2
+    [ "$(uname -s)" = Linux ] && echo "setup.sh: the Vulkan and RPC backends are built on Linux x86-64 with apt only; this stub will have neither." >&2
     GPU_BACKENDS=""
 fi
 export LLAMABOX_GPU_BACKENDS=$GPU_BACKENDS  # for build_portable.sh

@@ -6,7 +6,7 @@ import pytest
 
 from runtime.cache_plan import CachePlan
 from runtime.devices.gpu import GpuDevice
-from runtime.devices.offload import MARGIN_BYTES, ModelFacts, OffloadRequest, after_fallback, plan
+from runtime.devices.offload import MARGIN_BYTES, ModelFacts, OffloadRequest, after_fallback, layers_per_device, plan
 from runtime.errors import BackendError
 
 GIB = 1 << 30
@@ -72,7 +72,42 @@ def test_several_gpus_add_their_free_memory() -> None:
     one = plan([gpu(3.5)], SEVEN_B, ask())
     two = plan([gpu(3.5), gpu(3.5, "Vulkan1", 2)], SEVEN_B, ask())
     assert not one.whole_model_on_gpu and two.whole_model_on_gpu
-    assert "Vulkan0 Test GPU + Vulkan1 Test GPU" in two.note
+    assert two.note.startswith("Vulkan0 Test GPU 15 layers + Vulkan1 Test GPU 14 layers: 29/29 layers")
+    assert two.split == (2.5 * GIB, 2.5 * GIB)  # by free memory past the margin, handed to llama.cpp as tensor_split
+
+
+def worker(free_gib: float, port: int, index: int) -> GpuDevice:
+    return GpuDevice("rpc", index, f"RPC{index - 3}", f"127.0.0.1:{port}", int(free_gib * GIB), int(free_gib * GIB), endpoint=f"127.0.0.1:{port}")
+
+
+def test_rpc_workers_take_layers_by_free_memory_beside_this_machines_gpu() -> None:
+    """Workers first, as llama.cpp orders them; a worker keeps a tenth of what it offers free, at most 1 GiB."""
+    placed = plan([worker(4, 50052, 3), worker(2, 50053, 4), gpu(3.5)], SEVEN_B, ask())
+    assert placed.whole_model_on_gpu
+    assert placed.split == pytest.approx((3.6 * GIB, 1.8 * GIB, 2.5 * GIB))
+    assert placed.note == "RPC0 (127.0.0.1:50052) 14 layers + RPC1 (127.0.0.1:50053) 6 layers + Vulkan0 Test GPU 9 layers: 29/29 layers"
+
+
+def test_layers_per_device_follows_llama_cpps_rule() -> None:
+    # llama.cpp gives offloaded layer i to the first device whose cumulative share exceeds i / layers.
+    assert layers_per_device((1.0, 1.0), 2, 31) == [16, 15]
+    assert layers_per_device((3.0, 1.0), 2, 8) == [6, 2]
+    assert layers_per_device((), 1, 5) == [5]
+    assert layers_per_device((0.0, 1.0), 2, 4) == [0, 4]
+    assert layers_per_device((0.5, 0.3, 0.1, 0.5), 4, 56) == [20, 12, 4, 20]  # float32, as llama.cpp: not 20, 13, 3, 20
+
+
+def test_tensor_split_overrides_and_must_name_each_device() -> None:
+    devices = [worker(4, 50052, 3), gpu(80)]
+    placed = plan(devices, SEVEN_B, ask(split=(1.0, 3.0)))
+    assert placed.split == (1.0, 3.0) and "RPC0 (127.0.0.1:50052) 8 layers + Vulkan0 Test GPU 21 layers" in placed.note
+    with pytest.raises(BackendError, match=r"--tensor-split 1: give one share, not negative, for each of the 2 devices in this order: RPC0 \(127.0.0.1:50052\), Vulkan0 Test GPU"):
+        plan(devices, SEVEN_B, ask(split=(1.0,)))
+
+
+def test_gpu_device_leaves_the_rpc_workers_in() -> None:
+    placed = plan([worker(4, 50052, 3), gpu(80), gpu(80, "Vulkan1", 2)], SEVEN_B, ask(device="Vulkan1"))
+    assert [g.name for g in placed.gpus] == ["RPC0", "Vulkan1"]
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,9 @@ from runtime.ggml_log import LOG_CALLBACK, captured_log
 # ggml names its backend modules lib<name>.so everywhere but Windows (<name>.dll).
 _MODULE_PATTERN = "ggml-{}.dll" if sys.platform == "win32" else "libggml-{}.so"
 
+# ggml_abort_callback_t: called with the message before ggml aborts the process (ggml_set_abort_callback)
+ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
 # enum ggml_backend_dev_type: the kinds of device that count as GPUs
 DEVICE_GPU, DEVICE_IGPU = 1, 2
 
@@ -118,8 +121,12 @@ def _declare(lib: ctypes.CDLL, elsewhere: list[ctypes.CDLL]) -> ctypes.CDLL:
         ("ggml_backend_dev_memory", [p, ctypes.POINTER(s), ctypes.POINTER(s)], None),
         ("ggml_backend_dev_backend_reg", [p], p),
         ("ggml_backend_reg_name", [p], ctypes.c_char_p),
+        ("ggml_backend_reg_by_name", [ctypes.c_char_p], p),
+        ("ggml_backend_register", [p], None),
+        ("ggml_backend_reg_get_proc_address", [p, ctypes.c_char_p], p),
         ("ggml_row_size", [ctypes.c_int, ctypes.c_int64], s),
         ("ggml_log_set", [LOG_CALLBACK, p], None),
+        ("ggml_set_abort_callback", [ABORT_CALLBACK], p),
     ]:
         fn = next((getattr(owner, name) for owner in (lib, *elsewhere) if hasattr(owner, name)), None)
         if fn is None:

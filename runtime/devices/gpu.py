@@ -52,6 +52,7 @@ class GpuDevice:
     description: str  # "NVIDIA H100 80GB HBM3"
     free_bytes: int
     total_bytes: int
+    endpoint: str | None = None  # an RPC worker's HOST:PORT (backend "rpc"); None: a GPU in this machine
 
     @property
     def key(self) -> str:

@@ -30,6 +30,7 @@ from runtime.engine.metrics import Metrics
 from runtime.engine.sampling import Sampling, SamplingError
 from runtime.engine.scheduler import (
     Chunk,
+    DeviceLost,
     EngineFailure,
     PromptError,
     QueueFullError,
@@ -45,7 +46,7 @@ from runtime.engine.lora import Adapters, LoraError, LoraFile
 from runtime.engine.quiet import quiet
 
 __all__ = [
-    "ChatTemplateError", "Chunk", "Completion", "DraftOptions", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "LoraError", "LoraFile",
+    "ChatTemplateError", "Chunk", "Completion", "DeviceLost", "DraftOptions", "EmbeddingError", "Engine", "EngineFailure", "EngineOptions", "LoraError", "LoraFile",
     "Metrics", "Prompt",
     "PromptError", "PromptTooLongError", "QueueFullError", "RerankError", "SlotFile", "SlotFileError", "valid_filename", "Sampling", "SamplingError", "SlotState", "Timings",
     "TokenLogprob",
@@ -92,6 +93,7 @@ class EngineOptions:
     reranking: bool = False  # the model itself ranks (llama-server's --reranking)
     gpu_layers: int = 0  # llama.cpp's n_gpu_layers: the model's layers on `gpu_devices`, the output layer counted
     gpu_devices: tuple[int, ...] = ()  # ggml's device indices (runtime.devices); none: the CPU alone
+    tensor_split: tuple[float, ...] = ()  # each of gpu_devices' share of the layers; none: llama.cpp's (by free memory)
     system_prompt: str | None = None
     verbose: bool = False
     cache_type_k: str = "f16"  # runtime.cache_types: quantized caches hold more tokens in the same memory
@@ -263,7 +265,9 @@ class Engine:
         while True:
             devices = self.options.gpu_devices if self.gpu_layers > 0 else ()  # no GPU buffers for a CPU-only load
             try:
-                return InPlaceModel(location, self.gpu_layers, self.options.verbose, devices, load_mode=self.options.load_mode)
+                return InPlaceModel(
+                    location, self.gpu_layers, self.options.verbose, devices, load_mode=self.options.load_mode, tensor_split=self.options.tensor_split,
+                )
             except ValueError as exc:
                 if self.gpu_layers <= 0:
                     raise ModelFileError(f"llama.cpp could not load the model from {location.path} ({exc})") from None
@@ -429,6 +433,10 @@ class Engine:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    def fail_everything(self, lost: DeviceLost) -> None:
+        """A device the model runs on is gone: every request ends with `lost` (a 503), and so do new ones."""
+        self._scheduler.fail_everything(lost)
 
     def slots(self) -> tuple[list[SlotState], int]:
         """Each slot's state, and how many requests wait for one."""

@@ -106,13 +106,17 @@ class InPlaceModel(internals.LlamaModel):
 
     def __init__(
         self, location: ModelLocation, gpu_layers: int, verbose: bool, gpu_devices: tuple[int, ...] = (), no_alloc: bool = False,
-        load_mode: str = "auto",
+        load_mode: str = "auto", tensor_split: tuple[float, ...] = (),
     ) -> None:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers if gpu_devices else 0
         # Always an explicit list: llama.cpp would otherwise use every GPU registered, of any backend.
         self._devices = DeviceList(list(gpu_devices))
         params.devices = self._devices.address
+        # Each device's share of the layers, in the order of gpu_devices; none: llama.cpp's, by free memory.
+        self._split = (ctypes.c_float * llama_cpp.llama_max_devices())(*tensor_split[: llama_cpp.llama_max_devices()])
+        if tensor_split:
+            params.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
         params.no_alloc = no_alloc
         params.load_mode = LOAD_MODES[load_mode]
         if no_alloc:  # nothing is read or mapped; llama.cpp asserts that a no-alloc load does not map either

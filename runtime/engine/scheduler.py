@@ -60,6 +60,11 @@ class EngineFailure(LlamaboxError):
     """llama.cpp failed to evaluate a batch (not the user's doing: the HTTP server answers 500)."""
 
 
+class DeviceLost(LlamaboxError):
+    """A device the model runs on is gone (an RPC worker dropped out): every request fails, the HTTP server answers
+    503, and the model starts again on what is left."""
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability under the model, with the most likely alternatives."""
@@ -245,6 +250,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._stopping = False
+        self._lost: DeviceLost | None = None  # set once a device is gone: nothing more is served
         self._thread = threading.Thread(target=self._loop, name="llamabox-engine", daemon=True)
         self._thread.start()
 
@@ -262,6 +268,8 @@ class Scheduler:
         outside = next((t for t in tokens if not 0 <= t < self._n_vocab), None)
         if outside is not None:
             raise PromptError(f"the prompt holds token {outside}, outside the model's vocabulary of {self._n_vocab} tokens")
+        if self._lost is not None:
+            raise self._lost
         SamplerChain(sampling, self._vocab, self._n_vocab).close()  # refuse bad settings now, not mid-stream
         request = _Request(tokens, sampling, stop, messages_dropped, lora, thinking_open)
         with self._wake:
@@ -361,6 +369,22 @@ class Scheduler:
         llama_cpp.llama_batch_free(self._batch)
         if self._drafter is not None:
             self._drafter.close()
+
+    def fail_everything(self, lost: DeviceLost) -> None:
+        """End every request with `lost`, and refuse new ones with it. Called from any thread, also while the engine
+        thread is stuck in llama.cpp (waiting on a worker that is gone): where that thread holds the lock, the
+        requests are failed without it (the process ends right after)."""
+        held = self._wake.acquire(timeout=1.0)
+        try:
+            self._lost = lost
+            for request in [*self._waiting, *(slot.request for slot in self._slots if slot.request)]:
+                request.put(lost)
+            for _, _, done in self._idle_work:
+                if not done.done():
+                    done.set_exception(lost)
+        finally:
+            if held:
+                self._wake.release()
 
     def _loop(self) -> None:
         while True:

@@ -10,7 +10,7 @@ import logging
 
 from starlette.exceptions import HTTPException
 
-from runtime.engine import EngineFailure, LoraError, PromptTooLongError, QueueFullError
+from runtime.engine import DeviceLost, EngineFailure, LoraError, PromptTooLongError, QueueFullError
 from runtime.errors import LlamaboxError
 
 log = logging.getLogger("llamabox")
@@ -41,6 +41,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, QueueFullError):
         return ApiError(503, str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, DeviceLost):
+        return ApiError(503, str(exc), headers={"Retry-After": "5"})
     if isinstance(exc, EngineFailure):
         return ApiError(500, f"llama.cpp failed to evaluate the request ({exc})")
     if isinstance(exc, PromptTooLongError):
