@@ -411,6 +411,7 @@ def run_server(engine: Engine, options: RunOptions, access: Access, source: Mode
         metrics=options.metrics,
         endpoints=Endpoints(slots=options.slots, props=options.props, webui=options.webui, slot_save_path=options.slot_save_path),
         reasoning_format=options.reasoning_format,
+        devices_can_drop=options.rpc is not None,
     )
     browser = options.webui and not options.nobrowser
     if browser and not has_display() and sys.stdin.isatty():

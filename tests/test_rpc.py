@@ -34,6 +34,7 @@ from tests.rpc_fuzz import fuzz
 
 PROMPT = "What is the capital of France?"
 HEAD = ["-c", "512", "-ub", "64", "-fa", "on", "--temp", "0"]
+ROOM_FOR_EMBEDDINGS = ["--rpc-mem", "256"]  # the embeddings' own context needs its cache and buffers on the workers too
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="--rpc-worker forks")
 
 
@@ -147,9 +148,9 @@ def test_props_lists_the_workers_with_their_endpoints(bundle: Path, workers: tup
     assert devices[0]["memory_total"] == 80 << 20
 
 
-def test_four_clients_at_once_get_the_answers_of_one_process(bundle: Path, stub: Path) -> None:
+def test_four_clients_at_once_get_the_answers_of_one_process_and_embeddings_beside_them_too(bundle: Path, stub: Path) -> None:
     x64 = ["--cpu-variant", "x64"]
-    pair = [start_worker(stub, *x64), start_worker(stub, *x64)]
+    pair = [start_worker(stub, *x64, *ROOM_FOR_EMBEDDINGS), start_worker(stub, *x64, *ROOM_FOR_EMBEDDINGS)]
     common = [*HEAD, *x64, "-np", "4", "--ctx-per-slot", "-c", "256"]
     servers: list[Server] = []
     try:
@@ -160,11 +161,23 @@ def test_four_clients_at_once_get_the_answers_of_one_process(bundle: Path, stub:
             body = {"messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0}
             return httpx.post(server.url + "v1/chat/completions", json=body, timeout=300).json()["choices"][0]["message"]["content"]
 
-        answers = []
+        def embed(server: Server) -> list[float]:
+            body = {"input": "A cat sleeps in the sun."}
+            answer = httpx.post(server.url + "v1/embeddings", json=body, timeout=300)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["data"][0]["embedding"]
+
+        answers, beside = [], []
         for server in servers:
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                answers.append(list(pool.map(lambda q, s=server: ask(s, q), questions)))
+            with concurrent.futures.ThreadPoolExecutor(5) as pool:
+                asked = [pool.submit(ask, server, q) for q in questions]
+                if server is servers[1]:  # embeddings, from a context of their own, on the same workers meanwhile
+                    while not all(a.done() for a in asked) or not beside:
+                        beside.append(embed(server))
+                answers.append([a.result() for a in asked])
         assert answers[1] == answers[0] and all(answers[0])
+        alone = embed(servers[1])
+        assert len(beside) > 1 and all(max(abs(a - b) for a, b in zip(v, alone)) < 1e-5 for v in beside)
     finally:
         for server in servers:
             stop_server(server)
@@ -195,19 +208,25 @@ def test_a_second_head_start_reuses_the_weights_the_workers_cached(bundle: Path,
 
 
 def test_a_worker_lost_mid_answer_fails_the_request_with_503_and_the_head_serves_again(bundle: Path, stub: Path) -> None:
-    pair = [start_worker(stub), start_worker(stub)]
+    pair = [start_worker(stub, *ROOM_FOR_EMBEDDINGS), start_worker(stub, *ROOM_FOR_EMBEDDINGS)]
     server = start_server(bundle, *HEAD, *rpc(*pair), "--port", str(free_port()))
     try:
         body = {"messages": [{"role": "user", "content": "Write a long story about a cat."}], "max_tokens": 2000, "temperature": 0}
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # Embeddings run beside the slots, in a thread of their own: 40 texts of ~400 tokens take a minute here.
+        texts = [f"{i}. " + "The cat sat on the mat and watched the birds outside the window. " * 30 for i in range(40)]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
             answer = pool.submit(httpx.post, server.url + "v1/chat/completions", json=body, timeout=120)
             begun = time.monotonic() + 60
             while not _generating(server) and time.monotonic() < begun:  # the answer has begun
                 time.sleep(0.1)
+            embedding = pool.submit(httpx.post, server.url + "api/embed", json={"model": "m", "input": texts}, timeout=120)
+            time.sleep(1.5)  # its first texts are being read
             os.killpg(pair[1].process.pid, signal.SIGKILL)  # the watcher and its server, as a machine that goes away
-            failed = answer.result()
+            failed, unembedded = answer.result(), embedding.result()
         assert failed.status_code == 503, failed.text
         assert f"the RPC worker {pair[1].endpoint} dropped out" in failed.json()["error"]["message"]
+        assert unembedded.status_code == 503 and unembedded.headers["retry-after"] == "5", unembedded.text
+        assert f"the RPC worker {pair[1].endpoint} dropped out" in unembedded.json()["error"]  # Ollama's shape
         deadline, again = time.monotonic() + 120, None
         while time.monotonic() < deadline:
             try:

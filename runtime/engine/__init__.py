@@ -9,7 +9,7 @@ llama-cpp-python. The model is mapped in place from the bundle (loader.py); one 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -204,6 +204,8 @@ class Engine:
         )
         # The template in use, as /props and Ollama's /api/show report it; None where chat falls back to ChatML.
         self.chat_template = self._template.source if own_template or options.template.template else None
+        self.lost: DeviceLost | None = None  # set by fail_everything: a device the model runs on is gone
+        self._lost_watchers: list[Callable[[], None]] = []
         self._scheduler = Scheduler(
             self._model.model, self._context, self.n_ctx, self.parallel, self.batch_size, self.ubatch_size, options.max_waiting,
             shared_cells=self.cache.cells if self.cache.shared else None, prompt_cache_bytes=prompt_cache.default_limit(self.cache.cells * per_token),
@@ -435,8 +437,16 @@ class Engine:
         self.close()
 
     def fail_everything(self, lost: DeviceLost) -> None:
-        """A device the model runs on is gone: every request ends with `lost` (a 503), and so do new ones."""
+        """A device the model runs on is gone: every request ends with `lost` (a 503), and so do new ones. The
+        scheduler fails its own requests; those who watch (when_lost) fail the rest (server/device_loss.py)."""
+        self.lost = lost
         self._scheduler.fail_everything(lost)
+        for watcher in self._lost_watchers:
+            watcher()
+
+    def when_lost(self, watcher: Callable[[], None]) -> None:
+        """Call `watcher` (from ggml's thread that found the device gone) once fail_everything is called."""
+        self._lost_watchers.append(watcher)
 
     def slots(self) -> tuple[list[SlotState], int]:
         """Each slot's state, and how many requests wait for one."""

@@ -75,5 +75,8 @@ class Embedder:
         with quiet(self._verbose):
             self._context = llama_cpp.llama_init_from_model(self._model, params)
         if not self._context:
-            raise EmbeddingError("llama.cpp could not make an embedding context for this model")
+            raise EmbeddingError(
+                f"llama.cpp could not make a context of {self._n_ctx} tokens for embeddings (most likely its buffers did not fit beside the "
+                "model in its devices' memory); start the server with a smaller --ctx-size, or give the GPU or RPC workers more memory"
+            )
         return self._context

@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 from runtime import __version__
 from runtime.engine import Engine
 from runtime.server import anthropic, native, ollama, openai, responses
+from runtime.server.device_loss import DeviceLossAnswers
 from runtime.server.errors import as_api_error
 from runtime.server.guard import Guard, error_shape
 from runtime.server.settings import ServerSettings
@@ -70,7 +71,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> Starlette:
             *(page[1:] if settings.endpoints.webui else []),
         ],
         exception_handlers={HTTPException: not_found},
-        middleware=[Middleware(Guard, access=settings.access)],
+        middleware=[
+            Middleware(Guard, access=settings.access),
+            *([Middleware(DeviceLossAnswers, engine=engine)] if settings.devices_can_drop else []),
+        ],
     )
     app.state.engine = engine
     app.state.settings = settings

@@ -85,7 +85,7 @@ class Guard:
         if host is not None and not self._host_allowed(host):
             name = host_name(host) or host
             message = f"requests for the host '{name}' are refused (against DNS rebinding); if you reach this server by that name, start it with --allowed-host {name}"
-            await _refuse(scope, receive, send, ApiError(403, message))
+            await refuse(scope, receive, send, ApiError(403, message))
             return
         await self._inner(scope, receive, send)
 
@@ -101,7 +101,7 @@ class Guard:
         else:
             await self.app(scope, receive, send)
             return
-        await _refuse(scope, receive, send, ApiError(401, message, headers={"WWW-Authenticate": "Bearer"}))
+        await refuse(scope, receive, send, ApiError(401, message, headers={"WWW-Authenticate": "Bearer"}))
 
     def _host_allowed(self, host: str) -> bool:
         name = host_name(host)
@@ -160,7 +160,7 @@ def error_shape(path: str) -> Callable[[ApiError], object]:
     return NATIVE.error_body
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+async def refuse(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
         return

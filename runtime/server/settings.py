@@ -77,3 +77,4 @@ class ServerSettings:
     endpoints: Endpoints = field(default_factory=Endpoints)
     aliases: tuple[str, ...] = ()  # --alias: every name given
     reasoning_format: str = "auto"  # --reasoning-format: where a chat reply's thoughts go (engine/reasoning.py)
+    devices_can_drop: bool = False  # --rpc: a worker may drop out; requests then get a 503 (server/device_loss.py)
