@@ -185,6 +185,33 @@ def test_four_clients_at_once_get_the_answers_of_one_process_and_embeddings_besi
             stop_worker(worker)
 
 
+def test_an_embeddings_context_that_does_not_fit_the_workers_is_an_error_and_the_answer_goes_on(bundle: Path, stub: Path) -> None:
+    """At 160 MiB a worker holds its layers and the slots' cache, but not also the embeddings' context of 512 tokens:
+    llama.cpp allocates part of it, fails, and frees what it allocated. ggml's worker then drops the graph it stored
+    for the answer being generated; without scripts/patches/rpc/0002 the head asked it to compute that graph again,
+    the worker closed the connection, and the head dropped a healthy worker."""
+    pair = [start_worker(stub, "--rpc-mem", "160"), start_worker(stub, "--rpc-mem", "160")]
+    server = start_server(bundle, *HEAD, *rpc(*pair), "--port", str(free_port()))
+    texts = [f"{i}. " + "The cat sat on the mat and watched the birds outside the window. " * 30 for i in range(5)]
+    try:
+        body = {"messages": [{"role": "user", "content": "Write a long story about a cat."}], "max_tokens": 120, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, server.url + "v1/chat/completions", json=body, timeout=120)
+            refused = []
+            while not answer.done():
+                refused.append(httpx.post(server.url + "api/embed", json={"model": "m", "input": texts}, timeout=120))
+            story = answer.result()
+    finally:
+        stop_server(server)
+        for worker in pair:
+            stop_worker(worker)
+    assert story.status_code == 200 and story.json()["usage"]["completion_tokens"] == 120, story.text
+    assert len(refused) > 1 and {r.status_code for r in refused} == {400}
+    assert "could not make a context of 512 tokens for embeddings" in refused[0].json()["error"]  # Ollama's shape
+    log = server.process.stderr.read() if server.process.stderr else ""
+    assert "lost the RPC worker" not in log and "Traceback" not in log
+
+
 def test_a_second_head_start_reuses_the_weights_the_workers_cached(bundle: Path, stub: Path, tmp_path: Path) -> None:
     """ggml's tensor cache: a tensor over 10 MiB is sent once, then named by its hash (SmolLM2's output matrix,
     29 MiB, is its one such tensor). Counted by a proxy in front of each worker: what the head sent."""
