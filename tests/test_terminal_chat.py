@@ -190,6 +190,7 @@ def test_interactive_chat_in_a_pseudo_terminal(bundle: Path, tmp_path: Path) -> 
 
         # Ctrl+C at the prompt drops the line and stays; Up brings back the last message.
         child.send("half typed")
+        child.expect("half typed")  # read (and echoed) before the Ctrl+C, as a person sees it; else the terminal drops it
         child.sendintr()
         child.expect("Ctrl\\+D or /exit leaves")
         child.expect(">>> ")
